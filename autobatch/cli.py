@@ -1,0 +1,427 @@
+"""Command line: parse, call the library, print, exit code. The only module that prints.
+
+`autobatch plan|run|sweep [--config FILE] [flags] [--any-sft-config-key VALUE ...]`. Values of keys the
+parser does not know are read as YAML and handed on under their underscore name, as TRL's own parser
+does (`--gradient-checkpointing false`, `--learning-rate 1e-5`). Only stdlib and autobatch.config/errors
+are imported here at module level so `autobatch --help` is instant; torch comes with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from autobatch import __version__
+from autobatch.config import (
+    BUILTIN_CONFIG,
+    Config,
+    build_config,
+    check_output_path,
+    format_bytes,
+    parse_value,
+    plan_yaml_text,
+    write_plan_yaml,
+)
+from autobatch.errors import AutobatchError, ConfigError
+
+if TYPE_CHECKING:
+    from autobatch.planner import Plan, Trial
+
+#: Flags with a value, each mapped to its config key. Keys in _STRING_KEYS keep the text verbatim
+#: (a model directory called "1" stays "1"); the others are read as YAML like pass-through values.
+_VALUE_FLAGS = [
+    ("--model", "model_name_or_path", "model directory or hub name (default: the built-in tiny model)"),
+    ("--dataset", "dataset_name",
+     "hub dataset or local json/jsonl/csv/parquet/txt file (default: the built-in text sample)"),
+    ("--dataset-split", "dataset_train_split", "split to train on (default: train)"),
+    ("--dataset-text-field", "dataset_text_field", "column with the text (default: text)"),
+    ("--device", "device",
+     "cuda, cpu (virtual device with a budget) or estimate (fake tensors); default: cuda if any, else cpu"),
+    ("--memory-budget", "memory_budget",
+     "300MiB, 80GB, 2.5GiB or bytes (default: free GPU memory / available RAM)"),
+    ("--headroom", "headroom", "fraction of the budget kept free, 0 <= h < 1 (default: by device)"),
+    ("--max-micro-batch-size", "max_micro_batch_size", "largest micro-batch tried (default: 512)"),
+    ("--effective-batch-size", "effective_batch_size",
+     "samples per optimizer step over all devices, reached exactly"),
+    ("--micro-batch-size", "per_device_train_batch_size",
+     "check this micro-batch instead of searching (= per_device_train_batch_size)"),
+    ("--world-size", "world_size", "number of processes (default: $WORLD_SIZE or 1)"),
+    ("--max-length", "max_length", "tokens per example after truncation (SFTConfig max_length)"),
+]
+_STRING_KEYS = frozenset({
+    "model_name_or_path", "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split",
+    "dataset_text_field", "output_dir", "run_name", "device", "model_revision", "hub_model_id",
+})
+
+_EPILOG = (
+    "Any other --key VALUE (or --key_name VALUE) is an SFTConfig/TrainingArguments key, read as YAML: "
+    "--gradient-checkpointing false --learning-rate 1e-5 --packing true --optim adamw_torch. "
+    "Precedence: defaults < --config file < flags. Without --config and --model, the built-in "
+    "tiny config is used."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line, exit 2) instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def _make_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False, allow_abbrev=False)
+    common.add_argument("--config", metavar="FILE", help="YAML file with TRL and autobatch keys")
+    for flag, key, help_text in _VALUE_FLAGS:
+        common.add_argument(flag, dest=key, metavar="VALUE", default=argparse.SUPPRESS, help=help_text)
+    common.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
+    common.add_argument("--output", metavar="FILE",
+                        help="write plan.yaml: the config with the planned batch, for `trl sft --config` "
+                             "or `autobatch run --config`")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress and third-party warnings")
+
+    parser = _Parser(prog="autobatch", allow_abbrev=False,
+                     description="Find the largest micro-batch that fits, then plan SFTTrainer's batch for a "
+                                 "target effective batch.")
+    parser.add_argument("--version", action="version", version=f"autobatch {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    plan = commands.add_parser("plan", parents=[common], allow_abbrev=False, epilog=_EPILOG,
+                               help="probe, then print the plan",
+                               description="Probe real training steps to find the largest micro-batch "
+                                           "that fits, then choose micro-batch × accumulation for the "
+                                           "effective batch.")
+    plan.set_defaults(func=_cmd_plan)
+    run = commands.add_parser("run", parents=[common], allow_abbrev=False, epilog=_EPILOG,
+                              help="plan, then train with SFTTrainer",
+                              description="Plan as `autobatch plan` does (or reuse --plan), then train.")
+    run.add_argument("--plan", metavar="FILE", help="reuse a saved plan.yaml instead of probing")
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    run.set_defaults(func=_cmd_run)
+    sweep = commands.add_parser("sweep", parents=[common], allow_abbrev=False, epilog=_EPILOG,
+                                help="plan several effective batch sizes (not implemented yet)")
+    sweep.set_defaults(func=_cmd_sweep)
+    return parser
+
+
+def _passthrough(extras: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """`--some-key VALUE` / `--some_key=VALUE` pairs the parser did not know -> config keys and values."""
+    values: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    i = 0
+    while i < len(extras):
+        token = extras[i]
+        flag, has_value, value = token.partition("=")
+        key = flag[2:].replace("-", "_")
+        if not flag.startswith("--") or not key:
+            raise ConfigError(f"unexpected argument {token!r}: options are written --key value")
+        if not has_value:
+            nxt = extras[i + 1] if i + 1 < len(extras) else None
+            if nxt is None or (nxt.startswith("-") and not _is_number(nxt)):
+                raise ConfigError(f"{flag} needs a value: write {flag} VALUE (booleans too: {flag} true)")
+            value, i = nxt, i + 1
+        i += 1
+        values[key] = value if key in _STRING_KEYS else parse_value(value)
+        names[key] = flag
+    return values, names
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
+    """Defaults < --config (or the built-in tiny config) < known flags and pass-through keys."""
+    overrides, names = _passthrough(extras)
+    for flag, key, _ in _VALUE_FLAGS:
+        if key in vars(args):
+            value = getattr(args, key)
+            overrides[key] = value if key in _STRING_KEYS else parse_value(value)
+            names[key] = flag
+    if args.output is not None:
+        check_output_path(args.output)
+    path = args.config
+    if path is None and "model_name_or_path" not in overrides:
+        path = BUILTIN_CONFIG
+    return build_config(path, overrides, names)
+
+
+def _print_setup(config: Config, command: str) -> None:
+    """The derived numbers, before any work starts (nanoGPT style)."""
+    args = config.training_args
+    effective = config.effective_batch_size
+    rows = [
+        ("model", config.model_name_or_path or "built-in tiny causal LM"),
+        ("dataset", config.dataset_name or "built-in text sample"),
+        ("device", config.device or "auto (cuda if available, else cpu)"),
+        ("memory budget", "auto (free GPU memory / available RAM)" if config.memory_budget_bytes is None
+         else f"{format_bytes(config.memory_budget_bytes)} ({config.memory_budget_bytes} bytes)"),
+        ("headroom", "device default" if config.headroom is None else f"{config.headroom:g}"),
+        ("max_length", args.get("max_length", "SFTConfig default (1024)")),
+        ("effective batch", "largest micro-batch that fits" if effective is None
+         else f"{effective} = micro-batch × accumulation × {config.world_size} process(es)"),
+        ("micro-batch", "search up to " + str(config.max_micro_batch_size)
+         if config.per_device_train_batch_size == "auto" else f"check {config.per_device_train_batch_size}"),
+        ("accumulation", config.gradient_accumulation_steps),
+        ("world size", config.world_size),
+    ]
+    if config.lora is not None:
+        rows.append(("lora", ", ".join(f"{k}={v}" for k, v in config.lora.items())))
+    for key in ("gradient_checkpointing", "activation_checkpointing", "bf16", "fp16", "packing", "optim"):
+        if key in args:
+            rows.append((key, args[key]))
+    _err(f"autobatch {command}:")
+    for label, value in rows:
+        _err(f"  {label:<22} {value}")
+
+
+def _trial_printer(budget_bytes: int | None) -> Callable[[Trial], None]:
+    """One stderr line per trial: `micro=16 fits peak=31.2GiB (78% of budget) 0.42 s/step`."""
+
+    def on_trial(trial: Trial) -> None:
+        status = "fits" if trial.fits else ("OOM" if trial.oom else "does not fit")
+        share = f" ({trial.peak_memory_bytes / budget_bytes:.0%} of budget)" if budget_bytes else ""
+        speed = f" {trial.seconds:.2f} s/step" if trial.fits else ""
+        peak = format_bytes(trial.peak_memory_bytes)
+        _err(f"micro={trial.micro_batch_size} {status} peak={peak}{share}{speed}")
+
+    return on_trial
+
+
+def format_plan(plan: Plan) -> str:
+    """The readable report: chosen row, memory, search cost, alternatives, notes and the flags to use."""
+    micro, accumulation = plan.per_device_train_batch_size, plan.gradient_accumulation_steps
+    budget, usable, peak = plan.memory_budget_bytes, plan.usable_memory_bytes, plan.peak_memory_bytes
+    tried = {t.micro_batch_size: t for t in plan.trials}
+    largest = plan.max_micro_batch_size
+    if plan.capped:
+        limit = f"{largest} (capped by --max-micro-batch-size)"
+    elif largest + 1 in tried and not tried[largest + 1].fits:
+        limit = f"{largest} ({largest + 1} does not fit)"
+    else:
+        limit = str(largest)
+    ooms = sum(1 for t in plan.trials if t.oom)
+    left = budget - peak
+    lines = [
+        f"micro-batch {micro} × accumulation {accumulation} × world size {plan.world_size} = effective batch "
+        f"{plan.effective_batch_size}" + ("" if plan.fits else f"   (micro-batch {micro} does NOT fit)"),
+        (f"  peak memory      {format_bytes(peak)} of {format_bytes(usable)} usable "
+         f"({_pct(peak, usable)}; budget {format_bytes(budget)}, headroom {plan.headroom:g})"),
+        f"  left at peak     {format_bytes(left)} ({_pct(left, budget)} of budget)",
+        f"  max micro-batch  {limit}",
+        f"  trials           {len(plan.trials)}" + (f" ({ooms} OOM)" if ooms else "")
+        + f", search {plan.search_seconds:.1f} s",
+        f"  device           {plan.device}, max_length {plan.max_length}",
+    ]
+    if plan.options:
+        lines += ["", "  micro  accumulation  samples/s  s/step   timing"]
+        for option in plan.options[:10]:
+            mark = "*" if option.micro_batch_size == micro else " "
+            rate = option.samples_per_s
+            lines.append(
+                f"{mark} {option.micro_batch_size:>5}  {option.gradient_accumulation_steps:>12}  "
+                f"{rate if math.isfinite(rate) else 0:>9.1f}  {option.seconds_per_step:>6.3f}   "
+                + ("measured" if option.measured else "interpolated")
+            )
+        if len(plan.options) > 10:
+            lines.append(f"  ... {len(plan.options) - 10} more in --json")
+    if plan.notes:
+        lines.append("")
+        lines += [f"note: {note}" for note in plan.notes]
+    lines += ["", f"use: --per_device_train_batch_size {micro} --gradient_accumulation_steps {accumulation}"]
+    return "\n".join(lines)
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{part / whole:.0%}" if whole else "n/a"
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become null so the output is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _plan_json(plan: Plan) -> str:
+    return json.dumps(_json_safe(plan.to_dict()), allow_nan=False)
+
+
+def _builtin_model_path(config: Config) -> str | None:
+    if config.model_name_or_path is not None:
+        return None
+    from autobatch.builtin import builtin_model_dir
+
+    return str(builtin_model_dir())
+
+
+def _probe(config: Config) -> Plan:
+    from autobatch.probe import make_plan
+
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the report / the one JSON object
+        return make_plan(config, on_trial=_trial_printer(config.memory_budget_bytes))
+
+
+def _refuse_unfit(plan: Plan, output: str | None) -> None:
+    if not plan.fits:
+        raise AutobatchError(
+            f"micro-batch {plan.per_device_train_batch_size} does not fit: peak "
+            f"{format_bytes(plan.peak_memory_bytes)}, usable {format_bytes(plan.usable_memory_bytes)}; "
+            "use --micro-batch-size auto or a larger --memory-budget"
+            + ("; nothing written" if output else "")
+        )
+
+
+def _write_output(config: Config, plan: Plan, output: str | None) -> None:
+    if output:
+        path = write_plan_yaml(output, plan_yaml_text(config, plan, model_path=_builtin_model_path(config)))
+        _err(f"wrote {path}")
+
+
+def _cmd_plan(args: argparse.Namespace, extras: list[str]) -> int:
+    config = _config_from_args(args, extras)
+    _print_setup(config, "plan")
+    _quiet_third_party(args.verbose)
+    plan = _probe(config)
+    print(_plan_json(plan) if args.json else format_plan(plan), flush=True)
+    _refuse_unfit(plan, args.output)
+    _write_output(config, plan, args.output)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
+    config = _config_from_args(args, extras)
+    _print_setup(config, "run")
+    _quiet_third_party(args.verbose)
+    try:
+        from autobatch import train
+    except ModuleNotFoundError as exc:
+        if exc.name != "autobatch.train":
+            raise
+        raise AutobatchError("autobatch run is not implemented yet") from None
+    if args.plan:
+        if not hasattr(train, "load_plan"):
+            raise AutobatchError("--plan is not implemented yet: run without it to probe again")
+        plan = train.load_plan(args.plan, config)
+    else:
+        plan = _probe(config)
+    if not args.json:
+        print(format_plan(plan), flush=True)
+    _refuse_unfit(plan, args.output)
+    _write_output(config, plan, args.output)
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = train.run(config, plan, resume=args.resume)
+    if args.json:
+        report = {"plan": plan.to_dict(), "run": result.to_dict()}
+        print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
+    else:
+        print("\n".join(train.summary_lines(result)), flush=True)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
+    _config_from_args(args, extras)
+    raise AutobatchError(
+        "autobatch sweep is not implemented yet; use autobatch plan per effective batch size"
+    )
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+_log_handler: logging.Handler | None = None
+
+
+def _configure_logging(verbose: bool, debug: bool) -> None:
+    """autobatch's loggers to stderr: INFO with -v, DEBUG with --debug, WARNING otherwise."""
+    global _log_handler
+    logger = logging.getLogger("autobatch")
+    if _log_handler is not None:
+        logger.removeHandler(_log_handler)
+    _log_handler = logging.StreamHandler(sys.stderr)
+    _log_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(_log_handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+
+
+def _quiet_third_party(verbose: bool) -> None:
+    """Silence transformers/datasets info logs, their loading/saving bars and known FutureWarnings unless -v.
+
+    Environment variables cover libraries not imported yet; the logging APIs those already imported.
+    The Trainer's own training bar (tqdm, not transformers' logging.tqdm) is left alone for `run`.
+    """
+    if verbose:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights", "Writing model shards"
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category,
+                                module=r"(transformers|trl|peft|accelerate|datasets|torch|huggingface_hub)(\.|$)")
+    # torch's lazy deprecated attribute, touched when the cpu backend walks gc.get_objects()
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated",
+                            category=FutureWarning)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `autobatch` command; returns the exit code (0 ok, 1 runtime error, 2 bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    _configure_logging("-v" in argv or "--verbose" in argv, debug)
+    try:
+        args, extras = _make_parser().parse_known_args(argv)
+        if args.command is None:
+            raise ConfigError("choose a command: plan, run or sweep (see autobatch --help)")
+        return args.func(args, extras)
+    except AutobatchError as exc:
+        if debug:
+            traceback.print_exc()
+        _err(f"autobatch: error: {_one_line(str(exc))}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("autobatch: interrupted")
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        message = f"{type(exc).__name__}: {_one_line(str(exc))}"
+        _err(f"autobatch: error: {message} (rerun with --debug for the traceback)")
+        return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "(no message)"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,624 @@
+"""Configuration: dataclass defaults, then YAML (`--config`), then CLI flags; validation. No torch here.
+
+Keys are TRL's (SFTConfig/TrainingArguments, ScriptArguments, ModelConfig) plus autobatch's own fields.
+Every key that is not autobatch's goes to `Config.training_args` untouched; the SFTConfig field check
+happens where trl is imported (`check_known_keys` gives it the closest-key messages). Validation
+collects every problem and raises one `ConfigError`. Also owns plan.yaml: the config with the planned
+batch filled in, written with keys `trl sft --config` accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from autobatch.errors import AutobatchError, ConfigError
+
+if TYPE_CHECKING:
+    from autobatch.planner import Plan
+
+logger = logging.getLogger(__name__)
+
+#: The config used when neither --config nor --model is given (configs/tiny.yaml is a copy).
+BUILTIN_CONFIG = Path(__file__).parent / "assets" / "tiny.yaml"
+
+DEVICES = ("cuda", "cpu", "estimate")
+DATASET_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+#: TRL ScriptArguments keys autobatch keeps as Config fields (trl/scripts/utils.py).
+SCRIPT_ARGUMENTS_KEYS = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split")
+
+#: TRL ModelConfig LoRA keys (trl/trainer/model_config.py) -> peft LoraConfig names in `Config.lora`.
+MODEL_CONFIG_LORA_KEYS = {
+    "lora_r": "r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "lora_target_modules": "target_modules",
+    "lora_target_parameters": "target_parameters",
+    "lora_modules_to_save": "modules_to_save",
+    "lora_task_type": "task_type",
+    "use_rslora": "use_rslora",
+    "use_dora": "use_dora",
+}
+_LORA_TO_MODEL_CONFIG = {v: k for k, v in MODEL_CONFIG_LORA_KEYS.items()}
+_LORA_SECTION_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+#: What `use_peft: true` means in TRL (ModelConfig defaults, get_peft_config); a `lora:` section
+#: starts from the same values so `trl sft` reading plan.yaml builds the same adapter.
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "task_type": "CAUSAL_LM"}
+
+#: The other ModelConfig keys: how the model is loaded (they change memory), kept in `Config.model_args`.
+MODEL_ARGS_KEYS = (
+    "model_revision", "dtype", "attn_implementation", "load_in_8bit", "load_in_4bit",
+    "bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage",
+)
+_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+#: Boolean keys whose string spellings ("true", "False", "yes", "0") are converted here.
+BOOL_KEYS = frozenset({
+    "packing", "gradient_checkpointing", "activation_checkpointing", "bf16", "fp16", "tf32", "use_cpu",
+    "padding_free", "completion_only_loss", "assistant_only_loss", "shuffle_dataset", "eval_packing",
+    "activation_offloading", "use_liger_kernel", "torch_compile", "group_by_length", "remove_unused_columns",
+    "do_train", "do_eval", "push_to_hub", "load_best_model_at_end", "disable_tqdm", "trust_remote_code",
+    "use_peft", "use_rslora", "use_dora", "load_in_8bit", "load_in_4bit", "use_bnb_nested_quant",
+})
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _env_world_size() -> int:
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError:
+        return text  # type: ignore[return-value]  # reported by validate_config, naming WORLD_SIZE
+
+
+@dataclass
+class Config:
+    """Everything a plan or run needs; field names are the YAML keys (and, hyphenated, the flags)."""
+
+    model_name_or_path: str | None = None  # None: the built-in tiny model (autobatch.builtin)
+    dataset_name: str | None = None  # hub name or local json/jsonl/csv/parquet/txt; None: built-in sample
+    dataset_config: str | None = None
+    dataset_train_split: str = "train"
+    dataset_test_split: str | None = None
+    eval_fraction: float | None = None
+    effective_batch_size: int | None = None  # None: micro = max found, accumulation as given (auto -> 1)
+    per_device_train_batch_size: int | str = "auto"  # "auto" or the size to check
+    gradient_accumulation_steps: int | str = "auto"
+    device: str | None = None  # cuda | cpu | estimate; None: decided by the memory backend
+    memory_budget_bytes: int | None = None  # YAML/CLI `memory_budget`: "300MiB", "80GB", 12345
+    headroom: float | None = None  # fraction of the budget kept free; None: the device's default
+    max_micro_batch_size: int = 512
+    world_size: int = field(default_factory=_env_world_size)
+    lora: dict | None = None  # peft LoraConfig kwargs (r, lora_alpha, lora_dropout, target_modules, ...)
+    model_args: dict = field(default_factory=dict)  # other TRL ModelConfig keys: dtype, attn_implementation
+    training_args: dict = field(default_factory=dict)  # every other key, for SFTConfig, untouched
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+_PLAIN_FIELDS = frozenset(_FIELDS) - {"lora", "model_args", "training_args", "memory_budget_bytes"}
+
+#: Every top-level key with a meaning before SFTConfig is consulted (for closest-key suggestions).
+AUTOBATCH_KEYS = frozenset(_PLAIN_FIELDS | {"memory_budget", "memory_budget_bytes", "lora", "use_peft"}
+                           | set(MODEL_CONFIG_LORA_KEYS) | set(MODEL_ARGS_KEYS))
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+
+
+def parse_bytes(text: str | int, name: str = "--memory-budget") -> int:
+    """'300MiB', '80GB', '2.5GiB' or plain bytes -> bytes (GB is 10^9, GiB is 2^30)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ConfigError(
+                f"{name}: cannot read {text!r} as a size; write e.g. 300MiB, 80GB, 2.5GiB or plain bytes"
+            )
+        value, unit = float(match.group(1)), match.group(2).lower()
+    result = int(value * _UNITS[unit])
+    if result <= 0:
+        raise ConfigError(f"{name} must be positive, got {text!r}")
+    return result
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size: 1536 -> '1.5KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}TiB"
+
+
+# ----------------------------------------------------------------------------------------------- YAML
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` as a float: YAML 1.1 wants `1.0e-5`, TRL users write both."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value read as YAML, as a config file would: 'false' -> False, '1e-5' -> 1e-05."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        return text
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The top-level mapping of a config file; missing, unreadable or not a mapping: one ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a directory, expected a YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc})") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and start:
+            problem += f" ({context} started at line {start.line + 1})"
+        raise ConfigError(f"--config {path}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"--config {path}: the top level must be a mapping of keys (e.g. `max_length: 256`), "
+            f"got a {type(data).__name__}"
+        )
+    return data
+
+
+# ------------------------------------------------------------------------------------- layers, merge
+
+@dataclass
+class _Merged:
+    """Layers applied so far (defaults < YAML < CLI), with the name each key was given by, for messages."""
+
+    fields: dict = field(default_factory=dict)
+    training_args: dict = field(default_factory=dict)
+    model_args: dict = field(default_factory=dict)
+    lora_on: bool | None = None
+    lora: dict = field(default_factory=dict)
+    names: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)
+
+    def apply(self, data: Mapping, names: Mapping[str, str]) -> None:
+        layer_lora: dict = {}
+        switches: dict[str, bool] = {}
+        for key, value in data.items():
+            if not isinstance(key, str):
+                self.problems.append(f"key {key!r} must be a string")
+                continue
+            name = names.get(key, key)
+            if key in ("memory_budget", "memory_budget_bytes"):
+                self._set(self.fields, "memory_budget_bytes", value, name)
+            elif key in _PLAIN_FIELDS:
+                self._set(self.fields, key, value, name)
+            elif key == "lora":
+                self._lora_section(value, name, layer_lora, switches)
+            elif key == "use_peft":
+                flag = _as_bool(value)
+                if flag is None:
+                    self.problems.append(f"{name} must be true or false, got {value!r}")
+                else:
+                    switches[name] = flag
+            elif key in MODEL_CONFIG_LORA_KEYS:
+                self._put_lora(layer_lora, MODEL_CONFIG_LORA_KEYS[key], value, name)
+            elif key in MODEL_ARGS_KEYS:
+                self._set(self.model_args, key, value, name)
+            else:
+                self._set(self.training_args, key, value, name)
+        if len(set(switches.values())) > 1:
+            self.problems.append(f"{' and '.join(switches)} disagree on whether LoRA is on: keep one")
+        elif switches:
+            self.lora_on = next(iter(switches.values()))
+        self.lora.update(layer_lora)
+
+    def _set(self, target: dict, key: str, value: Any, name: str) -> None:
+        target[key] = value
+        self.names[key] = name
+
+    def _lora_section(self, value: Any, name: str, layer_lora: dict, switches: dict) -> None:
+        if value is None or value is False:
+            switches[name] = False
+        elif value is True:
+            switches[name] = True
+        elif isinstance(value, Mapping):
+            switches[name] = True
+            for key, item in value.items():
+                self._put_lora(layer_lora, _LORA_SECTION_ALIASES.get(key, key), item, f"{name}.{key}")
+        else:
+            self.problems.append(
+                f"{name} must be a mapping of LoraConfig keys (r, lora_alpha, lora_dropout, target_modules), "
+                f"true or null; got {value!r}"
+            )
+
+    def _put_lora(self, layer_lora: dict, key: str, value: Any, name: str) -> None:
+        if key in layer_lora and layer_lora[key] != value:
+            first = self.names[f"lora.{key}"]
+            self.problems.append(f"{first} and {name} disagree ({layer_lora[key]!r} vs {value!r}): keep one")
+            return
+        layer_lora[key] = value
+        self.names[f"lora.{key}"] = name
+
+    def config(self) -> Config:
+        lora = None
+        if self.lora_on:
+            lora = {**LORA_DEFAULTS, **self.lora}
+        elif self.lora and self.lora_on is None:
+            given = ", ".join(self.names[f"lora.{k}"] for k in self.lora)
+            logger.warning("%s ignored: LoRA is off; add `use_peft: true` (or --use-peft true) to use it",
+                           given)
+        return Config(
+            **self.fields,
+            lora=lora,
+            model_args=dict(self.model_args),
+            training_args=dict(self.training_args),
+        )
+
+
+def build_config(
+    path: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    names: Mapping[str, str] | None = None,
+) -> Config:
+    """Dataclass defaults < the YAML file at `path` < `overrides` (CLI flags), validated.
+
+    `overrides` use the YAML key names; `names` says how each was spelled on the command line
+    (`{"max_length": "--max-length"}`) so messages name what the user typed.
+    """
+    merged = _Merged()
+    if path is not None:
+        data = read_yaml(path)
+        where = "the built-in tiny.yaml" if Path(path) == BUILTIN_CONFIG else path
+        merged.apply(data, {key: f"{key} (in {where})" for key in data if isinstance(key, str)})
+    if overrides:
+        merged.apply(overrides, names or {})
+    return _validate(merged.config(), merged.names, list(merged.problems))
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """The validated Config of one YAML file (no CLI overrides)."""
+    return build_config(path)
+
+
+def validate_config(config: Config) -> Config:
+    """A checked, normalized copy of a Config built in Python ("auto" lower-cased, "true" -> True, ...)."""
+    return _validate(config, {}, [])
+
+
+# -------------------------------------------------------------------------------------------- checks
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    if _is_int(value) and value in (0, 1):
+        return bool(value)
+    return None
+
+
+def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> Config:
+    def name(key: str) -> str:
+        if key in names:
+            return names[key]
+        if key == "world_size" and "WORLD_SIZE" in os.environ:
+            return "the WORLD_SIZE environment variable"
+        return key
+
+    out = dataclasses.replace(
+        config,
+        lora=None if config.lora is None else dict(config.lora),
+        model_args=dict(config.model_args),
+        training_args=dict(config.training_args),
+    )
+
+    # Strings: model, dataset.
+    for key in ("model_name_or_path", "dataset_name", "dataset_config", "dataset_test_split"):
+        value = getattr(out, key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            problems.append(f"{name(key)} must be a non-empty string, got {value!r}")
+    if not isinstance(out.dataset_train_split, str) or not out.dataset_train_split.strip():
+        problems.append(f"{name('dataset_train_split')} must be a split name such as train, "
+                        f"got {out.dataset_train_split!r}")
+    dataset = out.dataset_name
+    local_file = isinstance(dataset, str) and dataset.lower().endswith(DATASET_FILE_SUFFIXES)
+    if local_file and not os.path.exists(dataset):
+        problems.append(f"{name('dataset_name')}: no such file {dataset!r}; "
+                        "give an existing file or a hub name")
+    if out.eval_fraction is not None:
+        if not _is_number(out.eval_fraction) or not 0 < out.eval_fraction < 1:
+            problems.append(f"{name('eval_fraction')} must be a fraction between 0 and 1 (e.g. 0.05), "
+                            f"got {out.eval_fraction!r}")
+        elif out.dataset_test_split is not None:
+            problems.append(f"{name('eval_fraction')} and {name('dataset_test_split')} both choose the eval "
+                            "data: keep one")
+
+    # Batch arithmetic.
+    ok_batch = True
+    if out.effective_batch_size is not None and not (_is_int(out.effective_batch_size)
+                                                     and out.effective_batch_size > 0):
+        problems.append(f"{name('effective_batch_size')} must be a positive integer, "
+                        f"got {out.effective_batch_size!r}")
+        ok_batch = False
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = getattr(out, key)
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            setattr(out, key, "auto")
+        elif not (_is_int(value) and value > 0):
+            problems.append(f"{name(key)} must be auto or a positive integer, got {value!r}")
+            ok_batch = False
+    if not (_is_int(out.max_micro_batch_size) and out.max_micro_batch_size >= 1):
+        problems.append(f"{name('max_micro_batch_size')} must be an integer >= 1, "
+                        f"got {out.max_micro_batch_size!r}")
+    if not (_is_int(out.world_size) and out.world_size >= 1):
+        problems.append(f"{name('world_size')} must be an integer >= 1, got {out.world_size!r}")
+        ok_batch = False
+    if ok_batch:
+        problems.extend(_batch_problems(out, name))
+
+    # Device and memory.
+    if out.device is not None:
+        device = out.device.strip().lower() if isinstance(out.device, str) else out.device
+        if device not in DEVICES:
+            problems.append(f"{name('device')} must be one of {', '.join(DEVICES)}, got {out.device!r}")
+        else:
+            out.device = device
+    if out.memory_budget_bytes is not None:
+        try:
+            out.memory_budget_bytes = parse_bytes(out.memory_budget_bytes, name("memory_budget_bytes"))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if out.headroom is not None and not (_is_number(out.headroom) and 0 <= out.headroom < 1):
+        problems.append(f"{name('headroom')} must be a fraction with 0 <= headroom < 1 (e.g. 0.1), "
+                        f"got {out.headroom!r}")
+
+    # Keys handed to TRL: only what can be checked without importing it.
+    for args in (out.training_args, out.model_args):
+        for key, value in args.items():
+            if key in BOOL_KEYS and value is not None:
+                flag = _as_bool(value)
+                if flag is None:
+                    problems.append(f"{name(key)} must be true or false, got {value!r}")
+                else:
+                    args[key] = flag
+    max_length = out.training_args.get("max_length")
+    if max_length is not None and not (_is_int(max_length) and max_length > 0):
+        problems.append(f"{name('max_length')} must be a positive integer (tokens per example), "
+                        f"got {max_length!r}")
+    dtype = out.model_args.get("dtype")
+    if dtype is not None and dtype not in _DTYPES:
+        problems.append(f"{name('dtype')} must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if out.lora is not None:
+        problems.extend(_lora_problems(out.lora, names))
+
+    if problems:
+        if len(problems) == 1:
+            raise ConfigError(problems[0])
+        raise ConfigError(f"{len(problems)} problems: " + "; ".join(problems))
+    return out
+
+
+def _batch_problems(config: Config, name) -> list[str]:
+    """Effective batch = micro × accumulation × world size exactly: we never round an effective batch."""
+    effective, world = config.effective_batch_size, config.world_size
+    micro, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    if effective is None:
+        return []
+    if effective % world:
+        low = effective - effective % world
+        nearest = f"{low} or {low + world}" if low else f"{low + world}"
+        problem = f"{name('effective_batch_size')} {effective} is not a multiple of world size {world}"
+        return [f"{problem}: use {nearest}"]
+    per_device = effective // world
+    target = f"{name('effective_batch_size')} {effective}"
+    if _is_int(micro) and _is_int(accumulation):
+        if micro * accumulation == per_device:
+            return []
+        product = f"{name('per_device_train_batch_size')} {micro} × {name('gradient_accumulation_steps')} " \
+                  f"{accumulation} × world size {world} = {micro * accumulation * world}"
+        return [f"{product}, not {target}: set one of them to auto or make them multiply to it exactly"]
+    for key, value in (("per_device_train_batch_size", micro), ("gradient_accumulation_steps", accumulation)):
+        if _is_int(value) and per_device % value:
+            problem = f"{name(key)} {value} does not divide the {per_device} samples per device of {target}"
+            return [f"{problem}: choose a divisor of {per_device} or auto"]
+    return []
+
+
+def _lora_problems(lora: dict, names: Mapping[str, str]) -> list[str]:
+    def name(key: str) -> str:
+        return names.get(f"lora.{key}", f"lora.{key}")
+
+    problems = []
+    r = lora.get("r")
+    if not (_is_int(r) and r > 0):
+        problems.append(f"{name('r')} (LoRA rank) must be a positive integer, got {r!r}")
+    alpha = lora.get("lora_alpha")
+    if not (_is_number(alpha) and alpha > 0):
+        problems.append(f"{name('lora_alpha')} must be a positive number, got {alpha!r}")
+    dropout = lora.get("lora_dropout")
+    if not (_is_number(dropout) and 0 <= dropout < 1):
+        problems.append(f"{name('lora_dropout')} must be a fraction with 0 <= dropout < 1, got {dropout!r}")
+    targets = lora.get("target_modules")
+    if targets is not None and not (
+        (isinstance(targets, str) and targets) or
+        (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        problems.append(f"{name('target_modules')} must be a list of module names or all-linear, "
+                        f"got {targets!r}")
+    for key in ("use_rslora", "use_dora"):
+        if key in lora and lora[key] is not None:
+            flag = _as_bool(lora[key])
+            if flag is None:
+                problems.append(f"{name(key)} must be true or false, got {lora[key]!r}")
+            else:
+                lora[key] = flag
+    return problems
+
+
+def check_known_keys(keys: Iterable[str], valid_keys: Iterable[str], what: str = "SFTConfig") -> None:
+    """One ConfigError for every key not in `valid_keys`, each naming the closest valid key.
+
+    For the caller that has trl imported: `check_known_keys(config.training_args, sft_config_field_names)`.
+    """
+    valid = set(valid_keys)
+    candidates = sorted(valid | AUTOBATCH_KEYS)
+    problems = []
+    for key in keys:
+        if key in valid:
+            continue
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else f"see the {what} documentation for valid keys"
+        problems.append(f"unknown key {key!r}: {hint}")
+    if problems:
+        raise ConfigError(("" if len(problems) == 1 else f"{len(problems)} problems: ") + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------- plan.yaml
+
+def check_output_path(path: str | os.PathLike, flag: str = "--output") -> Path:
+    """Fail before any work when the file could not be written: its directory must exist."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory; give a file name such as {path / 'plan.yaml'}")
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: directory {parent} does not exist; create it or choose another "
+                          "path")
+    return path
+
+
+def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | None = None) -> str:
+    """The config with the planned batch filled in, as YAML that `trl sft --config` and `autobatch run` read.
+
+    Only TRL keys are written (SFTConfig/TrainingArguments from `training_args`, ScriptArguments dataset
+    keys, ModelConfig model and LoRA keys); autobatch's own facts are `#` comment lines at the top.
+    `model_path` is the resolved path of the built-in model when `config.model_name_or_path` is None.
+    """
+    if not plan.fits:
+        raise AutobatchError(f"micro-batch {plan.per_device_train_batch_size} does not fit the memory "
+                             "budget: no plan to write")
+    model = config.model_name_or_path or (str(model_path) if model_path is not None else None)
+    body: dict[str, Any] = {}
+    if model is not None:
+        body["model_name_or_path"] = model
+    body.update(config.model_args)
+    for key in SCRIPT_ARGUMENTS_KEYS:
+        value = getattr(config, key)
+        if value is not None:
+            body[key] = value
+    body["per_device_train_batch_size"] = plan.per_device_train_batch_size
+    body["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
+    body.update(config.training_args)
+    not_written = []
+    if config.lora is not None:
+        body["use_peft"] = True
+        for key, value in config.lora.items():
+            if key in _LORA_TO_MODEL_CONFIG:
+                if value is not None:
+                    body[_LORA_TO_MODEL_CONFIG[key]] = value
+            else:
+                not_written.append(f"lora.{key}={value!r}")
+
+    budget, usable, peak = plan.memory_budget_bytes, plan.usable_memory_bytes, plan.peak_memory_bytes
+    world = plan.world_size
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    launch = f" (launch {world} processes, e.g. torchrun --nproc_per_node {world})" if world > 1 else ""
+    capped = " (capped by max_micro_batch_size)" if plan.capped else ""
+    lines = [
+        (f"# Written by `autobatch plan` on {stamp}; use with `trl sft --config FILE` or "
+         "`autobatch run --config FILE`."),
+        (f"# effective batch {plan.effective_batch_size} = per_device_train_batch_size "
+         f"{plan.per_device_train_batch_size} × gradient_accumulation_steps "
+         f"{plan.gradient_accumulation_steps} × world size {world}{launch}"),
+        (f"# device {plan.device}; memory budget {format_bytes(budget)} ({budget} bytes), headroom "
+         f"{plan.headroom:g}, usable {format_bytes(usable)} ({usable} bytes)"),
+        (f"# peak at micro-batch {plan.per_device_train_batch_size}: {format_bytes(peak)} ({peak} bytes); "
+         f"largest micro-batch that fits: {plan.max_micro_batch_size}{capped}; max_length {plan.max_length}; "
+         f"{len(plan.trials)} trials"),
+    ]
+    if model is None:
+        lines.append("# model_name_or_path: the built-in tiny model (pass its path to write it here)")
+    if config.dataset_name is None:
+        lines.append("# dataset_name: none, autobatch uses its built-in text sample; set one for trl sft")
+    if config.eval_fraction is not None:
+        lines.append(f"# eval_fraction {config.eval_fraction:g}: autobatch only, trl sft has no such key")
+    if not_written:
+        lines.append(f"# LoRA settings trl sft has no key for (autobatch run only): {', '.join(not_written)}")
+    try:
+        text = yaml.safe_dump(body, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot write the plan as YAML: {exc}") from None
+    return "\n".join(lines) + "\n" + text
+
+
+def write_plan_yaml(path: str | os.PathLike, text: str, flag: str = "--output") -> Path:
+    """Write `text` atomically: a temp file in the same directory, then os.replace; never half-written."""
+    path = check_output_path(path, flag)
+    tmp_name = None
+    try:
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp", delete=False) as tmp:
+            tmp_name = tmp.name
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except OSError as exc:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+        raise ConfigError(f"{flag} {path}: cannot write it ({exc.strerror or exc})") from None
+    return path

@@ -1,0 +1,21 @@
+"""The few exception types autobatch raises on purpose; the CLI maps them to exit codes."""
+
+
+class AutobatchError(Exception):
+    """A runtime problem the user can fix (exit 1): message is one line naming the fix."""
+
+    exit_code = 1
+
+
+class ConfigError(AutobatchError):
+    """Bad arguments or config (exit 2): message names the flag or key and the fix."""
+
+    exit_code = 2
+
+
+class BudgetTooSmallError(AutobatchError):
+    """Even micro-batch 1 does not fit the memory budget; `trial` is the failed trial."""
+
+    def __init__(self, message: str, trial: object = None) -> None:
+        super().__init__(message)
+        self.trial = trial

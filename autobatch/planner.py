@@ -1,0 +1,197 @@
+"""Search and accumulation arithmetic, pure: no torch, the trial is an injected `probe(batch) -> Trial`.
+
+The search finds the largest micro-batch that passed a real trial, with the next size shown not to fit
+by a trial. Peak memory at a fixed length is usually affine in the batch size (fixed part + per-sample
+slope), so the line through the two nearest measured points predicts the limit and the answer takes
+about four trials. It is not always affine: TRL's fused LM-head loss allocates a `min(tokens, 4096) ×
+32768` buffer (trl/kernels/chunked_logprob.py), so the slope drops once a batch passes 4096 tokens,
+and on a big model the optimizer step can out-peak small batches. The line is only a guess; each
+guess is checked by a trial and the bracket [largest fit, smallest failure] only ever narrows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from autobatch.errors import BudgetTooSmallError, ConfigError
+
+
+@dataclass
+class Trial:
+    """One measured trial: peak memory of a few real training steps at `micro_batch_size`."""
+
+    micro_batch_size: int
+    peak_memory_bytes: int
+    fits: bool
+    seconds: float  # per training step, steady state
+    oom: bool = False  # the trial raised out-of-memory (its peak is where it stopped)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Probe = Callable[[int], Trial]
+
+
+@dataclass
+class SearchResult:
+    max_micro_batch_size: int
+    trials: list[Trial]
+    capped: bool  # stopped at --max-micro-batch-size, not at the memory limit
+
+
+def _predict_limit(points: list[tuple[int, int]], limit_bytes: int) -> float | None:
+    """Largest batch the line through two (batch, peak) points keeps within the limit; None if flat."""
+    (b0, p0), (b1, p1) = points
+    slope = (p1 - p0) / (b1 - b0)
+    if slope <= 0:
+        return None
+    return b1 + (limit_bytes - p1) / slope
+
+
+def _next_size(trials: dict[int, Trial], lo: int, hi: int | None, limit_bytes: int, cap: int) -> int:
+    """The next micro-batch to try, strictly inside the bracket (lo fits, hi does not)."""
+    upper = cap if hi is None else hi - 1
+    fitting = sorted(b for b, t in trials.items() if t.fits)
+    if len(fitting) < 2:
+        return min(lo + 1, upper)
+    # Two nearest measured points: lo and the fit below it, or lo and a failure above it whose peak
+    # was measured in full (no OOM), which brackets the limit from both sides.
+    below = (fitting[-2], trials[fitting[-2]].peak_memory_bytes)
+    at_lo = (lo, trials[lo].peak_memory_bytes)
+    points = [below, at_lo]
+    if hi is not None and not trials[hi].oom:
+        points = [at_lo, (hi, trials[hi].peak_memory_bytes)]
+    predicted = _predict_limit(points, limit_bytes)
+    guess = 4 * lo if predicted is None else math.floor(predicted)
+    recent = list(trials.values())[-2:]
+    if hi is not None and len(recent) == 2 and recent[0].fits == recent[1].fits:
+        # The line missed twice on the same side: fall back to bisection so the bracket halves.
+        mid = (lo + hi) // 2
+        guess = max(guess, mid) if recent[-1].fits else min(guess, mid)
+    return max(lo + 1, min(guess, upper))
+
+
+def search_max_micro_batch(probe: Probe, limit_bytes: int, max_micro_batch_size: int) -> SearchResult:
+    """Largest micro-batch b ≤ max_micro_batch_size that fits `limit_bytes`, with b + 1 tried and failed.
+
+    Raises BudgetTooSmallError when micro-batch 1 does not fit (the error carries its peak).
+    """
+    if max_micro_batch_size < 1:
+        raise ConfigError("--max-micro-batch-size must be at least 1")
+    trials: dict[int, Trial] = {}
+    first = probe(1)
+    trials[1] = first
+    if not first.fits:
+        raise BudgetTooSmallError("micro-batch 1 does not fit the memory budget", first)
+    lo, hi = 1, None
+    while lo < max_micro_batch_size and (hi is None or hi > lo + 1):
+        size = _next_size(trials, lo, hi, limit_bytes, max_micro_batch_size)
+        trial = probe(size)
+        trials[size] = trial
+        if trial.fits:
+            lo = size
+        else:
+            hi = size
+    return SearchResult(lo, list(trials.values()), capped=lo == max_micro_batch_size and hi is None)
+
+
+@dataclass
+class Option:
+    """One way to reach the effective batch: micro × accumulation × world size."""
+
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    seconds_per_step: float  # per micro-batch step; measured if `measured`, else interpolated
+    measured: bool
+
+    @property
+    def samples_per_s(self) -> float:
+        """0 when step times are unknown (estimate backend): then every option ties."""
+        return self.micro_batch_size / self.seconds_per_step if self.seconds_per_step > 0 else 0.0
+
+
+def check_effective_batch(effective_batch_size: int, world_size: int) -> int:
+    """Samples each device must contribute per optimizer step; errors name the nearest reachable values."""
+    if effective_batch_size <= 0:
+        raise ConfigError(f"effective_batch_size must be positive, got {effective_batch_size}")
+    if world_size <= 0:
+        raise ConfigError(f"world_size must be positive, got {world_size}")
+    if effective_batch_size % world_size:
+        low = effective_batch_size - effective_batch_size % world_size
+        high = low + world_size
+        nearest = f"{low} or {high}" if low > 0 else f"{high}"
+        raise ConfigError(
+            f"effective_batch_size {effective_batch_size} is not reachable on {world_size} devices "
+            f"(it must be a multiple of the world size): use --effective-batch-size {nearest}"
+        )
+    return effective_batch_size // world_size
+
+
+def _seconds_at(size: int, trials: list[Trial]) -> tuple[float, bool]:
+    """Step time at `size`: measured if a trial ran it, else linear interpolation of measured fits."""
+    timed = sorted((t.micro_batch_size, t.seconds) for t in trials if t.fits)
+    for b, s in timed:
+        if b == size:
+            return s, True
+    lower = [p for p in timed if p[0] < size]
+    upper = [p for p in timed if p[0] > size]
+    if lower and upper:
+        (b0, s0), (b1, s1) = lower[-1], upper[0]
+    elif len(lower) >= 2:
+        (b0, s0), (b1, s1) = lower[-2], lower[-1]
+    elif len(upper) >= 2:
+        (b0, s0), (b1, s1) = upper[0], upper[1]
+    else:
+        b0, s0 = timed[0]
+        return s0 * size / b0, False
+    value = s0 + (s1 - s0) * (size - b0) / (b1 - b0)
+    return (value if value > 0 else min(s for _, s in timed)), False
+
+
+def plan_options(per_device: int, max_micro_batch_size: int, trials: list[Trial]) -> list[Option]:
+    """Every micro-batch ≤ the max that divides the per-device samples exactly, fastest first.
+
+    Ties within 3% of the best samples/s (timing noise) go to the larger micro-batch.
+    """
+    options = []
+    for size in range(1, min(per_device, max_micro_batch_size) + 1):
+        if per_device % size == 0:
+            seconds, measured = _seconds_at(size, trials)
+            options.append(Option(size, per_device // size, seconds, measured))
+    best = max(o.samples_per_s for o in options)
+    return sorted(options, key=lambda o: (o.samples_per_s < 0.97 * best, -o.micro_batch_size))
+
+
+@dataclass
+class Plan:
+    """The recommended configuration and the evidence behind it (the `--json` contract)."""
+
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    effective_batch_size: int
+    world_size: int
+    max_micro_batch_size: int
+    memory_budget_bytes: int
+    usable_memory_bytes: int
+    headroom: float
+    peak_memory_bytes: int
+    device: str
+    max_length: int
+    trials: list[Trial]
+    fits: bool = True
+    capped: bool = False
+    seconds_per_step: float = 0.0
+    options: list[Option] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    memory_fingerprint: dict = field(default_factory=dict)
+    search_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["options"] = [
+            {**asdict(o), "samples_per_s": o.samples_per_s} for o in self.options
+        ]
+        return data

@@ -1,0 +1,298 @@
+"""Faithful trial steps on a memory backend, and `make_plan`, which ties probe, search and planner together.
+
+A trial is SFTTrainer's own `train()` for two optimizer steps — forward with labels through TRL's
+`compute_loss` (fused LM head), backward, gradient clipping, optimizer step, zero_grad — on copies of
+the longest example the run can produce. Two steps, because AdamW's moments appear at the first
+`step()` and a one-step trial under-counts by them (measured on a tiny Llama); two micro-batches per
+step when the run accumulates, because the second backward adds into existing gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+
+from autobatch.config import Config, format_bytes
+from autobatch.errors import BudgetTooSmallError, ConfigError
+from autobatch.memory import MemoryBackend, is_oom, make_backend
+from autobatch.planner import Option, Plan, Trial, check_effective_batch, plan_options, search_max_micro_batch
+from autobatch.workload import build_trainer, load_train_dataset, sft_config
+
+logger = logging.getLogger(__name__)
+
+CUDA_DEFAULT_HEADROOM = 0.05  # fragmentation and kernel workspaces the peak counters do not show
+
+
+class _StepTimer:
+    """Trainer callback: wall time of the last optimizer step (the first one also creates AdamW state)."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sync()
+        self.seconds = time.perf_counter() - self._start
+
+    def __getattr__(self, name: str):  # every other TrainerCallback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
+class Prober:
+    """Owns one SFTTrainer on one backend and runs trials at any micro-batch size with its own `train()`.
+
+    A trial is `trainer.train()` for two optimizer steps on copies of the longest example: whatever
+    `train()` sets up (activation checkpointing, NEFTune hooks, accelerate's wrapping, the optimizer named
+    by `optim` and its state, the data loader's prefetch) is in the measurement because it ran.
+    """
+
+    def __init__(
+        self, config: Config, backend: MemoryBackend, usable_bytes: int, per_device: int | None = None
+    ) -> None:
+        self.backend = backend
+        self.usable_bytes = usable_bytes
+        self.per_device = per_device
+        self.workdir = tempfile.TemporaryDirectory(prefix="autobatch-probe-")
+        # The run's own settings, less what a two-step trial must not do (save, evaluate, log, report).
+        self.args, self.notes = sft_config(
+            config, backend.device, self.workdir.name, max_steps=2, save_strategy="no", eval_strategy="no",
+            logging_strategy="no", disable_tqdm=True, report_to="none", num_train_epochs=1,
+        )
+        self.timer = _StepTimer(self._sync)
+        with backend.tensor_mode():
+            dataset = load_train_dataset(config)
+            self.trainer = build_trainer(
+                config, self.args, train_dataset=dataset, fake=backend.device == "estimate", callbacks=[self.timer]
+            )
+        from transformers import PrinterCallback, ProgressCallback
+
+        for quiet in (PrinterCallback, ProgressCallback):  # a trial's end-of-train metrics are not news
+            self.trainer.remove_callback(quiet)
+        self.example = self._longest_example()
+        self.max_length = len(self.example["input_ids"])
+
+    def _longest_example(self) -> dict:
+        """The longest example after tokenization, truncation (and packing): the worst-case shape."""
+        dataset = self.trainer.train_dataset
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        return dataset[max(range(len(lengths)), key=lengths.__getitem__)]
+
+    def _accumulation(self, micro_batch_size: int) -> int:
+        return -(-self.per_device // micro_batch_size) if self.per_device else 1
+
+    def _prepare(self, micro_batch_size: int, micro_steps: int) -> None:
+        """Point the trainer at a trial of `micro_steps` micro-batches per step, with a fresh optimizer."""
+        from datasets import Dataset
+
+        trainer = self.trainer
+        trainer.args.per_device_train_batch_size = micro_batch_size
+        trainer.args.gradient_accumulation_steps = micro_steps
+        trainer._train_batch_size = micro_batch_size  # train() reads the size __init__ cached here
+        # One batch more than two steps use: the run's loader always has a next batch fetched ahead.
+        trainer.train_dataset = Dataset.from_list([self.example] * (micro_batch_size * (micro_steps * 2 + 1)))
+        trainer.optimizer = trainer.lr_scheduler = None
+        trainer.model_wrapped = trainer.model
+        self._forget_prepared()
+
+    def _forget_prepared(self) -> None:
+        """accelerate keeps every prepared optimizer and loader; drop the last trial's (and its state)."""
+        accelerator = self.trainer.accelerator
+        for name in ("_optimizers", "_schedulers", "_dataloaders", "_models"):
+            getattr(accelerator, name, []).clear()
+        self.backend.cleanup()
+
+    def _held_batches(self, micro_batch_size: int, count: int) -> list[dict]:
+        """Batches the run's loop holds that a two-micro-batch trial does not, on the device.
+
+        Trainer's loop fetches all of an optimizer step's micro-batches up front, so a run accumulating
+        g micro-batches holds g - 2 more than the trial.
+        """
+        device = self.backend.torch_device
+        return [
+            {k: v.to(device) if hasattr(v, "to") else v
+             for k, v in self.trainer.data_collator([self.example] * micro_batch_size).items()}
+            for _ in range(count)
+        ]
+
+    def _sync(self) -> None:
+        if self.backend.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def run_trial(self, micro_batch_size: int) -> Trial:
+        """Peak memory and time per micro-batch of two real optimizer steps; an OOM is a result, not an error."""
+        accumulation = self._accumulation(micro_batch_size)
+        micro_steps = min(2, accumulation)  # accumulating adds into existing gradients: a peak of its own
+        oom = False
+        with self.backend.tensor_mode():
+            self._prepare(micro_batch_size, micro_steps)
+            held = self._held_batches(micro_batch_size, accumulation - micro_steps)
+            try:
+                with self.backend.measure() as measured:
+                    self.trainer.train()
+            except Exception as exc:  # anything but OOM propagates unchanged
+                if not is_oom(exc):
+                    raise
+                oom = True
+        # Outside the except block: its exception and traceback no longer pin the trial's tensors.
+        del held
+        self.trainer.model.zero_grad(set_to_none=True)
+        self._forget_prepared()
+        seconds = 0.0 if oom or self.backend.device == "estimate" else self.timer.seconds / micro_steps
+        peak = measured.peak_bytes
+        trial = Trial(micro_batch_size, peak, fits=not oom and peak <= self.usable_bytes, seconds=seconds, oom=oom)
+        logger.info(describe_trial(trial, self.usable_bytes))
+        return trial
+
+    def close(self) -> None:
+        """Drop the trainer, model and optimizer so the run that follows starts from empty memory."""
+        if self.trainer is not None:
+            self.trainer.optimizer = self.trainer.lr_scheduler = None
+            self._forget_prepared()
+        self.trainer = None
+        self.backend.cleanup()
+        self.workdir.cleanup()
+
+
+def describe_trial(trial: Trial, usable_bytes: int) -> str:
+    """One line a trial: `micro=16 fits peak=31.2GiB (78% of budget) 0.42 s/step`."""
+    verdict = "fits" if trial.fits else ("OOM" if trial.oom else "does not fit")
+    share = 100 * trial.peak_memory_bytes / usable_bytes
+    return (
+        f"micro={trial.micro_batch_size} {verdict} peak={format_bytes(trial.peak_memory_bytes)} "
+        f"({share:.0f}% of budget) {trial.seconds:.2f} s/step"
+    )
+
+
+def resolve_headroom(config: Config, device: str) -> float:
+    if config.headroom is not None:
+        return config.headroom
+    return CUDA_DEFAULT_HEADROOM if device == "cuda" else 0.0
+
+
+def _budget_error(trial: Trial, usable_bytes: int, config: Config) -> BudgetTooSmallError:
+    needs = "more than " + format_bytes(trial.peak_memory_bytes) if trial.oom else format_bytes(trial.peak_memory_bytes)
+    hints = ["a larger --memory-budget"]
+    if config.training_args.get("gradient_checkpointing") is False:
+        hints.append("--gradient-checkpointing true")
+    if not config.lora:
+        hints.append("LoRA (a lora: section)")
+    hints += ["a shorter --max-length", "bf16 on a GPU"]
+    return BudgetTooSmallError(
+        f"micro-batch 1 needs {needs} but the usable budget is {format_bytes(usable_bytes)}: "
+        f"try {', '.join(hints)}",
+        trial,
+    )
+
+
+def make_plan(config: Config, on_trial: Callable[[Trial], None] | None = None) -> Plan:
+    """Probe the workload, search the largest micro-batch, and plan micro × accumulation × world size."""
+    started = time.perf_counter()
+    backend = make_backend(config.device, config.memory_budget_bytes)
+    headroom = resolve_headroom(config, backend.device)
+    usable = int(backend.budget_bytes * (1 - headroom))
+    per_device = None
+    if config.effective_batch_size is not None:
+        per_device = check_effective_batch(config.effective_batch_size, config.world_size)
+    prober = Prober(config, backend, usable, per_device)
+    trials: list[Trial] = []
+
+    def probe(size: int) -> Trial:
+        trial = prober.run_trial(size)
+        trials.append(trial)
+        if on_trial:
+            on_trial(trial)
+        return trial
+
+    try:
+        if isinstance(config.per_device_train_batch_size, int):
+            micro = config.per_device_train_batch_size
+            trial = probe(micro)
+            max_micro, capped = (micro if trial.fits else 0), False
+        else:
+            try:
+                result = search_max_micro_batch(probe, usable, config.max_micro_batch_size)
+            except BudgetTooSmallError as exc:
+                raise _budget_error(exc.trial, usable, config) from None
+            max_micro, capped = result.max_micro_batch_size, result.capped
+        plan = _choose(config, prober, per_device, max_micro, trials, probe)
+    finally:
+        prober.close()
+    plan.memory_budget_bytes = backend.budget_bytes
+    plan.usable_memory_bytes = usable
+    plan.headroom = headroom
+    plan.device = backend.device
+    plan.capped = capped
+    plan.notes = prober.notes + plan.notes
+    if backend.budget_source:
+        plan.notes.append(f"budget: {format_bytes(backend.budget_bytes)} from {backend.budget_source}")
+    if capped:
+        plan.notes.append(
+            f"stopped at --max-micro-batch-size {config.max_micro_batch_size}: a larger micro-batch may fit"
+        )
+    if backend.device == "estimate":
+        plan.notes.append("estimate backend: peaks are estimates (no kernel workspaces, no fragmentation)")
+    plan.search_seconds = time.perf_counter() - started
+    return plan
+
+
+def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: int, trials, probe) -> Plan:
+    """The plan: a fixed micro-batch checked, or the fastest exact split of the per-device samples."""
+    world = config.world_size
+    accumulation = config.gradient_accumulation_steps
+    if isinstance(config.per_device_train_batch_size, int):
+        micro = config.per_device_train_batch_size
+        if per_device is None:
+            per_device = micro * (accumulation if isinstance(accumulation, int) else 1)
+        if per_device % micro:
+            raise ConfigError(
+                f"per_device_train_batch_size {micro} does not divide the {per_device} samples each device needs "
+                f"for effective batch {per_device * world}: pick a divisor of {per_device}"
+            )
+        trial = next(t for t in trials if t.micro_batch_size == micro)
+        options = [Option(micro, per_device // micro, trial.seconds, measured=True)]
+    else:
+        if per_device is None:
+            per_device = max_micro * (accumulation if isinstance(accumulation, int) else 1)
+        options = plan_options(per_device, max_micro, trials)
+        if isinstance(accumulation, int):
+            options = [o for o in options if o.gradient_accumulation_steps == accumulation]
+            if not options:
+                raise ConfigError(
+                    f"gradient_accumulation_steps {accumulation} cannot reach effective batch {per_device * world} "
+                    f"with a micro-batch ≤ {max_micro}: set it to auto"
+                )
+    chosen = options[0]
+    measured = {t.micro_batch_size: t for t in trials}
+    if chosen.micro_batch_size not in measured:
+        probe(chosen.micro_batch_size)  # never an unverified answer
+        measured = {t.micro_batch_size: t for t in trials}
+    trial = measured[chosen.micro_batch_size]
+    chosen.seconds_per_step, chosen.measured = trial.seconds, True
+    return Plan(
+        per_device_train_batch_size=chosen.micro_batch_size,
+        gradient_accumulation_steps=chosen.gradient_accumulation_steps,
+        effective_batch_size=chosen.micro_batch_size * chosen.gradient_accumulation_steps * world,
+        world_size=world,
+        max_micro_batch_size=max_micro,
+        memory_budget_bytes=0,
+        usable_memory_bytes=0,
+        headroom=0.0,
+        peak_memory_bytes=trial.peak_memory_bytes,
+        device="",
+        max_length=prober.max_length,
+        trials=trials,
+        fits=trial.fits,
+        seconds_per_step=trial.seconds,
+        options=options,
+    )

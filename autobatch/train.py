@@ -1,0 +1,268 @@
+"""`autobatch run`: the plan handed untouched to a full SFTTrainer run that cannot die of one OOM.
+
+The run builds its trainer through the same `workload` calls the probe measured. If an OOM happens
+anyway (a fragmented or shared GPU), the current optimizer step is redone with each micro-batch split
+in two: gradients are zeroed, the step's earlier micro-batches replayed in halves, and training goes on
+from the same step and data position. The loss is normalised by the step's token count
+(`num_items_in_batch`), so the split step computes the same gradient: the effective batch stays exact.
+The Trainer's `auto_find_batch_size` instead restarts from step 0 with a smaller batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from autobatch.config import Config, format_bytes
+from autobatch.errors import AutobatchError, ConfigError
+from autobatch.memory import is_oom, make_backend
+from autobatch.planner import Plan
+from autobatch.workload import build_trainer, load_train_dataset, sft_config
+
+logger = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class Fallback:
+    """One OOM survived: where, and the micro-batch × accumulation the run continued with."""
+
+    global_step: int
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+
+
+@dataclass
+class RunResult:
+    output_dir: str
+    global_step: int
+    train_loss: float | None
+    samples_per_s: float | None
+    peak_memory_bytes: int
+    predicted_peak_memory_bytes: int
+    memory_budget_bytes: int
+    device: str
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    effective_batch_size: int
+    fallbacks: list[Fallback] = field(default_factory=list)
+    log_history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_batch(inputs: dict, parts: int) -> list[dict]:
+    """A collated batch cut into `parts` micro-batches along the batch dimension."""
+    import torch
+
+    size = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor))
+    if size < parts or "cu_seq_lens_q" in inputs or ("position_ids" in inputs and "attention_mask" not in inputs):
+        raise AutobatchError(
+            f"out of memory at micro-batch {size} and the batch cannot be split further "
+            "(a padding-free/packed batch, or a single example): lower --max-length or use a larger budget"
+        )
+    bounds = [round(i * size / parts) for i in range(parts + 1)]
+    return [
+        {k: (v[a:b] if isinstance(v, torch.Tensor) and v.shape[:1] == (size,) else v) for k, v in inputs.items()}
+        for a, b in zip(bounds, bounds[1:])
+    ]
+
+
+def trainer_class():
+    """SFTTrainer with the OOM fallback: split micro-batches, same optimizer step, same data position."""
+    from trl import SFTTrainer
+
+    class OomSafeSFTTrainer(SFTTrainer):
+        splits = 1
+        fallbacks: list[Fallback]
+        on_fallback: Callable[[Fallback], None] | None = None
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            self._step_batches, self._step_position = batches, 0
+            return batches, num_items
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            position = getattr(self, "_step_position", 0)
+            self._step_position = position + 1
+            replay: list[dict] = []
+            while True:
+                failed = False
+                try:
+                    for earlier in replay:  # their losses were already counted: only the gradients are redone
+                        self._split_step(model, earlier, num_items_in_batch)
+                    return self._split_step(model, inputs, num_items_in_batch)
+                except Exception as exc:  # only OOM is handled; anything else propagates unchanged
+                    if not is_oom(exc):
+                        raise
+                    failed = True
+                if failed:  # outside the except block, so the OOM's traceback no longer pins tensors
+                    self._fall_back(model)
+                    replay = getattr(self, "_step_batches", [])[:position]
+
+        def _split_step(self, model, inputs, num_items_in_batch):
+            if self.splits == 1:
+                return super().training_step(model, inputs, num_items_in_batch)
+            scale = self.current_gradient_accumulation_steps
+            self.current_gradient_accumulation_steps = scale * self.splits  # used only without num_items
+            try:
+                losses = [super(OomSafeSFTTrainer, self).training_step(model, part, num_items_in_batch)
+                          for part in split_batch(inputs, self.splits)]
+            finally:
+                self.current_gradient_accumulation_steps = scale
+            return sum(losses[1:], losses[0])
+
+        def _fall_back(self, model) -> None:
+            import gc
+
+            import torch
+
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.splits *= 2
+            micro = self.args.per_device_train_batch_size // self.splits
+            if micro < 1:
+                raise AutobatchError("out of memory even at micro-batch 1: use a larger budget or a shorter max_length")
+            event = Fallback(
+                self.state.global_step, micro, self.args.gradient_accumulation_steps * self.splits
+            )
+            self.fallbacks.append(event)
+            logger.warning(
+                "OOM at step %d: micro-batch %d -> %d, accumulation %d -> %d (effective batch unchanged); "
+                "continuing from the same step",
+                event.global_step, micro * 2, micro, event.gradient_accumulation_steps // 2,
+                event.gradient_accumulation_steps,
+            )
+            if self.on_fallback:
+                self.on_fallback(event)
+
+    return OomSafeSFTTrainer
+
+
+def _output_dir(config: Config) -> str:
+    out = config.training_args.get("output_dir") or "autobatch-out"
+    path = Path(out).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe_file = path / ".autobatch-write-test"
+        probe_file.write_text("")
+        probe_file.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output_dir {out}: not writable ({exc.strerror}); pass --output-dir with a writable path") \
+            from exc
+    return str(path)
+
+
+def _datasets(config: Config):
+    """Train and optional eval dataset: the config's, or the built-in text sample for the built-in model."""
+    if config.dataset_name is None:
+        if config.model_name_or_path is not None:
+            raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
+        from autobatch.builtin import builtin_dataset_path
+
+        config.dataset_name = str(builtin_dataset_path())
+    train = load_train_dataset(config)
+    evaluation = None
+    if config.dataset_test_split:
+        from dataclasses import replace
+
+        evaluation = load_train_dataset(replace(config, dataset_train_split=config.dataset_test_split))
+    elif config.eval_fraction:
+        parts = train.train_test_split(test_size=config.eval_fraction, seed=0)
+        train, evaluation = parts["train"], parts["test"]
+    return train, evaluation
+
+
+def run(
+    config: Config,
+    plan: Plan,
+    *,
+    resume: bool = False,
+    callbacks: list | None = None,
+    on_fallback: Callable[[Fallback], None] | None = None,
+) -> RunResult:
+    """Train with the plan's micro-batch and accumulation; on the cpu backend the budget stays enforced."""
+    import gc
+
+    import torch
+
+    output_dir = _output_dir(config)
+    backend = make_backend(config.device, config.memory_budget_bytes)
+    args, notes = sft_config(
+        config,
+        backend.device,
+        output_dir,
+        per_device_train_batch_size=plan.per_device_train_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+    )
+    train, evaluation = _datasets(config)
+    gc.collect()
+    trainer = build_trainer(
+        config, args, train_dataset=train, eval_dataset=evaluation, trainer_cls=trainer_class(), callbacks=callbacks
+    )
+    trainer.fallbacks, trainer.on_fallback = [], on_fallback
+    Path(output_dir, PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
+    logger.info("plan: %s", json.dumps({k: v for k, v in plan.to_dict().items() if k not in ("trials", "options")}))
+    checkpoint = resume and _last_checkpoint(output_dir)
+    started = time.perf_counter()
+    if backend.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with backend.measure() as measured:
+        output = trainer.train(resume_from_checkpoint=checkpoint or None)
+    trainer.save_model(output_dir)
+    peak = torch.cuda.max_memory_reserved() if backend.device == "cuda" else measured.peak_bytes
+    elapsed = time.perf_counter() - started
+    return RunResult(
+        output_dir=output_dir,
+        global_step=trainer.state.global_step,
+        train_loss=output.training_loss,
+        samples_per_s=output.metrics.get("train_samples_per_second") or (
+            trainer.state.global_step * plan.effective_batch_size / elapsed if elapsed else None),
+        peak_memory_bytes=peak,
+        predicted_peak_memory_bytes=plan.peak_memory_bytes,
+        memory_budget_bytes=backend.budget_bytes,
+        device=backend.device,
+        per_device_train_batch_size=plan.per_device_train_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        effective_batch_size=plan.effective_batch_size,
+        fallbacks=trainer.fallbacks,
+        log_history=trainer.state.log_history,
+    )
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if last is None:
+        raise ConfigError(f"--resume: no checkpoint in {output_dir}; run without --resume first")
+    return last
+
+
+def summary_lines(result: RunResult) -> list[str]:
+    """The closing summary the CLI prints."""
+    lines = [
+        f"trained {result.global_step} steps, micro-batch {result.per_device_train_batch_size} × accumulation "
+        f"{result.gradient_accumulation_steps} = effective {result.effective_batch_size}",
+        f"peak memory {format_bytes(result.peak_memory_bytes)} (probe predicted "
+        f"{format_bytes(result.predicted_peak_memory_bytes)}; budget {format_bytes(result.memory_budget_bytes)}, "
+        f"{result.device})",
+    ]
+    if result.samples_per_s:
+        lines.append(f"{result.samples_per_s:.1f} samples/s, final train loss {result.train_loss:.4f}")
+    for event in result.fallbacks:
+        lines.append(
+            f"OOM survived at step {event.global_step}: continued with micro-batch {event.per_device_train_batch_size}"
+            f" × accumulation {event.gradient_accumulation_steps}"
+        )
+    lines.append(f"model saved to {result.output_dir}")
+    return lines

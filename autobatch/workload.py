@@ -1,0 +1,218 @@
+"""The workload, built one way for probe and run: SFTConfig, dataset, LoRA and the SFTTrainer itself.
+
+The probe measures the trainer this module builds, and the run trains one built by the same calls, so
+model loading (dtype, attention implementation), PEFT, gradient checkpointing and the optimizer are
+the run's by construction rather than by imitation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from autobatch.config import Config
+from autobatch.errors import AutobatchError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+LOCAL_DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+_PROBE_TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. "
+
+
+def model_path(config: Config) -> str:
+    """The model to load: the config's, or the built-in tiny model saved on first use."""
+    if config.model_name_or_path is None:
+        from autobatch.builtin import builtin_model_dir
+
+        return str(builtin_model_dir())
+    name = os.path.expanduser(config.model_name_or_path)
+    looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
+    if looks_local and not os.path.exists(name):
+        raise ConfigError(f"--model: {config.model_name_or_path} does not exist; pass a model directory or a hub name")
+    if os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
+        raise ConfigError(
+            f"--model: {config.model_name_or_path} is not a model directory (no config.json); "
+            "pass a directory written by save_pretrained or a hub name"
+        )
+    return name
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def sft_config(config: Config, device: str, output_dir: str, **overrides: Any):
+    """The SFTConfig the run will use: the config's keys, TRL's defaults, and the cpu fallback.
+
+    Returns (SFTConfig, notes). On the cpu and estimate backends bf16/fp16 are turned off and the trainer
+    is told `use_cpu`, since TRL's default bf16 is refused on CPU; the note says so.
+    """
+    from trl import SFTConfig
+
+    valid = sorted(f.name for f in dataclasses.fields(SFTConfig) if f.init)
+    kwargs = dict(config.training_args)
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        problems = "; ".join(f"unknown key {k!r}{_closest(k, valid)}" for k in unknown)
+        raise ConfigError(f"{problems}: keys must be SFTConfig/TrainingArguments fields or autobatch options")
+    kwargs.update(overrides)
+    if config.model_args:  # TRL ModelConfig keys (dtype, attn_implementation) reach the model loader here
+        kwargs["model_init_kwargs"] = {**_model_init_kwargs(config.model_args), **(kwargs.get("model_init_kwargs") or {})}
+    kwargs["output_dir"] = output_dir
+    kwargs.setdefault("report_to", "none")
+    notes = []
+    if device != "cuda":
+        wanted = kwargs.get("bf16", True) or kwargs.get("fp16", False)
+        if wanted:
+            notes.append("bf16/fp16 off on the cpu backend (no mixed precision there): peaks are for fp32 activations")
+        kwargs.update(bf16=False, fp16=False, use_cpu=True)
+    try:
+        return SFTConfig(**kwargs), notes
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"invalid training arguments: {str(exc).splitlines()[0]}") from exc
+
+
+def _model_init_kwargs(model_args: dict) -> dict:
+    """TRL ModelConfig keys as `from_pretrained` keywords; quantized loading is not probed yet."""
+    quantized = [k for k in model_args if k.startswith(("load_in_", "bnb_", "use_bnb"))]
+    if quantized:
+        raise ConfigError(f"{', '.join(quantized)}: quantized loading is not supported by autobatch yet; remove it")
+    renamed = {"model_revision": "revision"}
+    return {renamed.get(k, k): v for k, v in model_args.items()}
+
+
+def lora_config(config: Config):
+    """peft.LoraConfig from the config's lora section, or None."""
+    if not config.lora:
+        return None
+    from peft import LoraConfig
+
+    kwargs = {"task_type": "CAUSAL_LM", **config.lora}
+    valid = sorted(f.name for f in dataclasses.fields(LoraConfig) if f.init)
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        raise ConfigError("; ".join(f"lora: unknown key {k!r}{_closest(k, valid)}" for k in unknown))
+    return LoraConfig(**kwargs)
+
+
+def load_train_dataset(config: Config):
+    """The training dataset from a hub name or a local file (json, jsonl, csv, parquet, txt)."""
+    import datasets
+
+    name = config.dataset_name
+    if name is None:
+        return None
+    path = Path(os.path.expanduser(name))
+    try:
+        if path.suffix in LOCAL_DATA_FORMATS or path.exists():
+            if not path.exists():
+                raise ConfigError(f"--dataset: {name} does not exist; pass a local json/jsonl/csv/parquet/txt file")
+            builder = LOCAL_DATA_FORMATS.get(path.suffix)
+            if builder is None:
+                raise ConfigError(
+                    f"--dataset: cannot read {name}: use a .json, .jsonl, .csv, .parquet or .txt file"
+                )
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(name, config.dataset_config, split=config.dataset_train_split)
+    except ConfigError:
+        raise
+    except (ConnectionError, FileNotFoundError, OSError) as exc:
+        raise AutobatchError(
+            f"--dataset: could not load {name!r} ({type(exc).__name__}); it is not a local file and could not be "
+            "downloaded: download it where the hub is reachable, or pass a local json/jsonl/csv/parquet file"
+        ) from exc
+    except ValueError as exc:
+        raise ConfigError(f"--dataset: {name}: {str(exc).splitlines()[0]}") from exc
+
+
+def check_text_field(dataset, args) -> None:
+    """A dataset that is neither tokenized nor conversational must have the text field TRL reads."""
+    columns = dataset.column_names or []
+    if "input_ids" in columns or "messages" in columns or "prompt" in columns:
+        return
+    if args.dataset_text_field not in columns:
+        raise ConfigError(
+            f"dataset_text_field {args.dataset_text_field!r} is not a field of the dataset; "
+            f"its fields are {', '.join(columns)}: pass --dataset-text-field with one of them"
+        )
+
+
+def synthetic_dataset(tokenizer, max_length: int):
+    """A one-example tokenized dataset of exactly max_length tokens: the worst case without data."""
+    from datasets import Dataset
+
+    ids: list[int] = []
+    while len(ids) < max_length:
+        ids.extend(tokenizer(_PROBE_TEXT * 64, add_special_tokens=False)["input_ids"])
+    return Dataset.from_dict({"input_ids": [ids[:max_length]]})
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise AutobatchError(_load_failure(path, exc)) from exc
+
+
+def _load_failure(path: str, exc: BaseException) -> str:
+    if os.path.isdir(path):
+        return f"--model: could not load {path}: {str(exc).splitlines()[0]}"
+    return (
+        f"--model: could not load {path!r}: not a local directory, and it could not be downloaded from the hub "
+        "(offline?): download it where the hub is reachable, or pass --model /path/to/local/copy"
+    )
+
+
+def build_trainer(
+    config: Config, args, *, train_dataset=None, eval_dataset=None, fake: bool = False, trainer_cls=None, callbacks=None
+):
+    """The SFTTrainer for this workload; `fake` builds the model from its config (estimate backend)."""
+    from trl import SFTTrainer
+
+    trainer_cls = trainer_cls or SFTTrainer
+    path = model_path(config)
+    tokenizer = load_tokenizer(path)
+    if train_dataset is None:
+        train_dataset = synthetic_dataset(tokenizer, args.max_length or 1024)
+    else:
+        check_text_field(train_dataset, args)
+    model: Any = _fake_model(path, args) if fake else path
+    try:
+        return trainer_cls(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(config),
+            callbacks=callbacks,
+        )
+    except OSError as exc:
+        raise AutobatchError(_load_failure(path, exc)) from exc
+
+
+def _fake_model(path: str, args):
+    """The model built from its config alone, for use inside FakeTensorMode: no weights are read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise AutobatchError(_load_failure(path, exc)) from exc
+    dtype = (args.model_init_kwargs or {}).get("dtype", "float32")
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    elif dtype == "auto":
+        dtype = getattr(model_config, "dtype", None) or torch.float32
+    model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    # Fake parameters cannot be swapped by `Module.to`; they already sit on the (fake) cpu device.
+    model.to = lambda *a, **k: model
+    return model

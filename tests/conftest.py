@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny models built from configs and a tiny local dataset; nothing touches the hub."""
+
+import json
+import os
+
+import pytest
+
+from autobatch.builtin import save_tiny_model  # light: torch and transformers load inside its functions
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any test imports huggingface_hub, which reads it once
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the Rust tokenizer
+
+_PROSE = (
+    "The river ran low that summer, and the stones of the old ford showed above the water for the first "
+    "time in years. Children crossed on them to the far bank, where the blackberries grew thick along the "
+    "hedge. In the evenings the farmers walked down to look at the river and shook their heads. "
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _builtin_model_cache(tmp_path_factory):
+    """Build the built-in model, which commands without --model use, in a temp dir, not in ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTOBATCH_CACHE", str(tmp_path_factory.mktemp("autobatch-cache")))
+        yield
+
+
+# Named variants: (architecture, config overrides). "llama-wide" has enough weight memory (~2.2M parameters)
+# that LoRA's savings on gradients and AdamW moments show against the activations.
+VARIANTS = {"llama-wide": ("llama", {"hidden_size": 256, "intermediate_size": 1024})}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: tiny_model_dir("llama") -> a saved tiny model of that architecture (or VARIANTS name),
+    built once per session."""
+    built = {}
+
+    def make(name: str = "llama"):
+        if name not in built:
+            arch, overrides = VARIANTS.get(name, (name, {}))
+            built[name] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{name}"), arch, **overrides)
+        return built[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_file(tmp_path_factory):
+    """A jsonl of 64 {"text": ...} examples from 20 to ~930 characters, so some exceed 512 tokens."""
+    path = tmp_path_factory.mktemp("data") / "tiny.jsonl"
+    long_prose = _PROSE * 4
+    with path.open("w") as f:
+        for i in range(64):
+            n = 20 + (i * 397) % 911  # lengths spread over the range without sorting
+            f.write(json.dumps({"text": long_prose[:n].strip()}) + "\n")
+    return path

@@ -1,0 +1,142 @@
+"""Planner tests: a fake probe with known memory curves; exact sequences of sizes tried. No torch."""
+
+import pytest
+
+from autobatch.errors import BudgetTooSmallError, ConfigError
+from autobatch.planner import Trial, check_effective_batch, plan_options, search_max_micro_batch
+
+MB = 10**6
+
+
+def affine(b: int) -> int:
+    return 40 * MB + 38 * MB * b
+
+
+def kink(b: int) -> int:
+    """TRL's fused LM head: steep slope until the batch reaches 4096 tokens (16 × 256), then shallow."""
+    return 2 * MB + 38 * MB * min(b, 16) + 5 * MB * max(0, b - 16)
+
+
+def optimizer_floor(b: int) -> int:
+    """A big model: the optimizer step out-peaks small batches, so the curve is flat, then affine."""
+    return max(17_600 * MB, 16_700 * MB + 440 * MB * b)
+
+
+def make_probe(curve, limit: int, oom_at: int | None = None):
+    """Fake probe: fits when the curve is under the limit; past `oom_at` bytes it reports an OOM."""
+    tried: list[int] = []
+
+    def probe(b: int) -> Trial:
+        tried.append(b)
+        peak = curve(b)
+        oom = oom_at is not None and peak > oom_at
+        return Trial(b, min(peak, oom_at) if oom else peak, fits=peak <= limit, seconds=0.01 * b + 0.05, oom=oom)
+
+    return probe, tried
+
+
+def truth(curve, limit: int, cap: int = 10_000) -> int:
+    return max(b for b in range(1, cap + 1) if curve(b) <= limit)
+
+
+@pytest.mark.parametrize(
+    "curve, limit, expected_sequence",
+    [
+        (affine, 200 * MB, [1, 2, 4, 5]),
+        (affine, 520 * MB, [1, 2, 12, 13]),
+        (affine, 1450 * MB, [1, 2, 37, 38]),
+        (affine, 3850 * MB, [1, 2, 100, 101]),
+        (kink, 300 * MB, [1, 2, 7, 8]),
+        (kink, 700 * MB, [1, 2, 18, 20, 34, 35]),
+        (optimizer_floor, 20_000 * MB, [1, 2, 8, 7]),
+    ],
+)
+def test_search_sequence_is_short_and_exact(curve, limit, expected_sequence):
+    probe, tried = make_probe(curve, limit)
+    result = search_max_micro_batch(probe, limit, max_micro_batch_size=4096)
+    assert tried == expected_sequence
+    assert result.max_micro_batch_size == truth(curve, limit)
+    assert not result.capped
+
+
+@pytest.mark.parametrize("limit", [int(x * MB) for x in (90, 333, 611, 612, 655, 1234, 2500, 9999)])
+@pytest.mark.parametrize("curve", [affine, kink])
+def test_search_always_lands_on_the_limit_with_the_next_size_failing(curve, limit):
+    probe, tried = make_probe(curve, limit, oom_at=limit + 7 * MB)
+    result = search_max_micro_batch(probe, limit, max_micro_batch_size=4096)
+    best = truth(curve, limit)
+    assert result.max_micro_batch_size == best
+    by_size = {t.micro_batch_size: t for t in result.trials}
+    assert by_size[best].fits and not by_size[best + 1].fits
+    assert len(tried) == len(set(tried)), "no size is tried twice"
+    assert len(tried) <= 12
+
+
+def test_affine_curve_takes_four_trials_over_many_limits():
+    for limit_mb in range(100, 4000, 37):
+        probe, tried = make_probe(affine, limit_mb * MB)
+        search_max_micro_batch(probe, limit_mb * MB, max_micro_batch_size=4096)
+        assert len(tried) <= 4, (limit_mb, tried)
+
+
+def test_search_stops_at_the_cap_without_trying_beyond():
+    probe, tried = make_probe(affine, 10**12)
+    result = search_max_micro_batch(probe, 10**12, max_micro_batch_size=64)
+    assert result.max_micro_batch_size == 64 and result.capped
+    assert max(tried) == 64 and tried == [1, 2, 64]
+
+
+def test_micro_batch_one_not_fitting_is_an_error_carrying_the_trial():
+    probe, tried = make_probe(affine, 50 * MB)
+    with pytest.raises(BudgetTooSmallError) as info:
+        search_max_micro_batch(probe, 50 * MB, max_micro_batch_size=64)
+    assert tried == [1]
+    assert info.value.trial.peak_memory_bytes == affine(1)
+
+
+@pytest.mark.parametrize(
+    "effective, world, per_device",
+    [(48, 1, 48), (32, 8, 4), (64, 2, 32)],
+)
+def test_effective_batch_splits_exactly_over_devices(effective, world, per_device):
+    assert check_effective_batch(effective, world) == per_device
+
+
+@pytest.mark.parametrize(
+    "effective, world, message",
+    [
+        (0, 1, "must be positive"),
+        (-4, 1, "must be positive"),
+        (30, 4, "use --effective-batch-size 28 or 32"),
+        (3, 4, "use --effective-batch-size 4"),
+    ],
+)
+def test_unreachable_effective_batch_names_the_nearest_values(effective, world, message):
+    with pytest.raises(ConfigError, match=message):
+        check_effective_batch(effective, world)
+
+
+def trials_with_times(times: dict[int, float]) -> list[Trial]:
+    return [Trial(b, 100 * b, True, s) for b, s in times.items()]
+
+
+def test_options_divide_exactly_and_prefer_the_fastest():
+    # micro 6 measured much faster per sample than 12 (e.g. a cache effect): it wins.
+    trials = trials_with_times({1: 0.10, 2: 0.12, 6: 0.15, 12: 0.60, 13: 0.62})
+    options = plan_options(48, 13, trials)
+    assert {(o.micro_batch_size, o.gradient_accumulation_steps) for o in options} == {
+        (1, 48), (2, 24), (3, 16), (4, 12), (6, 8), (8, 6), (12, 4)
+    }
+    assert all(o.micro_batch_size * o.gradient_accumulation_steps == 48 for o in options)
+    assert options[0].micro_batch_size == 6
+
+
+def test_options_within_timing_noise_prefer_the_larger_micro_batch():
+    trials = trials_with_times({1: 0.100, 2: 0.200, 4: 0.398, 8: 0.801})
+    options = plan_options(32, 8, trials)
+    assert options[0].micro_batch_size == 8
+
+
+def test_unknown_step_times_tie_and_the_largest_micro_batch_wins():
+    trials = trials_with_times({1: 0.0, 2: 0.0, 13: 0.0})
+    assert plan_options(48, 13, trials)[0].micro_batch_size == 12

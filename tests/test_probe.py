@@ -1,0 +1,164 @@
+"""End-to-end probe tests on the cpu budget backend: tiny models loaded from disk, real SFTTrainer steps.
+
+The cpu backend makes memory deterministic, so these assert exact facts: the reported maximum fits a
+real `SFTTrainer.train()` under the same budget and the next size runs out of memory.
+"""
+
+import gc
+import json
+import math
+
+import pytest
+import torch
+
+from autobatch.cli import main
+from autobatch.config import build_config
+from autobatch.memory import CpuBackend
+from autobatch.probe import Prober, make_plan
+from autobatch.workload import build_trainer, load_tokenizer, sft_config, synthetic_dataset
+
+MAX_LENGTH = 256
+EFFECTIVE = 48
+
+
+def config_for(model_dir, **overrides):
+    values = dict(
+        model_name_or_path=str(model_dir), device="cpu", headroom=0, max_length=MAX_LENGTH,
+        gradient_checkpointing=False, effective_batch_size=EFFECTIVE,
+    )
+    values.update(overrides)
+    return build_config(overrides=values)
+
+
+def peaks(config, sizes) -> dict[int, int]:
+    """Trial peaks at `sizes`, measured with no budget pressure."""
+    prober = Prober(config, CpuBackend(10**12), 10**12, per_device=config.effective_batch_size)
+    try:
+        return {b: prober.run_trial(b).peak_memory_bytes for b in sizes}
+    finally:
+        prober.close()
+        gc.collect()
+
+
+def budget_between(config, size: int) -> int:
+    """A budget whose true limit is `size`: halfway between the peaks of size and size + 1."""
+    measured = peaks(config, [size, size + 1])
+    assert measured[size] < measured[size + 1]
+    return (measured[size] + measured[size + 1]) // 2
+
+
+def real_train_peak(config, micro: int, budget: int, tmp_path) -> int | None:
+    """Peak of two real optimizer steps of SFTTrainer.train() at `micro` under `budget`; None on OOM.
+
+    The dataset holds one batch more than two steps use, as a long run's loader always has one ahead.
+    """
+    accumulation = math.ceil(EFFECTIVE / micro)
+    args, _ = sft_config(
+        config, "cpu", str(tmp_path / f"train-{micro}"), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation, max_steps=2, save_strategy="no", logging_steps=1,
+        disable_tqdm=True,
+    )
+    ids = synthetic_dataset(load_tokenizer(config.model_name_or_path), MAX_LENGTH)[0]["input_ids"]
+    from datasets import Dataset
+
+    rows = micro * (accumulation * 2 + 1)
+    trainer = build_trainer(config, args, train_dataset=Dataset.from_dict({"input_ids": [ids] * rows}))
+    gc.collect()
+    peak = None
+    try:
+        with CpuBackend(budget).measure() as measured:
+            trainer.train()
+        peak = measured.peak_bytes
+    except torch.OutOfMemoryError:
+        pass
+    del trainer
+    gc.collect()
+    return peak
+
+
+def real_train_fits(config, micro: int, budget: int, tmp_path) -> bool:
+    return real_train_peak(config, micro, budget, tmp_path) is not None
+
+
+def plan_json(args: list[str], capsys) -> dict:
+    code = main(["plan", *args, "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return json.loads(out)
+
+
+# 6 × 256 tokens is before TRL's 4096-token kink; 20 × 256 is past it.
+@pytest.mark.parametrize("true_max", [6, 20])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_plan_max_is_exact_under_real_sfttrainer(arch, true_max, tiny_model_dir, capsys, tmp_path):
+    model_dir = tiny_model_dir(arch)
+    config = config_for(model_dir)
+    budget = budget_between(config, true_max)
+    plan = plan_json(
+        ["--model", str(model_dir), "--device", "cpu", "--memory-budget", str(budget), "--headroom", "0",
+         "--max-length", str(MAX_LENGTH), "--gradient-checkpointing", "false",
+         "--effective-batch-size", str(EFFECTIVE)],
+        capsys,
+    )
+    assert plan["max_micro_batch_size"] == true_max
+    assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == EFFECTIVE
+    assert plan["effective_batch_size"] == EFFECTIVE and plan["world_size"] == 1
+    assert plan["memory_budget_bytes"] == budget and plan["device"] == "cpu" and plan["max_length"] == MAX_LENGTH
+    trials = {t["micro_batch_size"]: t for t in plan["trials"]}
+    assert trials[true_max]["fits"] and not trials[true_max + 1]["fits"]
+    assert plan["peak_memory_bytes"] <= budget
+    assert len(plan["trials"]) <= (5 if true_max < 16 else 8)
+    assert real_train_fits(config, true_max, budget, tmp_path)
+    assert not real_train_fits(config, true_max + 1, budget, tmp_path)
+
+
+def test_trial_peak_equals_the_real_train_peak_to_the_byte(tiny_model_dir, tmp_path):
+    config = config_for(tiny_model_dir("opt"))
+    trial_peak = peaks(config, [4])[4]
+    assert real_train_peak(config, 4, 10**12, tmp_path) == trial_peak
+    assert not real_train_fits(config, 4, trial_peak - 1, tmp_path)
+
+
+def test_gradient_checkpointing_changes_the_peak_and_the_plan(tiny_model_dir):
+    model = tiny_model_dir("llama")
+    settings = dict(max_length=1024, effective_batch_size=None)
+    plain = peaks(config_for(model, **settings), [1, 2, 3, 4])
+    saved = peaks(config_for(model, gradient_checkpointing=True, **settings), [1, 2, 4])
+    assert saved[2] - saved[1] < plain[2] - plain[1], "checkpointing keeps fewer activations per sample"
+    budget = saved[4]  # 4 fits with checkpointing, not without
+    assert plain[3] <= budget < plain[4]
+    plan_plain = make_plan(config_for(model, memory_budget=budget, **settings))
+    plan_saved = make_plan(config_for(model, memory_budget=budget, gradient_checkpointing=True, **settings))
+    assert plan_plain.max_micro_batch_size == 3
+    assert plan_saved.max_micro_batch_size >= 4
+
+
+def test_lora_changes_the_peak_and_the_plan(tiny_model_dir):
+    wide = tiny_model_dir("llama-wide")
+    full = config_for(wide, max_length=64, effective_batch_size=None)
+    lora = config_for(wide, max_length=64, effective_batch_size=None,
+                      lora={"r": 4, "lora_alpha": 8, "target_modules": "all-linear"})
+    full_peaks, lora_peaks = peaks(full, [1, 2, 3]), peaks(lora, [1])
+    assert lora_peaks[1] < full_peaks[1], "no gradients or AdamW moments for frozen weights"
+    budget = (full_peaks[2] + full_peaks[3]) // 2
+    plan_full = make_plan(config_for(wide, max_length=64, effective_batch_size=None, memory_budget=budget))
+    plan_lora = make_plan(config_for(wide, max_length=64, effective_batch_size=None, memory_budget=budget,
+                                     lora={"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}))
+    assert plan_full.max_micro_batch_size == 2
+    assert plan_lora.max_micro_batch_size > 2
+
+
+def test_fixed_micro_batch_is_checked_not_searched(tiny_model_dir):
+    config = config_for(tiny_model_dir("llama"), per_device_train_batch_size=8, memory_budget="4GiB")
+    plan = make_plan(config)
+    assert [t.micro_batch_size for t in plan.trials] == [8]
+    assert plan.per_device_train_batch_size == 8 and plan.gradient_accumulation_steps == 6 and plan.fits
+
+
+def test_budget_too_small_for_one_names_the_need_and_the_fixes(tiny_model_dir, capsys):
+    code = main(["plan", "--model", str(tiny_model_dir("llama")), "--device", "cpu", "--memory-budget", "1MiB",
+                 "--max-length", "256", "--gradient-checkpointing", "false"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "micro-batch 1 needs" in err and "gradient-checkpointing" in err and "max-length" in err
+    assert "Traceback" not in err
