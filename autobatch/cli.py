@@ -306,6 +306,8 @@ def _cmd_plan(args: argparse.Namespace, extras: list[str]) -> int:
 
 
 def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
+    if args.plan and not args.config:
+        args.config = args.plan  # a plan.yaml is a whole config: run it as it was planned
     config = _config_from_args(args, extras)
     _print_setup(config, "run")
     _quiet_third_party(args.verbose)
@@ -316,8 +318,6 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
             raise
         raise AutobatchError("autobatch run is not implemented yet") from None
     if args.plan:
-        if not hasattr(train, "load_plan"):
-            raise AutobatchError("--plan is not implemented yet: run without it to probe again")
         plan = train.load_plan(args.plan, config)
     else:
         plan = _probe(config)

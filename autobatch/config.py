@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 import os
 import re
@@ -538,6 +539,50 @@ def check_output_path(path: str | os.PathLike, flag: str = "--output") -> Path:
     return path
 
 
+#: SFTConfig/TrainingArguments keys that change what a training step holds in memory.
+MEMORY_KEYS = (
+    "max_length", "packing", "packing_strategy", "padding_free", "gradient_checkpointing",
+    "activation_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs", "bf16",
+    "fp16", "optim", "optim_args", "max_grad_norm", "torch_compile", "use_liger_kernel", "model_init_kwargs",
+    "dataset_text_field", "completion_only_loss", "assistant_only_loss", "loss_type", "neftune_noise_alpha",
+    "activation_offloading",
+)
+PLAN_META_PREFIX = "# autobatch-plan: "
+
+
+def memory_fingerprint(config: Config, model_path: str | None = None) -> dict[str, Any]:
+    """Everything in a config that changes the memory a training step needs (the key a plan is valid for)."""
+    args = config.training_args
+    return {
+        "model_name_or_path": config.model_name_or_path or model_path,
+        "model_args": dict(sorted(config.model_args.items())),
+        "lora": dict(sorted((config.lora or {}).items())),
+        "dataset_name": config.dataset_name,
+        "dataset_config": config.dataset_config,
+        "dataset_train_split": config.dataset_train_split,
+        "world_size": config.world_size,
+        **{key: args[key] for key in MEMORY_KEYS if key in args},
+    }
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: saved -> current` for each memory-relevant setting that differs."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def read_plan_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The machine-readable `# autobatch-plan: {...}` line of a plan.yaml; ConfigError if there is none."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(PLAN_META_PREFIX):
+                    return json.loads(line[len(PLAN_META_PREFIX):])
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--plan {path}: cannot read it ({exc}); write one with autobatch plan --output") from None
+    raise ConfigError(f"--plan {path}: not a plan written by `autobatch plan --output`; write one with it")
+
+
 def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | None = None) -> str:
     """The config with the planned batch filled in, as YAML that `trl sft --config` and `autobatch run` read.
 
@@ -587,6 +632,13 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
          f"largest micro-batch that fits: {plan.max_micro_batch_size}{capped}; max_length {plan.max_length}; "
          f"{len(plan.trials)} trials"),
     ]
+    meta = {
+        "device": plan.device, "memory_budget_bytes": budget, "usable_memory_bytes": usable, "headroom": plan.headroom,
+        "peak_memory_bytes": peak, "max_micro_batch_size": plan.max_micro_batch_size, "max_length": plan.max_length,
+        "effective_batch_size": plan.effective_batch_size, "world_size": world, "seconds_per_step": plan.seconds_per_step,
+        "memory_fingerprint": memory_fingerprint(config, str(model_path) if model_path else None),
+    }
+    lines.append(PLAN_META_PREFIX + json.dumps(meta, sort_keys=True, default=str))
     if model is None:
         lines.append("# model_name_or_path: the built-in tiny model (pass its path to write it here)")
     if config.dataset_name is None:

@@ -188,6 +188,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     memory_fingerprint: dict = field(default_factory=dict)
     search_seconds: float = 0.0
+    per_device_eval_batch_size: int | None = None  # planned when the run evaluates
+    eval_trials: list[Trial] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         data = asdict(self)

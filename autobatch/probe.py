@@ -14,11 +14,11 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from autobatch.config import Config, format_bytes
-from autobatch.errors import BudgetTooSmallError, ConfigError
+from autobatch.config import Config, format_bytes, memory_fingerprint
+from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
 from autobatch.memory import MemoryBackend, is_oom, make_backend
 from autobatch.planner import Option, Plan, Trial, check_effective_batch, plan_options, search_max_micro_batch
-from autobatch.workload import build_trainer, load_train_dataset, sft_config
+from autobatch.workload import build_trainer, load_train_dataset, model_path, sft_config
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class Prober:
         self.args, self.notes = sft_config(
             config, backend.device, self.workdir.name, max_steps=2, save_strategy="no", eval_strategy="no",
             logging_strategy="no", disable_tqdm=True, report_to="none", num_train_epochs=1,
+            train_sampling_strategy="sequential",  # every trial batch is the padded worst case, in order
         )
         self.timer = _StepTimer(self._sync)
         with backend.tensor_mode():
@@ -79,6 +80,7 @@ class Prober:
             self.trainer.remove_callback(quiet)
         self.example = self._longest_example()
         self.max_length = len(self.example["input_ids"])
+        self.padded = not (self.args.padding_free or self.args.packing)
 
     def _longest_example(self) -> dict:
         """The longest example after tokenization, truncation (and packing): the worst-case shape."""
@@ -86,19 +88,40 @@ class Prober:
         lengths = [len(ids) for ids in dataset["input_ids"]]
         return dataset[max(range(len(lengths)), key=lengths.__getitem__)]
 
+    def _examples(self, micro_batch_size: int) -> list[dict]:
+        """A worst-case micro-batch: the longest example, and one a token shorter so the batch is padded.
+
+        A padded batch makes attention build a mask of batch × length × length that a batch of equal
+        lengths never needs: measured on the built-in tiny Llama at 2 × 256, 1 MB more at the peak.
+        """
+        examples = [self.example] * micro_batch_size
+        if self.padded and micro_batch_size > 1 and self.max_length > 1:
+            examples[-1] = {k: v[:-1] if isinstance(v, list) and len(v) == self.max_length else v
+                            for k, v in self.example.items()}
+        return examples
+
     def _accumulation(self, micro_batch_size: int) -> int:
         return -(-self.per_device // micro_batch_size) if self.per_device else 1
 
-    def _prepare(self, micro_batch_size: int, micro_steps: int) -> None:
-        """Point the trainer at a trial of `micro_steps` micro-batches per step, with a fresh optimizer."""
+    def _prepare(self, micro_batch_size: int, micro_steps: int, eval_batch_size: int | None) -> None:
+        """Point the trainer at a trial of `micro_steps` micro-batches per step, with a fresh optimizer.
+
+        With `eval_batch_size`, the trial also evaluates after each step, as the run does mid-training:
+        with the optimizer state alive.
+        """
         from datasets import Dataset
 
         trainer = self.trainer
+        trainer.args.eval_strategy = "steps" if eval_batch_size else "no"
+        trainer.args.eval_steps = 1
+        if eval_batch_size:
+            trainer.args.per_device_eval_batch_size = eval_batch_size
+            trainer.eval_dataset = Dataset.from_list(self._examples(eval_batch_size) * 2)
         trainer.args.per_device_train_batch_size = micro_batch_size
         trainer.args.gradient_accumulation_steps = micro_steps
         trainer._train_batch_size = micro_batch_size  # train() reads the size __init__ cached here
         # One batch more than two steps use: the run's loader always has a next batch fetched ahead.
-        trainer.train_dataset = Dataset.from_list([self.example] * (micro_batch_size * (micro_steps * 2 + 1)))
+        trainer.train_dataset = Dataset.from_list(self._examples(micro_batch_size) * (micro_steps * 2 + 1))
         trainer.optimizer = trainer.lr_scheduler = None
         trainer.model_wrapped = trainer.model
         self._forget_prepared()
@@ -119,7 +142,7 @@ class Prober:
         device = self.backend.torch_device
         return [
             {k: v.to(device) if hasattr(v, "to") else v
-             for k, v in self.trainer.data_collator([self.example] * micro_batch_size).items()}
+             for k, v in self.trainer.data_collator(self._examples(micro_batch_size)).items()}
             for _ in range(count)
         ]
 
@@ -129,13 +152,17 @@ class Prober:
 
             torch.cuda.synchronize()
 
-    def run_trial(self, micro_batch_size: int) -> Trial:
-        """Peak memory and time per micro-batch of two real optimizer steps; an OOM is a result, not an error."""
+    def run_trial(self, micro_batch_size: int, eval_batch_size: int | None = None) -> Trial:
+        """Peak memory and time per micro-batch of two real optimizer steps; an OOM is a result, not an error.
+
+        With `eval_batch_size` the steps are followed by evaluation at that batch size, and the trial is
+        reported under the eval batch size.
+        """
         accumulation = self._accumulation(micro_batch_size)
         micro_steps = min(2, accumulation)  # accumulating adds into existing gradients: a peak of its own
         oom = False
         with self.backend.tensor_mode():
-            self._prepare(micro_batch_size, micro_steps)
+            self._prepare(micro_batch_size, micro_steps, eval_batch_size)
             held = self._held_batches(micro_batch_size, accumulation - micro_steps)
             try:
                 with self.backend.measure() as measured:
@@ -150,7 +177,8 @@ class Prober:
         self._forget_prepared()
         seconds = 0.0 if oom or self.backend.device == "estimate" else self.timer.seconds / micro_steps
         peak = measured.peak_bytes
-        trial = Trial(micro_batch_size, peak, fits=not oom and peak <= self.usable_bytes, seconds=seconds, oom=oom)
+        size = eval_batch_size or micro_batch_size
+        trial = Trial(size, peak, fits=not oom and peak <= self.usable_bytes, seconds=seconds, oom=oom)
         logger.info(describe_trial(trial, self.usable_bytes))
         return trial
 
@@ -226,6 +254,8 @@ def make_plan(config: Config, on_trial: Callable[[Trial], None] | None = None) -
                 raise _budget_error(exc.trial, usable, config) from None
             max_micro, capped = result.max_micro_batch_size, result.capped
         plan = _choose(config, prober, per_device, max_micro, trials, probe)
+        if plan.fits and evaluates(config):
+            plan.per_device_eval_batch_size, plan.eval_trials = _plan_eval(config, prober, plan, usable)
     finally:
         prober.close()
     plan.memory_budget_bytes = backend.budget_bytes
@@ -242,8 +272,44 @@ def make_plan(config: Config, on_trial: Callable[[Trial], None] | None = None) -
         )
     if backend.device == "estimate":
         plan.notes.append("estimate backend: peaks are estimates (no kernel workspaces, no fragmentation)")
+    plan.memory_fingerprint = memory_fingerprint(config, model_path(config) if config.model_name_or_path is None else None)
     plan.search_seconds = time.perf_counter() - started
     return plan
+
+
+def evaluates(config: Config) -> bool:
+    """Whether the run evaluates: an eval split or fraction, and an eval strategy other than "no"."""
+    args = config.training_args
+    strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
+    return bool(config.dataset_test_split or config.eval_fraction) and strategy not in ("no", None)
+
+
+def _plan_eval(config: Config, prober: Prober, plan: Plan, usable: int) -> tuple[int, list[Trial]]:
+    """Largest eval batch that fits beside training at the planned micro-batch (forward only, no grads)."""
+    fixed = config.training_args.get("per_device_eval_batch_size")
+    micro = plan.per_device_train_batch_size
+    trials: list[Trial] = []
+
+    def probe(size: int) -> Trial:
+        trial = prober.run_trial(micro, eval_batch_size=size)
+        trials.append(trial)
+        return trial
+
+    if isinstance(fixed, int):
+        if not probe(fixed).fits:
+            raise AutobatchError(
+                f"per_device_eval_batch_size {fixed} does not fit beside training at micro-batch {micro}: "
+                "lower it or leave it out to have it planned"
+            )
+        return fixed, trials
+    try:
+        result = search_max_micro_batch(probe, usable, config.max_micro_batch_size)
+    except BudgetTooSmallError:
+        raise AutobatchError(
+            f"evaluation at batch 1 does not fit beside training at micro-batch {micro}: "
+            "set a smaller --effective-batch-size split (--micro-batch-size) or a larger --memory-budget"
+        ) from None
+    return result.max_micro_batch_size, trials
 
 
 def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: int, trials, probe) -> Plan:

@@ -18,11 +18,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from autobatch.config import Config, format_bytes
+from autobatch.config import (
+    Config,
+    build_config,
+    fingerprint_differences,
+    format_bytes,
+    memory_fingerprint,
+    read_plan_meta,
+)
 from autobatch.errors import AutobatchError, ConfigError
 from autobatch.memory import is_oom, make_backend
 from autobatch.planner import Plan
-from autobatch.workload import build_trainer, load_train_dataset, sft_config
+from autobatch.workload import build_trainer, load_train_dataset, model_path, sft_config
 
 logger = logging.getLogger(__name__)
 
@@ -164,22 +171,53 @@ def _output_dir(config: Config) -> str:
 
 def _datasets(config: Config):
     """Train and optional eval dataset: the config's, or the built-in text sample for the built-in model."""
-    if config.dataset_name is None:
-        if config.model_name_or_path is not None:
-            raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
-        from autobatch.builtin import builtin_dataset_path
-
-        config.dataset_name = str(builtin_dataset_path())
+    if config.dataset_name is None and config.model_name_or_path is not None:
+        raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
     train = load_train_dataset(config)
     evaluation = None
     if config.dataset_test_split:
-        from dataclasses import replace
-
-        evaluation = load_train_dataset(replace(config, dataset_train_split=config.dataset_test_split))
+        evaluation = load_train_dataset(config, split=config.dataset_test_split)
     elif config.eval_fraction:
         parts = train.train_test_split(test_size=config.eval_fraction, seed=0)
         train, evaluation = parts["train"], parts["test"]
     return train, evaluation
+
+
+def load_plan(path: str, config: Config) -> Plan:
+    """A plan saved by `autobatch plan --output`, refused if memory-relevant settings differ from `config`."""
+    saved = build_config(path)
+    meta = read_plan_meta(path)
+    current = memory_fingerprint(config, model_path(config) if config.model_name_or_path is None else None)
+    differences = fingerprint_differences(meta["memory_fingerprint"], current)
+    if config.memory_budget_bytes is not None and config.memory_budget_bytes != meta["memory_budget_bytes"]:
+        differences.append(f"memory_budget: {meta['memory_budget_bytes']} -> {config.memory_budget_bytes}")
+    if config.device is not None and config.device != meta["device"]:
+        differences.append(f"device: {meta['device']} -> {config.device}")
+    if differences:
+        raise ConfigError(
+            f"--plan {path} was made for other memory settings ({'; '.join(differences)}): "
+            "plan again without --plan, or run with the settings it was made for"
+        )
+    micro, accumulation = saved.per_device_train_batch_size, saved.gradient_accumulation_steps
+    if not (isinstance(micro, int) and isinstance(accumulation, int)):
+        raise ConfigError(f"--plan {path}: per_device_train_batch_size and gradient_accumulation_steps must be set")
+    return Plan(
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        effective_batch_size=micro * accumulation * saved.world_size,
+        world_size=saved.world_size,
+        max_micro_batch_size=meta["max_micro_batch_size"],
+        memory_budget_bytes=meta["memory_budget_bytes"],
+        usable_memory_bytes=meta["usable_memory_bytes"],
+        headroom=meta["headroom"],
+        peak_memory_bytes=meta["peak_memory_bytes"],
+        device=meta["device"],
+        max_length=meta["max_length"],
+        trials=[],
+        seconds_per_step=meta.get("seconds_per_step", 0.0),
+        notes=[f"reused {path}: no probing"],
+        memory_fingerprint=current,
+    )
 
 
 def run(
@@ -203,6 +241,7 @@ def run(
         output_dir,
         per_device_train_batch_size=plan.per_device_train_batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        **({"per_device_eval_batch_size": plan.per_device_eval_batch_size} if plan.per_device_eval_batch_size else {}),
     )
     train, evaluation = _datasets(config)
     gc.collect()

@@ -20,6 +20,8 @@ from autobatch.errors import AutobatchError, ConfigError
 logger = logging.getLogger(__name__)
 
 LOCAL_DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+#: SFTTrainer arguments (not SFTConfig fields) that a config may name.
+TRAINER_KEYS = ("formatting_func",)
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. "
 
 
@@ -55,7 +57,12 @@ def sft_config(config: Config, device: str, output_dir: str, **overrides: Any):
     from trl import SFTConfig
 
     valid = sorted(f.name for f in dataclasses.fields(SFTConfig) if f.init)
-    kwargs = dict(config.training_args)
+    kwargs = {k: v for k, v in config.training_args.items() if k not in TRAINER_KEYS}
+    notes = []
+    if "evaluation_strategy" in kwargs:
+        kwargs.setdefault("eval_strategy", kwargs.pop("evaluation_strategy"))
+        kwargs.pop("evaluation_strategy", None)
+        notes.append("evaluation_strategy is the old name of eval_strategy: read as eval_strategy")
     unknown = [k for k in kwargs if k not in valid]
     if unknown:
         problems = "; ".join(f"unknown key {k!r}{_closest(k, valid)}" for k in unknown)
@@ -65,7 +72,6 @@ def sft_config(config: Config, device: str, output_dir: str, **overrides: Any):
         kwargs["model_init_kwargs"] = {**_model_init_kwargs(config.model_args), **(kwargs.get("model_init_kwargs") or {})}
     kwargs["output_dir"] = output_dir
     kwargs.setdefault("report_to", "none")
-    notes = []
     if device != "cuda":
         wanted = kwargs.get("bf16", True) or kwargs.get("fp16", False)
         if wanted:
@@ -86,6 +92,28 @@ def _model_init_kwargs(model_args: dict) -> dict:
     return {renamed.get(k, k): v for k, v in model_args.items()}
 
 
+def formatting_func(config: Config):
+    """The `formatting_func: module:function` of the config, imported; None if not set."""
+    spec = config.training_args.get("formatting_func")
+    if spec is None:
+        return None
+    module_name, _, name = str(spec).partition(":")
+    if not module_name or not name:
+        raise ConfigError(f"formatting_func {spec!r}: write it as module:function (e.g. my_formats:to_text)")
+    import importlib
+    import sys
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a module beside the config, as `python -m` would find it
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"formatting_func {spec!r}: cannot import it ({exc})") from None
+    if not callable(function):
+        raise ConfigError(f"formatting_func {spec!r} is not a function")
+    return function
+
+
 def lora_config(config: Config):
     """peft.LoraConfig from the config's lora section, or None."""
     if not config.lora:
@@ -100,13 +128,17 @@ def lora_config(config: Config):
     return LoraConfig(**kwargs)
 
 
-def load_train_dataset(config: Config):
-    """The training dataset from a hub name or a local file (json, jsonl, csv, parquet, txt)."""
+def load_train_dataset(config: Config, split: str | None = None):
+    """The training dataset (or `split` of it) from a hub name or a local json/jsonl/csv/parquet/txt file."""
     import datasets
 
     name = config.dataset_name
     if name is None:
-        return None
+        if config.model_name_or_path is not None:
+            return None  # the probe then measures a synthetic example of max_length tokens
+        from autobatch.builtin import builtin_dataset_path
+
+        name = str(builtin_dataset_path())  # the built-in model trains on the shipped text sample
     path = Path(os.path.expanduser(name))
     try:
         if path.suffix in LOCAL_DATA_FORMATS or path.exists():
@@ -118,7 +150,7 @@ def load_train_dataset(config: Config):
                     f"--dataset: cannot read {name}: use a .json, .jsonl, .csv, .parquet or .txt file"
                 )
             return datasets.load_dataset(builder, data_files=str(path), split="train")
-        return datasets.load_dataset(name, config.dataset_config, split=config.dataset_train_split)
+        return datasets.load_dataset(name, config.dataset_config, split=split or config.dataset_train_split)
     except ConfigError:
         raise
     except (ConnectionError, FileNotFoundError, OSError) as exc:
@@ -130,9 +162,11 @@ def load_train_dataset(config: Config):
         raise ConfigError(f"--dataset: {name}: {str(exc).splitlines()[0]}") from exc
 
 
-def check_text_field(dataset, args) -> None:
+def check_text_field(dataset, args, formatted: bool = False) -> None:
     """A dataset that is neither tokenized nor conversational must have the text field TRL reads."""
     columns = dataset.column_names or []
+    if formatted:
+        return
     if "input_ids" in columns or "messages" in columns or "prompt" in columns:
         return
     if args.dataset_text_field not in columns:
@@ -182,7 +216,7 @@ def build_trainer(
     if train_dataset is None:
         train_dataset = synthetic_dataset(tokenizer, args.max_length or 1024)
     else:
-        check_text_field(train_dataset, args)
+        check_text_field(train_dataset, args, formatted="formatting_func" in config.training_args)
     model: Any = _fake_model(path, args) if fake else path
     try:
         return trainer_cls(
@@ -192,6 +226,7 @@ def build_trainer(
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
             peft_config=lora_config(config),
+            formatting_func=formatting_func(config),
             callbacks=callbacks,
         )
     except OSError as exc:

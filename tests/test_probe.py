@@ -50,19 +50,22 @@ def budget_between(config, size: int) -> int:
 def real_train_peak(config, micro: int, budget: int, tmp_path) -> int | None:
     """Peak of two real optimizer steps of SFTTrainer.train() at `micro` under `budget`; None on OOM.
 
-    The dataset holds one batch more than two steps use, as a long run's loader always has one ahead.
+    Each batch is the worst case a run on real data meets: max_length examples and one a token shorter,
+    so it is padded. The dataset holds one batch more than two steps use, as a long run's loader always
+    has one ahead.
     """
     accumulation = math.ceil(EFFECTIVE / micro)
     args, _ = sft_config(
         config, "cpu", str(tmp_path / f"train-{micro}"), per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation, max_steps=2, save_strategy="no", logging_steps=1,
-        disable_tqdm=True,
+        disable_tqdm=True, train_sampling_strategy="sequential",
     )
     ids = synthetic_dataset(load_tokenizer(config.model_name_or_path), MAX_LENGTH)[0]["input_ids"]
     from datasets import Dataset
 
-    rows = micro * (accumulation * 2 + 1)
-    trainer = build_trainer(config, args, train_dataset=Dataset.from_dict({"input_ids": [ids] * rows}))
+    batch = [ids] * (micro - 1) + [ids[:-1]] if micro > 1 else [ids]
+    rows = batch * (accumulation * 2 + 1)
+    trainer = build_trainer(config, args, train_dataset=Dataset.from_dict({"input_ids": rows}))
     gc.collect()
     peak = None
     try:
