@@ -10,6 +10,7 @@ The Trainer's `auto_find_batch_size` instead restarts from step 0 with a smaller
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -78,7 +79,7 @@ def split_batch(inputs: dict, parts: int) -> list[dict]:
     bounds = [round(i * size / parts) for i in range(parts + 1)]
     return [
         {k: (v[a:b] if isinstance(v, torch.Tensor) and v.shape[:1] == (size,) else v) for k, v in inputs.items()}
-        for a, b in zip(bounds, bounds[1:])
+        for a, b in itertools.pairwise(bounds)
     ]
 
 
@@ -243,6 +244,8 @@ def run(
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         **({"per_device_eval_batch_size": plan.per_device_eval_batch_size} if plan.per_device_eval_batch_size else {}),
     )
+    for note in notes:
+        logger.warning(note)
     train, evaluation = _datasets(config)
     gc.collect()
     trainer = build_trainer(
@@ -290,11 +293,11 @@ def _last_checkpoint(output_dir: str) -> str | None:
 def summary_lines(result: RunResult) -> list[str]:
     """The closing summary the CLI prints."""
     lines = [
-        f"trained {result.global_step} steps, micro-batch {result.per_device_train_batch_size} × accumulation "
-        f"{result.gradient_accumulation_steps} = effective {result.effective_batch_size}",
-        f"peak memory {format_bytes(result.peak_memory_bytes)} (probe predicted "
-        f"{format_bytes(result.predicted_peak_memory_bytes)}; budget {format_bytes(result.memory_budget_bytes)}, "
-        f"{result.device})",
+        (f"trained {result.global_step} steps, micro-batch {result.per_device_train_batch_size} × accumulation "
+         f"{result.gradient_accumulation_steps} = effective {result.effective_batch_size}"),
+        (f"peak memory {format_bytes(result.peak_memory_bytes)} (probe predicted "
+         f"{format_bytes(result.predicted_peak_memory_bytes)}; budget {format_bytes(result.memory_budget_bytes)}, "
+         f"{result.device})"),
     ]
     if result.samples_per_s:
         lines.append(f"{result.samples_per_s:.1f} samples/s, final train loss {result.train_loss:.4f}")

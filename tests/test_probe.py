@@ -22,10 +22,10 @@ EFFECTIVE = 48
 
 
 def config_for(model_dir, **overrides):
-    values = dict(
-        model_name_or_path=str(model_dir), device="cpu", headroom=0, max_length=MAX_LENGTH,
-        gradient_checkpointing=False, effective_batch_size=EFFECTIVE,
-    )
+    values = {
+        "model_name_or_path": str(model_dir), "device": "cpu", "headroom": 0, "max_length": MAX_LENGTH,
+        "gradient_checkpointing": False, "effective_batch_size": EFFECTIVE,
+    }
     values.update(overrides)
     return build_config(overrides=values)
 
@@ -124,7 +124,7 @@ def test_trial_peak_equals_the_real_train_peak_to_the_byte(tiny_model_dir, tmp_p
 
 def test_gradient_checkpointing_changes_the_peak_and_the_plan(tiny_model_dir):
     model = tiny_model_dir("llama")
-    settings = dict(max_length=1024, effective_batch_size=None)
+    settings = {"max_length": 1024, "effective_batch_size": None}
     plain = peaks(config_for(model, **settings), [1, 2, 3, 4])
     saved = peaks(config_for(model, gradient_checkpointing=True, **settings), [1, 2, 4])
     assert saved[2] - saved[1] < plain[2] - plain[1], "checkpointing keeps fewer activations per sample"
@@ -165,3 +165,34 @@ def test_budget_too_small_for_one_names_the_need_and_the_fixes(tiny_model_dir, c
     assert code == 1
     assert "micro-batch 1 needs" in err and "gradient-checkpointing" in err and "max-length" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("true_max", [6, 20])
+def test_estimate_backend_finds_the_cpu_max(tiny_model_dir, true_max):
+    model = tiny_model_dir("llama")
+    budget = budget_between(config_for(model), true_max)
+    cpu = make_plan(config_for(model, memory_budget=budget))
+    estimate = make_plan(config_for(model, memory_budget=budget, device="estimate"))
+    assert cpu.max_micro_batch_size == estimate.max_micro_batch_size == true_max
+    assert estimate.device == "estimate" and any("estimate" in note for note in estimate.notes)
+
+
+@pytest.mark.slow
+def test_estimate_backend_plans_a_1b_llama_from_its_config_alone(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from autobatch.builtin import save_tokenizer
+
+    save_tokenizer(tmp_path)
+    LlamaConfig(  # TinyLlama-1.1B's shape: 4.4 GB of fp32 weights, 17.6 GB with AdamW; never allocated here
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, max_position_embeddings=2048,
+    ).save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))
+    plan = plan_json(["--model", str(tmp_path), "--device", "estimate", "--memory-budget", "40GiB",
+                      "--max-length", "1024", "--effective-batch-size", "64"], capsys)
+    trials = {t["micro_batch_size"]: t for t in plan["trials"]}
+    best = plan["max_micro_batch_size"]
+    assert trials[best]["fits"] and not trials[best + 1]["fits"]
+    assert trials[1]["peak_memory_bytes"] > 16 * 10**9  # weights, gradients and two AdamW moments in fp32
+    assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == 64
