@@ -179,7 +179,7 @@ def test_flags_pass_through_as_training_args(probe, capsys):
 
 def test_builtin_config_without_config_or_model(probe):
     assert cli.main(["plan"]) == 0
-    assert probe["config"].training_args["max_length"] == 256 and probe["config"].effective_batch_size == 32
+    assert probe["config"].training_args["max_length"] == 256 and probe["config"].effective_batch_size == 16
     assert cli.main(["plan", "--model", "models/tiny"]) == 0
     assert probe["config"].training_args == {} and probe["config"].effective_batch_size is None
 
@@ -196,7 +196,7 @@ def test_setup_is_printed_before_probing(probe, capsys):
     cli.main(["plan", "--memory-budget", "300MiB", "--device", "cpu"])
     err = capsys.readouterr().err
     setup = err[: err.index("micro=1 ")]
-    for fact in ("built-in tiny causal LM", "cpu", "300.0MiB (314572800 bytes)", "max_length", "256", "32"):
+    for fact in ("built-in tiny causal LM", "cpu", "300.0MiB (314572800 bytes)", "max_length", "256", "16"):
         assert fact in setup
 
 
