@@ -261,6 +261,7 @@ def run(
     with backend.measure() as measured:
         output = trainer.train(resume_from_checkpoint=checkpoint or None)
     trainer.save_model(output_dir)
+    trainer.save_state()  # trainer_state.json beside the model: steps, train_batch_size, log history
     peak = torch.cuda.max_memory_reserved() if backend.device == "cuda" else measured.peak_bytes
     elapsed = time.perf_counter() - started
     return RunResult(
