@@ -317,6 +317,7 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
         if exc.name != "autobatch.train":
             raise
         raise AutobatchError("autobatch run is not implemented yet") from None
+    train.check_output_dir(config)  # before minutes of probing, not after
     if args.plan:
         plan = train.load_plan(args.plan, config)
     else:

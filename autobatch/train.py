@@ -156,17 +156,21 @@ def trainer_class():
     return OomSafeSFTTrainer
 
 
-def _output_dir(config: Config) -> str:
+def check_output_dir(config: Config) -> Path:
+    """The output dir, checked before any probing: its nearest existing ancestor must be a writable dir."""
     out = config.training_args.get("output_dir") or "autobatch-out"
     path = Path(out).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe_file = path / ".autobatch-write-test"
-        probe_file.write_text("")
-        probe_file.unlink()
-    except OSError as exc:
-        raise ConfigError(f"output_dir {out}: not writable ({exc.strerror}); pass --output-dir with a writable path") \
-            from exc
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {out}: {existing} is not a writable directory; pass --output-dir with one")
+    return path
+
+
+def _output_dir(config: Config) -> str:
+    path = check_output_dir(config)
+    path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
 

@@ -1,0 +1,73 @@
+"""The cpu budget backend counts like the CUDA allocator's `max_memory_allocated` and fails like CUDA."""
+
+import pytest
+import torch
+
+from autobatch.errors import ConfigError
+from autobatch.memory import CpuBackend, EstimateBackend, LiveBytesMode, is_oom, make_backend
+
+MiB = 2**20
+
+
+def test_live_bytes_count_each_storage_once_and_release_it():
+    with LiveBytesMode(budget_bytes=None) as mode:
+        start = mode.live_bytes
+        a = torch.empty(MiB, dtype=torch.uint8)
+        view = a[: MiB // 2]  # a view shares the storage: not counted again
+        assert mode.live_bytes - start == MiB
+        del a, view
+        assert mode.live_bytes == start
+        b = torch.empty(2 * MiB, dtype=torch.uint8)
+        del b
+    assert mode.peak_bytes - start == 2 * MiB
+
+
+def test_tensors_alive_before_the_mode_count_from_the_start():
+    weights = torch.empty(3 * MiB, dtype=torch.uint8)
+    with LiveBytesMode(budget_bytes=None) as mode:
+        assert mode.live_bytes >= 3 * MiB
+    del weights
+
+
+def test_going_past_the_budget_raises_a_cuda_style_oom_that_accelerate_recognises():
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    backend = CpuBackend(budget_bytes=64 * MiB)
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory. Tried to allocate") as info:
+        with backend.measure():
+            torch.empty(128 * MiB, dtype=torch.uint8)
+    assert should_reduce_batch_size(info.value)
+    assert is_oom(info.value)
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (torch.OutOfMemoryError("anything"), True),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("CUDA error: out of memory"), True),
+        (RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), True),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 bytes"), True),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+        (ValueError("CUDA out of memory"), False),
+        (KeyError("out of memory"), False),
+    ],
+)
+def test_oom_is_recognised_by_type_and_message_only(error, expected):
+    assert is_oom(error) is expected
+
+
+def test_estimate_backend_counts_fake_tensors_without_memory():
+    backend = EstimateBackend(budget_bytes=10**12)
+    with backend.tensor_mode(), backend.measure() as measured:
+        big = torch.empty(50 * 2**30, dtype=torch.uint8)  # 50 GiB: nothing is allocated
+        del big
+    assert measured.peak_bytes >= 50 * 2**30
+
+
+def test_cuda_device_without_a_gpu_is_a_config_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        make_backend("cuda", None)
