@@ -225,6 +225,10 @@ def format_plan(plan: Plan) -> str:
         + f", search {plan.search_seconds:.1f} s",
         f"  device           {plan.device}, max_length {plan.max_length}",
     ]
+    if plan.per_device_eval_batch_size:
+        eval_peak = plan.eval_peak_memory_bytes or 0
+        lines.append(f"  eval batch       {plan.per_device_eval_batch_size} (peak {format_bytes(eval_peak)} with "
+                     f"training state; {len(plan.eval_trials)} trials)")
     if plan.options:
         lines += ["", "  micro  accumulation  samples/s  s/step   timing"]
         for option in plan.options[:10]:
@@ -240,7 +244,10 @@ def format_plan(plan: Plan) -> str:
     if plan.notes:
         lines.append("")
         lines += [f"note: {note}" for note in plan.notes]
-    lines += ["", f"use: --per_device_train_batch_size {micro} --gradient_accumulation_steps {accumulation}"]
+    use = f"use: --per_device_train_batch_size {micro} --gradient_accumulation_steps {accumulation}"
+    if plan.per_device_eval_batch_size:
+        use += f" --per_device_eval_batch_size {plan.per_device_eval_batch_size}"
+    lines += ["", use]
     return "\n".join(lines)
 
 

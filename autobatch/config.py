@@ -605,6 +605,8 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
     body["per_device_train_batch_size"] = plan.per_device_train_batch_size
     body["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
     body.update(config.training_args)
+    if plan.per_device_eval_batch_size:
+        body["per_device_eval_batch_size"] = plan.per_device_eval_batch_size
     not_written = []
     if config.lora is not None:
         body["use_peft"] = True

@@ -114,8 +114,7 @@ class LiveBytesMode(TorchDispatchMode):
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
                 added += self._track(item)
-        if self.live_bytes > self.peak_bytes:
-            self.peak_bytes = self.live_bytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         if self.budget_bytes is not None and self.live_bytes > self.budget_bytes:
             over = self.live_bytes
             del out
@@ -229,7 +228,7 @@ def cuda_capacity_bytes(device_index: int = 0) -> int:
             capacity = min(capacity, int(info.free) + torch.cuda.memory_reserved(device_index))
         finally:
             pynvml.nvmlShutdown()
-    except Exception as exc:  # NVML missing or no driver: torch's figure stands
+    except Exception as exc:  # noqa: BLE001 - NVML missing, no driver, or any NVMLError: torch's figure stands
         logger.debug("NVML not used: %s", exc)
     return capacity
 

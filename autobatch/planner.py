@@ -189,6 +189,7 @@ class Plan:
     memory_fingerprint: dict = field(default_factory=dict)
     search_seconds: float = 0.0
     per_device_eval_batch_size: int | None = None  # planned when the run evaluates
+    eval_peak_memory_bytes: int | None = None  # training, then evaluation at that batch, optimizer state alive
     eval_trials: list[Trial] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -256,6 +256,8 @@ def make_plan(config: Config, on_trial: Callable[[Trial], None] | None = None) -
         plan = _choose(config, prober, per_device, max_micro, trials, probe)
         if plan.fits and evaluates(config):
             plan.per_device_eval_batch_size, plan.eval_trials = _plan_eval(config, prober, plan, usable)
+            chosen = [t for t in plan.eval_trials if t.micro_batch_size == plan.per_device_eval_batch_size]
+            plan.eval_peak_memory_bytes = chosen[-1].peak_memory_bytes
     finally:
         prober.close()
     plan.memory_budget_bytes = backend.budget_bytes

@@ -222,6 +222,7 @@ def load_plan(path: str, config: Config) -> Plan:
         seconds_per_step=meta.get("seconds_per_step", 0.0),
         notes=[f"reused {path}: no probing"],
         memory_fingerprint=current,
+        per_device_eval_batch_size=saved.training_args.get("per_device_eval_batch_size"),
     )
 
 
@@ -275,7 +276,7 @@ def run(
         samples_per_s=output.metrics.get("train_samples_per_second") or (
             trainer.state.global_step * plan.effective_batch_size / elapsed if elapsed else None),
         peak_memory_bytes=peak,
-        predicted_peak_memory_bytes=plan.peak_memory_bytes,
+        predicted_peak_memory_bytes=max(plan.peak_memory_bytes, plan.eval_peak_memory_bytes or 0),
         memory_budget_bytes=backend.budget_bytes,
         device=backend.device,
         per_device_train_batch_size=plan.per_device_train_batch_size,

@@ -33,9 +33,9 @@ def test_going_past_the_budget_raises_a_cuda_style_oom_that_accelerate_recognise
     from accelerate.utils.memory import should_reduce_batch_size
 
     backend = CpuBackend(budget_bytes=64 * MiB)
-    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory. Tried to allocate") as info:
-        with backend.measure():
-            torch.empty(128 * MiB, dtype=torch.uint8)
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory. Tried to allocate") as info, \
+            backend.measure():
+        torch.empty(128 * MiB, dtype=torch.uint8)
     assert should_reduce_batch_size(info.value)
     assert is_oom(info.value)
 

@@ -192,3 +192,28 @@ def test_run_with_no_arguments_trains_the_builtin_default(tmp_path, monkeypatch,
     losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert len(losses) >= 3 and losses[-1] < losses[0]
     assert (out / "config.json").exists() and (out / "plan.json").exists()
+
+
+def test_eval_batch_is_planned_beside_training_and_formatting_func_is_imported(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "review_format.py").write_text("def to_text(example):\n    return 'Review: ' + example['review']\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"review": "good film " * (i % 40 + 1)}) + "\n" for i in range(80)))
+    code = main(["run", "--model", str(tiny_model_dir("llama")), "--dataset", str(data),
+                 "--formatting-func", "review_format:to_text", "--eval-fraction", "0.25",
+                 "--evaluation-strategy", "steps", "--eval-steps", "2", "--device", "cpu", "--memory-budget", "300MiB",
+                 "--max-length", "128", "--gradient-checkpointing", "false", "--effective-batch-size", "8",
+                 "--max-steps", "4", "--output-dir", "out"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "evaluation_strategy is the old name of eval_strategy" in captured.out
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    evals = {t["micro_batch_size"]: t for t in plan["eval_trials"]}
+    best = plan["per_device_eval_batch_size"]
+    assert evals[best]["fits"] and not evals[best + 1]["fits"]
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert any("eval_loss" in entry for entry in state["log_history"])
+    assert "probe predicted" in captured.out
