@@ -314,6 +314,27 @@ def _plan_eval(config: Config, prober: Prober, plan: Plan, usable: int) -> tuple
     return result.max_micro_batch_size, trials
 
 
+def _measured_options(per_device: int, max_micro: int, accumulation, trials: list[Trial], probe) -> list:
+    """Options fastest first, re-ranked until the fastest has been measured, not just interpolated.
+
+    Step time is not linear in the batch (measured here on CPU: micro 16 took 0.46 s where the line
+    through 2 and 64 said 0.18 s), so an interpolated winner is timed, then the ranking is redone.
+    """
+    while True:
+        options = plan_options(per_device, max_micro, [t for t in trials if t.fits])
+        if isinstance(accumulation, int):
+            options = [o for o in options if o.gradient_accumulation_steps == accumulation]
+            if not options:
+                raise ConfigError(
+                    f"gradient_accumulation_steps {accumulation} cannot reach {per_device} samples per device "
+                    f"with a micro-batch ≤ {max_micro}: set it to auto"
+                )
+        if options[0].measured:
+            return options
+        if not probe(options[0].micro_batch_size).fits:  # never an unverified answer
+            max_micro = options[0].micro_batch_size - 1
+
+
 def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: int, trials, probe) -> Plan:
     """The plan: a fixed micro-batch checked, or the fastest exact split of the per-device samples."""
     world = config.world_size
@@ -332,21 +353,9 @@ def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: i
     else:
         if per_device is None:
             per_device = max_micro * (accumulation if isinstance(accumulation, int) else 1)
-        options = plan_options(per_device, max_micro, trials)
-        if isinstance(accumulation, int):
-            options = [o for o in options if o.gradient_accumulation_steps == accumulation]
-            if not options:
-                raise ConfigError(
-                    f"gradient_accumulation_steps {accumulation} cannot reach effective batch {per_device * world} "
-                    f"with a micro-batch ≤ {max_micro}: set it to auto"
-                )
+        options = _measured_options(per_device, max_micro, accumulation, trials, probe)
     chosen = options[0]
-    measured = {t.micro_batch_size: t for t in trials}
-    if chosen.micro_batch_size not in measured:
-        probe(chosen.micro_batch_size)  # never an unverified answer
-        measured = {t.micro_batch_size: t for t in trials}
-    trial = measured[chosen.micro_batch_size]
-    chosen.seconds_per_step, chosen.measured = trial.seconds, True
+    trial = [t for t in trials if t.micro_batch_size == chosen.micro_batch_size][-1]
     return Plan(
         per_device_train_batch_size=chosen.micro_batch_size,
         gradient_accumulation_steps=chosen.gradient_accumulation_steps,
