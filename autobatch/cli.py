@@ -324,11 +324,11 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
         if exc.name != "autobatch.train":
             raise
         raise AutobatchError("autobatch run is not implemented yet") from None
-    train.check_output_dir(config)  # before minutes of probing, not after
+    train.check_can_run(config)
     if args.plan:
         plan = train.load_plan(args.plan, config)
     else:
-        plan = _probe(config)
+        plan = (args.resume and train.saved_plan(config)) or _probe(config)
     if not args.json:
         print(format_plan(plan), flush=True)
     _refuse_unfit(plan, args.output)
@@ -354,19 +354,20 @@ def _err(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-_log_handler: logging.Handler | None = None
-
-
-def _configure_logging(verbose: bool, debug: bool) -> None:
-    """autobatch's loggers to stderr: INFO with -v, DEBUG with --debug, WARNING otherwise."""
-    global _log_handler
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: bool, debug: bool):
+    """autobatch's loggers to stderr while a command runs: INFO with -v, DEBUG with --debug, else WARNING."""
     logger = logging.getLogger("autobatch")
-    if _log_handler is not None:
-        logger.removeHandler(_log_handler)
-    _log_handler = logging.StreamHandler(sys.stderr)
-    _log_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    logger.addHandler(_log_handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    try:
+        yield
+    finally:  # main() may be called again in-process (tests, notebooks): leave no handler behind
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _quiet_third_party(verbose: bool) -> None:
@@ -405,12 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `autobatch` command; returns the exit code (0 ok, 1 runtime error, 2 bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    _configure_logging("-v" in argv or "--verbose" in argv, debug)
     try:
         args, extras = _make_parser().parse_known_args(argv)
         if args.command is None:
             raise ConfigError("choose a command: plan, run or sweep (see autobatch --help)")
-        return args.func(args, extras)
+        with _logging_to_stderr("-v" in argv or "--verbose" in argv, debug):
+            return args.func(args, extras)
     except AutobatchError as exc:
         if debug:
             traceback.print_exc()

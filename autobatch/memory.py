@@ -54,7 +54,8 @@ def is_oom(exc: BaseException) -> bool:
 class Measurement:
     """Filled in when a `measure()` block exits: the highest memory seen inside it."""
 
-    peak_bytes: int = 0
+    peak_bytes: int = 0  # includes an allocation refused for the budget (where a failed trial stopped)
+    held_peak_bytes: int = 0  # the most ever held: never above the budget on the cpu backend
 
 
 class LiveBytesMode(TorchDispatchMode):
@@ -78,7 +79,7 @@ class LiveBytesMode(TorchDispatchMode):
             for obj in gc.get_objects():
                 if isinstance(obj, torch.Tensor):
                     self._track(obj)
-        self.peak_bytes = self.live_bytes
+        self.peak_bytes = self.held_peak_bytes = self.live_bytes
 
     def _track(self, tensor: torch.Tensor) -> int:
         if tensor.is_sparse or tensor.device.type == "cuda":
@@ -123,6 +124,7 @@ class LiveBytesMode(TorchDispatchMode):
                 f"{format_bytes(self.budget_bytes)} would hold {format_bytes(over)} "
                 f"(autobatch cpu backend, --memory-budget)."
             )
+        self.held_peak_bytes = max(self.held_peak_bytes, self.live_bytes)
         return out
 
 
@@ -169,7 +171,7 @@ class CpuBackend(MemoryBackend):
                 yield result
         finally:
             mode.stop()
-            result.peak_bytes = mode.peak_bytes
+            result.peak_bytes, result.held_peak_bytes = mode.peak_bytes, mode.held_peak_bytes
 
 
 class EstimateBackend(CpuBackend):
@@ -202,7 +204,7 @@ class CudaBackend(MemoryBackend):
             yield result
         finally:
             torch.cuda.synchronize()
-            result.peak_bytes = torch.cuda.max_memory_reserved()
+            result.peak_bytes = result.held_peak_bytes = torch.cuda.max_memory_reserved()
             logger.debug("cuda peak allocated %s", format_bytes(torch.cuda.max_memory_allocated()))
 
     def cleanup(self) -> None:

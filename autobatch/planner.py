@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from autobatch.errors import BudgetTooSmallError, ConfigError
 
@@ -198,3 +198,15 @@ class Plan:
             {**asdict(o), "samples_per_s": o.samples_per_s} for o in self.options
         ]
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        """The inverse of `to_dict` (plan.json back to a Plan); unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["trials"] = [Trial(**t) for t in data.get("trials", [])]
+        values["eval_trials"] = [Trial(**t) for t in data.get("eval_trials", [])]
+        values["options"] = [
+            Option(**{k: v for k, v in o.items() if k != "samples_per_s"}) for o in data.get("options", [])
+        ]
+        return cls(**values)

@@ -71,16 +71,28 @@ def split_batch(inputs: dict, parts: int) -> list[dict]:
     import torch
 
     size = next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor))
-    if size < parts or "cu_seq_lens_q" in inputs or ("position_ids" in inputs and "attention_mask" not in inputs):
+    if "cu_seq_lens_q" in inputs or ("position_ids" in inputs and "attention_mask" not in inputs):
         raise AutobatchError(
-            f"out of memory at micro-batch {size} and the batch cannot be split further "
-            "(a padding-free/packed batch, or a single example): lower --max-length or use a larger budget"
+            f"out of memory at micro-batch {size} and a padding-free/packed batch cannot be split: "
+            "lower --max-length or use a larger budget"
         )
+    parts = min(parts, size)  # a short last batch: single examples are already below the new micro-batch
     bounds = [round(i * size / parts) for i in range(parts + 1)]
     return [
         {k: (v[a:b] if isinstance(v, torch.Tensor) and v.shape[:1] == (size,) else v) for k, v in inputs.items()}
         for a, b in itertools.pairwise(bounds)
     ]
+
+
+def next_split(micro: int, splits: int) -> int:
+    """Parts to cut each planned micro-batch into after one more OOM: the next divisor of `micro`.
+
+    The first cut halves an even micro-batch; an odd one goes to its smallest divisor (5 -> 1, 9 -> 3),
+    so micro-batch × accumulation stays exactly the planned effective batch.
+    """
+    if splits >= micro:
+        raise AutobatchError("out of memory even at micro-batch 1: use a larger budget or a shorter max_length")
+    return next(d for d in range(splits + 1, micro + 1) if micro % d == 0)
 
 
 def trainer_class():
@@ -136,18 +148,17 @@ def trainer_class():
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            self.splits *= 2
-            micro = self.args.per_device_train_batch_size // self.splits
-            if micro < 1:
-                raise AutobatchError("out of memory even at micro-batch 1: use a larger budget or a shorter max_length")
+            planned = self.args.per_device_train_batch_size
+            before = (planned // self.splits, self.args.gradient_accumulation_steps * self.splits)
+            self.splits = next_split(planned, self.splits)
             event = Fallback(
-                self.state.global_step, micro, self.args.gradient_accumulation_steps * self.splits
+                self.state.global_step, planned // self.splits, self.args.gradient_accumulation_steps * self.splits
             )
             self.fallbacks.append(event)
             logger.warning(
                 "OOM at step %d: micro-batch %d -> %d, accumulation %d -> %d (effective batch unchanged); "
                 "continuing from the same step",
-                event.global_step, micro * 2, micro, event.gradient_accumulation_steps // 2,
+                event.global_step, before[0], event.per_device_train_batch_size, before[1],
                 event.gradient_accumulation_steps,
             )
             if self.on_fallback:
@@ -196,7 +207,7 @@ def load_plan(path: str, config: Config) -> Plan:
     differences = fingerprint_differences(meta["memory_fingerprint"], current)
     if config.memory_budget_bytes is not None and config.memory_budget_bytes != meta["memory_budget_bytes"]:
         differences.append(f"memory_budget: {meta['memory_budget_bytes']} -> {config.memory_budget_bytes}")
-    if config.device is not None and config.device != meta["device"]:
+    if config.device not in (None, meta["device"]) and meta["device"] != "estimate":  # estimate plans for a GPU
         differences.append(f"device: {meta['device']} -> {config.device}")
     if differences:
         raise ConfigError(
@@ -226,6 +237,58 @@ def load_plan(path: str, config: Config) -> Plan:
     )
 
 
+def saved_plan(config: Config) -> Plan | None:
+    """The plan of an earlier run in this output dir (for `--resume`), None if there is none.
+
+    Refused when the config's memory settings or batch no longer match it: resuming with another
+    micro-batch or accumulation would change the effective batch mid-run.
+    """
+    path = check_output_dir(config) / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        plan = Plan.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"--resume: cannot read {path} ({exc}); run without --resume to plan again") from None
+    current = memory_fingerprint(config, model_path(config) if config.model_name_or_path is None else None)
+    differences = fingerprint_differences(plan.memory_fingerprint, current)
+    for key, wanted in (
+        ("per_device_train_batch_size", config.per_device_train_batch_size),
+        ("gradient_accumulation_steps", config.gradient_accumulation_steps),
+        ("effective_batch_size", config.effective_batch_size),
+        ("memory_budget_bytes", config.memory_budget_bytes),
+        ("device", config.device),
+    ):
+        if wanted not in (None, "auto", getattr(plan, key)):
+            differences.append(f"{key}: {getattr(plan, key)!r} -> {wanted!r}")
+    if differences:
+        raise ConfigError(
+            f"--resume: {path} was planned for other settings ({'; '.join(differences)}): "
+            "resume with the settings it was made for, or train into a new --output-dir"
+        )
+    plan.notes = [*plan.notes, f"reused {path} to resume: no probing"]
+    return plan
+
+
+def check_can_run(config: Config) -> None:
+    """What makes a run fail, checked before minutes of probing rather than after."""
+    if config.device == "estimate":
+        raise ConfigError(
+            "--device estimate only plans (fake tensors cannot train): plan with it and --output plan.yaml, "
+            "then autobatch run --plan plan.yaml --device cuda"
+        )
+    check_output_dir(config)
+
+
+def _run_backend(config: Config, plan: Plan):
+    """The backend the run trains on: the flags, else the plan's device and budget (a reused plan's too).
+
+    A plan made by the estimate backend trains on the default device (cuda if any, else cpu).
+    """
+    device = config.device or (None if plan.device == "estimate" else plan.device)
+    return make_backend(device, config.memory_budget_bytes or plan.memory_budget_bytes)
+
+
 def run(
     config: Config,
     plan: Plan,
@@ -237,10 +300,9 @@ def run(
     """Train with the plan's micro-batch and accumulation; on the cpu backend the budget stays enforced."""
     import gc
 
-    import torch
 
+    backend = _run_backend(config, plan)
     output_dir = _output_dir(config)
-    backend = make_backend(config.device, config.memory_budget_bytes)
     args, notes = sft_config(
         config,
         backend.device,
@@ -261,13 +323,11 @@ def run(
     logger.info("plan: %s", json.dumps({k: v for k, v in plan.to_dict().items() if k not in ("trials", "options")}))
     checkpoint = resume and _last_checkpoint(output_dir)
     started = time.perf_counter()
-    if backend.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     with backend.measure() as measured:
         output = trainer.train(resume_from_checkpoint=checkpoint or None)
     trainer.save_model(output_dir)
     trainer.save_state()  # trainer_state.json beside the model: steps, train_batch_size, log history
-    peak = torch.cuda.max_memory_reserved() if backend.device == "cuda" else measured.peak_bytes
+    peak = measured.held_peak_bytes  # an allocation refused by a survived OOM was never held
     elapsed = time.perf_counter() - started
     return RunResult(
         output_dir=output_dir,
