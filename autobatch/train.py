@@ -312,7 +312,8 @@ def run(
         **({"per_device_eval_batch_size": plan.per_device_eval_batch_size} if plan.per_device_eval_batch_size else {}),
     )
     for note in notes:
-        logger.warning(note)
+        if note not in plan.notes:  # the plan's report already showed it
+            logger.warning(note)
     train, evaluation = _datasets(config)
     gc.collect()
     trainer = build_trainer(

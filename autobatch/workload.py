@@ -75,7 +75,7 @@ def sft_config(config: Config, device: str, output_dir: str, **overrides: Any):
     if device != "cuda":
         wanted = kwargs.get("bf16", True) or kwargs.get("fp16", False)
         if wanted:
-            notes.append("bf16/fp16 off on the cpu backend (no mixed precision there): peaks are for fp32 activations")
+            notes.append(f"bf16/fp16 off on the {device} backend (no mixed precision there): peaks are for fp32 activations")
         kwargs.update(bf16=False, fp16=False, use_cpu=True)
     try:
         return SFTConfig(**kwargs), notes

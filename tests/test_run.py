@@ -446,6 +446,43 @@ def test_eval_batch_is_planned_beside_training_and_formatting_func_is_imported(
     assert "probe predicted" in captured.out
 
 
+def test_trl_knobs_from_a_yaml_config_reach_the_trainer(tiny_model_dir, tmp_path, capsys):
+    """LoRA, packing, NEFTune, epochs, warmup and the logging/eval/save strategies pass through by TRL name."""
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"body": "a fine film " * (i % 30 + 1), "stars": i % 5}) + "\n"
+                            for i in range(48)))
+    out = tmp_path / "out"
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_model_dir('llama')}\ndataset_name: {data}\ndataset_text_field: body\n"
+        "eval_fraction: 0.25\neffective_batch_size: 8\nmax_length: 64\npacking: true\n"
+        "neftune_noise_alpha: 5\nuse_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_target_modules: [q_proj, v_proj]\n"
+        "num_train_epochs: 2\nwarmup_steps: 2\nlearning_rate: 1.0e-3\nweight_decay: 0.01\n"
+        "logging_strategy: steps\nlogging_steps: 1\neval_strategy: steps\neval_steps: 3\n"
+        "save_strategy: steps\nsave_steps: 3\ngradient_checkpointing: false\n"
+        f"output_dir: {out}\n"
+    )
+    code = main(["run", "--config", str(config), "--device", "cpu", "--memory-budget", "300MiB", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    plan = json.loads(captured.out)["plan"]
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (
+        plan["per_device_train_batch_size"], plan["gradient_accumulation_steps"])
+    assert args.per_device_eval_batch_size == plan["per_device_eval_batch_size"]
+    assert (args.packing, args.neftune_noise_alpha, args.dataset_text_field, args.max_length) == (True, 5, "body", 64)
+    assert (args.num_train_epochs, args.warmup_steps, args.learning_rate, args.weight_decay) == (2, 2, 1e-3, 0.01)
+    assert (args.logging_strategy, args.eval_strategy, args.save_strategy) == ("steps", "steps", "steps")
+    assert (args.logging_steps, args.eval_steps, args.save_steps) == (1, 3, 3)
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and set(adapter["target_modules"]) == {"q_proj", "v_proj"}
+    trainer_state = state(out)
+    assert trainer_state["epoch"] == 2 and (out / "checkpoint-3").is_dir()
+    assert [e["step"] for e in trainer_state["log_history"] if "eval_loss" in e][:1] == [3]
+    rates = [e["learning_rate"] for e in trainer_state["log_history"] if "loss" in e]
+    assert rates[:3] == pytest.approx([0, 5e-4, 1e-3]), "two warmup steps to the peak learning rate"
+
+
 # --- the fallback's pieces, without a run ---
 
 
