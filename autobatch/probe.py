@@ -14,11 +14,11 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from autobatch.config import Config, format_bytes, memory_fingerprint
+from autobatch.config import Config, format_bytes
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
 from autobatch.memory import MemoryBackend, is_oom, make_backend
 from autobatch.planner import Option, Plan, Trial, check_effective_batch, plan_options, search_max_micro_batch
-from autobatch.workload import build_trainer, load_train_dataset, model_path, sft_config
+from autobatch.workload import build_trainer, fingerprint, load_train_dataset, sft_config
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def make_plan(config: Config, on_trial: Callable[[Trial], None] | None = None) -
         )
     if backend.device == "estimate":
         plan.notes.append("estimate backend: peaks are estimates (no kernel workspaces, no fragmentation)")
-    plan.memory_fingerprint = memory_fingerprint(config, model_path(config) if config.model_name_or_path is None else None)
+    plan.memory_fingerprint = fingerprint(config)
     plan.search_seconds = time.perf_counter() - started
     return plan
 

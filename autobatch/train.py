@@ -24,13 +24,12 @@ from autobatch.config import (
     build_config,
     fingerprint_differences,
     format_bytes,
-    memory_fingerprint,
     read_plan_meta,
 )
 from autobatch.errors import AutobatchError, ConfigError
 from autobatch.memory import is_oom, make_backend
 from autobatch.planner import Plan
-from autobatch.workload import build_trainer, load_train_dataset, model_path, sft_config
+from autobatch.workload import build_trainer, fingerprint, load_train_dataset, sft_config
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +202,7 @@ def load_plan(path: str, config: Config) -> Plan:
     """A plan saved by `autobatch plan --output`, refused if memory-relevant settings differ from `config`."""
     saved = build_config(path)
     meta = read_plan_meta(path)
-    current = memory_fingerprint(config, model_path(config) if config.model_name_or_path is None else None)
+    current = fingerprint(config)
     differences = fingerprint_differences(meta["memory_fingerprint"], current)
     if config.memory_budget_bytes is not None and config.memory_budget_bytes != meta["memory_budget_bytes"]:
         differences.append(f"memory_budget: {meta['memory_budget_bytes']} -> {config.memory_budget_bytes}")
@@ -250,8 +249,7 @@ def saved_plan(config: Config) -> Plan | None:
         plan = Plan.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"--resume: cannot read {path} ({exc}); run without --resume to plan again") from None
-    current = memory_fingerprint(config, model_path(config) if config.model_name_or_path is None else None)
-    differences = fingerprint_differences(plan.memory_fingerprint, current)
+    differences = fingerprint_differences(plan.memory_fingerprint, fingerprint(config))
     for key, wanted in (
         ("per_device_train_batch_size", config.per_device_train_batch_size),
         ("gradient_accumulation_steps", config.gradient_accumulation_steps),

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from autobatch.config import Config
+from autobatch.config import Config, memory_fingerprint
 from autobatch.errors import AutobatchError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -23,6 +23,11 @@ LOCAL_DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parque
 #: SFTTrainer arguments (not SFTConfig fields) that a config may name.
 TRAINER_KEYS = ("formatting_func",)
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. "
+
+
+def fingerprint(config: Config) -> dict[str, Any]:
+    """The memory fingerprint a plan is keyed by, naming the built-in model by its resolved path."""
+    return memory_fingerprint(config, model_path(config) if config.model_name_or_path is None else None)
 
 
 def model_path(config: Config) -> str:
