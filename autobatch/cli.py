@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import traceback
 import warnings
@@ -31,7 +32,8 @@ from autobatch.config import (
     plan_yaml_text,
     write_plan_yaml,
 )
-from autobatch.errors import AutobatchError, ConfigError
+from autobatch.errors import AutobatchError, ConfigError, Interrupted
+from autobatch.interrupt import stop_on_signals
 
 if TYPE_CHECKING:
     from autobatch.planner import Plan, Trial
@@ -104,7 +106,11 @@ def _make_parser() -> argparse.ArgumentParser:
                               help="plan, then train with SFTTrainer",
                               description="Plan as `autobatch plan` does (or reuse --plan), then train.")
     run.add_argument("--plan", metavar="FILE", help="reuse a saved plan.yaml instead of probing")
-    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest complete checkpoint in output_dir")
+    run.add_argument("--overwrite-output-dir", action="store_true",
+                     help="train into an output_dir that holds an earlier run (its checkpoints are removed "
+                          "when training starts); without it or --resume such a dir is refused")
     run.set_defaults(func=_cmd_run)
     sweep = commands.add_parser("sweep", parents=[common], allow_abbrev=False, epilog=_EPILOG,
                                 help="plan several effective batch sizes (not implemented yet)")
@@ -324,23 +330,36 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
         if exc.name != "autobatch.train":
             raise
         raise AutobatchError("autobatch run is not implemented yet") from None
-    train.check_can_run(config)
+    train.check_can_run(config, resume=args.resume, overwrite=args.overwrite_output_dir)
     if args.plan:
         plan = train.load_plan(args.plan, config)
     else:
-        plan = (args.resume and train.saved_plan(config)) or _probe(config)
+        plan = train.resume_plan(config) if args.resume else _probe(config)
     if not args.json:
         print(format_plan(plan), flush=True)
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = train.run(config, plan, resume=args.resume)
+    try:
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            result = train.run(config, plan, resume=args.resume, overwrite=args.overwrite_output_dir,
+                               stop=getattr(args, "stop", None))
+    except Interrupted as exc:
+        if exc.checkpoint is None:
+            raise
+        raise Interrupted(f"{exc}; continue with: {_resume_command(getattr(args, 'argv', None))}",
+                          exc.signum, exc.checkpoint) from None
     if args.json:
         report = {"plan": plan.to_dict(), "run": result.to_dict()}
         print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
     else:
         print("\n".join(train.summary_lines(result)), flush=True)
     return 0
+
+
+def _resume_command(argv: list[str] | None) -> str:
+    """The command line that continues an interrupted run: the same one, with --resume."""
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--resume", "--overwrite-output-dir")]
+    return shlex.join(["autobatch", *argv, "--resume"])
 
 
 def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
@@ -410,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         args, extras = _make_parser().parse_known_args(argv)
         if args.command is None:
             raise ConfigError("choose a command: plan, run or sweep (see autobatch --help)")
-        with _logging_to_stderr("-v" in argv or "--verbose" in argv, debug):
+        args.argv = argv
+        with _logging_to_stderr("-v" in argv or "--verbose" in argv, debug), stop_on_signals() as args.stop:
             return args.func(args, extras)
     except AutobatchError as exc:
         if debug:

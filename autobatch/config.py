@@ -9,6 +9,7 @@ batch filled in, written with keys `trl sft --config` accepts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -656,9 +657,13 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
     return "\n".join(lines) + "\n" + text
 
 
-def write_plan_yaml(path: str | os.PathLike, text: str, flag: str = "--output") -> Path:
-    """Write `text` atomically: a temp file in the same directory, then os.replace; never half-written."""
-    path = check_output_path(path, flag)
+def write_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically: a temp file in the same directory, fsync, then os.replace.
+
+    A reader (or a run killed mid-write) sees the old file or the new one, never half of one. Every file
+    autobatch writes itself goes through here; OSError propagates for the caller to name its flag.
+    """
+    path = Path(path)
     tmp_name = None
     try:
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
@@ -668,11 +673,18 @@ def write_plan_yaml(path: str | os.PathLike, text: str, flag: str = "--output") 
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp_name, path)
-    except OSError as exc:
+    except BaseException:  # a signal mid-write too: leave no temp file behind
         if tmp_name is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
-            except OSError:
-                pass
-        raise ConfigError(f"{flag} {path}: cannot write it ({exc.strerror or exc})") from None
+        raise
     return path
+
+
+def write_plan_yaml(path: str | os.PathLike, text: str, flag: str = "--output") -> Path:
+    """Write `text` atomically (see `write_atomic`): never half-written."""
+    path = check_output_path(path, flag)
+    try:
+        return write_atomic(path, text)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write it ({exc.strerror or exc})") from None

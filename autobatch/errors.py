@@ -19,3 +19,13 @@ class BudgetTooSmallError(AutobatchError):
     def __init__(self, message: str, trial: object = None) -> None:
         super().__init__(message)
         self.trial = trial
+
+
+class Interrupted(AutobatchError):
+    """Stopped by SIGTERM or SIGINT: exit 128 + the signal's number (143, 130), as a shell reports it."""
+
+    def __init__(self, message: str, signum: int, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.signum = signum
+        self.checkpoint = checkpoint

@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import re
 import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -244,9 +246,76 @@ def available_ram_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+#: A cgroup v1 "no limit" is the largest page-aligned signed 64-bit value; anything this large is no limit.
+_NO_CGROUP_LIMIT = 2**60
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+def _inactive_file_bytes(stat_path: Path, key: str) -> int:
+    """Reclaimable page cache a cgroup's usage counts (what `docker stats` subtracts too)."""
+    try:
+        for line in stat_path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def cgroup_memory_room_bytes(
+    proc_cgroup: str | os.PathLike = "/proc/self/cgroup", root: str | os.PathLike = "/sys/fs/cgroup"
+) -> tuple[int, str] | None:
+    """(limit less usage, "cgroup v2"/"cgroup v1") of this process's memory cgroup; None without a limit.
+
+    The kernel's OOM killer ends a container at its cgroup limit, whatever `MemAvailable` says. Usage
+    is the group's (every process in it, page cache less its inactive, reclaimable part). The group's
+    own directory is tried first, then the mount root (a container sees its own group there).
+    """
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    root = Path(root)
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":  # v2: "0::/group"
+            files, version = ("memory.max", "memory.current", "inactive_file"), "cgroup v2"
+            bases = [root / group.lstrip("/"), root]
+        elif "memory" in controllers.split(","):
+            files, version = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"), "cgroup v1"
+            bases = [root / "memory" / group.lstrip("/"), root / "memory"]
+        else:
+            continue
+        for base in bases:
+            limit = _read_int(base / files[0])
+            if limit is None or limit >= _NO_CGROUP_LIMIT:
+                continue
+            usage = (_read_int(base / files[1]) or 0) - _inactive_file_bytes(base / "memory.stat", files[2])
+            return max(limit - max(usage, 0), 0), version
+    return None
+
+
+def default_ram_budget() -> tuple[int, str]:
+    """The cpu backend's budget without --memory-budget, and where it came from (the plan notes it).
+
+    min(MemAvailable, the cgroup v2/v1 limit less what the group already uses).
+    """
+    available = available_ram_bytes()
+    room = cgroup_memory_room_bytes()
+    if room is not None and room[0] < available:
+        return room[0], f"{room[1]} memory limit less what is in use"
+    return available, "available RAM"
 
 
 def default_device() -> str:
@@ -265,8 +334,9 @@ def make_backend(device: str | None, memory_budget_bytes: int | None) -> MemoryB
         return backend
     cls = CpuBackend if device == "cpu" else EstimateBackend
     if memory_budget_bytes is None:
-        backend = cls(available_ram_bytes())
-        backend.budget_source = "available RAM"
+        budget, source = default_ram_budget()
+        backend = cls(budget)
+        backend.budget_source = source
     else:
         backend = cls(memory_budget_bytes)
         backend.budget_source = "--memory-budget"

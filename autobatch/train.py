@@ -1,4 +1,4 @@
-"""`autobatch run`: the plan handed untouched to a full SFTTrainer run that cannot die of one OOM.
+"""`autobatch run`: the plan handed untouched to a full SFTTrainer run that survives an OOM in a training step.
 
 The run builds its trainer through the same `workload` calls the probe measured. If an OOM happens
 anyway (a fragmented or shared GPU), the current optimizer step is redone with each micro-batch split
@@ -6,6 +6,13 @@ in two: gradients are zeroed, the step's earlier micro-batches replayed in halve
 from the same step and data position. The loss is normalised by the step's token count
 (`num_items_in_batch`), so the split step computes the same gradient: the effective batch stays exact.
 The Trainer's `auto_find_batch_size` instead restarts from step 0 with a smaller batch.
+
+Beyond forward/backward: an OOM in evaluation halves the eval batch and evaluates again; an OOM in
+gradient clipping saves a complete checkpoint from before the step and stops (no activations are alive
+then, so a smaller micro-batch would not help); an OOM in the optimizer step stops naming the newest
+complete checkpoint (the update may be partly applied, so that step's state is not saved); an OOM while
+saving stops naming the incomplete checkpoint, which `--resume` skips. A SIGTERM/SIGINT saves a
+checkpoint at the next step boundary (`autobatch.interrupt`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import itertools
 import json
 import logging
 import os
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,8 +34,10 @@ from autobatch.config import (
     fingerprint_differences,
     format_bytes,
     read_plan_meta,
+    write_atomic,
 )
-from autobatch.errors import AutobatchError, ConfigError
+from autobatch.errors import AutobatchError, ConfigError, Interrupted
+from autobatch.interrupt import SignalStop
 from autobatch.memory import is_oom, make_backend
 from autobatch.planner import Plan
 from autobatch.workload import build_trainer, fingerprint, load_train_dataset, sft_config
@@ -34,6 +45,8 @@ from autobatch.workload import build_trainer, fingerprint, load_train_dataset, s
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
+STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME: written last into a checkpoint
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + "-" + step
 
 
 @dataclass
@@ -59,6 +72,7 @@ class RunResult:
     gradient_accumulation_steps: int
     effective_batch_size: int
     fallbacks: list[Fallback] = field(default_factory=list)
+    eval_fallbacks: list[int] = field(default_factory=list)  # eval batch sizes an OOM in evaluation led to
     log_history: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -94,14 +108,123 @@ def next_split(micro: int, splits: int) -> int:
     return next(d for d in range(splits + 1, micro + 1) if micro % d == 0)
 
 
-def trainer_class():
-    """SFTTrainer with the OOM fallback: split micro-batches, same optimizer step, same data position."""
-    from trl import SFTTrainer
+def _free_memory() -> None:
+    import gc
 
-    class OomSafeSFTTrainer(SFTTrainer):
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def trainer_class(base=None):
+    """`base` (SFTTrainer by default) with the OOM fallback: split micro-batches, same optimizer step, same
+    data position; halved eval batch on an OOM in evaluation; a clear stop on an OOM in clipping, the
+    optimizer step or a save."""
+    if base is None:
+        from trl import SFTTrainer as base
+
+    class OomSafeSFTTrainer(base):
         splits = 1
         fallbacks: list[Fallback]
+        eval_fallbacks: list[int]  # the eval batch sizes evaluation went down to
         on_fallback: Callable[[Fallback], None] | None = None
+
+        def evaluate(self, *args, **kwargs):
+            while True:
+                failed = False
+                try:
+                    return super().evaluate(*args, **kwargs)
+                except Exception as exc:  # only OOM is handled
+                    if not is_oom(exc):
+                        raise
+                    failed = True
+                if failed:  # outside the except block: the traceback no longer pins the batch's tensors
+                    self._halve_eval_batch()
+
+        def _halve_eval_batch(self) -> None:
+            size = self.args.per_device_eval_batch_size
+            if size <= 1:
+                raise AutobatchError(
+                    f"out of memory in evaluation at step {self.state.global_step} even at eval batch 1: "
+                    "use a larger budget, a shorter max_length, or --eval-strategy no"
+                )
+            self.args.per_device_eval_batch_size = size // 2
+            if hasattr(self, "_eval_dataloaders"):
+                self._eval_dataloaders.clear()  # cached at the old batch size
+            _free_memory()
+            getattr(self, "eval_fallbacks", []).append(size // 2)
+            logger.warning("OOM in evaluation at step %d: eval batch %d -> %d; evaluating again",
+                           self.state.global_step, size, size // 2)
+
+        def _clip_grad_norm(self, model):
+            failed = False
+            try:
+                return super()._clip_grad_norm(model)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                failed = True
+            if failed:  # clipping failed before changing anything: the state is the last step's, intact
+                _free_memory()
+                path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+                self._save_checkpoint(model, None)
+                raise AutobatchError(
+                    f"out of memory in gradient clipping at step {self.state.global_step + 1} (a smaller "
+                    f"micro-batch does not help there): saved the complete checkpoint {path} from before "
+                    "the step; use a larger budget, LoRA or --max-grad-norm 0, and continue with --resume"
+                )
+
+        def create_optimizer(self, *args, **kwargs):
+            optimizer = super().create_optimizer(*args, **kwargs)
+            if not getattr(optimizer, "_autobatch_guarded", False):
+                optimizer.step = self._guarded_step(optimizer.step)
+                optimizer._autobatch_guarded = True
+            return optimizer
+
+        def _guarded_step(self, step):
+            def guarded(*args, **kwargs):
+                failed = False
+                try:
+                    return step(*args, **kwargs)
+                except Exception as exc:
+                    if not is_oom(exc):
+                        raise
+                    failed = True
+                if failed:
+                    newest = complete_checkpoints(self.args.output_dir)
+                    last = (f"the newest complete checkpoint is {newest[0]} (--resume continues from it)"
+                            if newest else "no checkpoint was saved before it (set --save-steps)")
+                    raise AutobatchError(
+                        f"out of memory in the optimizer step at step {self.state.global_step + 1}: weights, "
+                        "gradients and optimizer state do not fit; the update may be partly applied, so this "
+                        f"step is not saved and {last}; use a larger budget, LoRA, or a lighter --optim "
+                        "(adafactor, adamw_8bit)"
+                    )
+            return guarded
+
+        def _save_checkpoint(self, model, trial):
+            path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+            return self._saving(path, super()._save_checkpoint, model, trial)
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            path = output_dir or self.args.output_dir
+            return self._saving(path, super().save_model, output_dir, _internal_call)
+
+        def _saving(self, path, save, *args):
+            failed = False
+            try:
+                return save(*args)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                failed = True
+            if failed:
+                raise AutobatchError(
+                    f"out of memory while saving {path}: what it holds is incomplete (--resume skips a checkpoint "
+                    "without trainer_state.json); use a larger budget or --save-only-model true"
+                )
 
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -139,14 +262,8 @@ def trainer_class():
             return sum(losses[1:], losses[0])
 
         def _fall_back(self, model) -> None:
-            import gc
-
-            import torch
-
             model.zero_grad(set_to_none=True)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _free_memory()
             planned = self.args.per_device_train_batch_size
             before = (planned // self.splits, self.args.gradient_accumulation_steps * self.splits)
             self.splits = next_split(planned, self.splits)
@@ -176,6 +293,107 @@ def check_output_dir(config: Config) -> Path:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir {out}: {existing} is not a writable directory; pass --output-dir with one")
     return path
+
+
+def earlier_run_files(path: Path) -> list[str]:
+    """What in `path` belongs to an earlier run: its checkpoint-N folders and plan.json (sorted names)."""
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir() if _CHECKPOINT.match(p.name) or p.name == PLAN_FILE)
+
+
+def check_output_dir_state(config: Config, resume: bool, overwrite: bool) -> None:
+    """Refuse an output dir holding an earlier run unless --resume or --overwrite-output-dir; deletes nothing."""
+    path = check_output_dir(config)
+    found = earlier_run_files(path)
+    if found and not (resume or overwrite):
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ConfigError(
+            f"output_dir {path} holds an earlier run ({shown}): pass --resume to continue it, "
+            "--overwrite-output-dir to train over it, or choose another --output-dir; nothing was changed"
+        )
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """checkpoint-N folders holding trainer_state.json (the Trainer writes it last), newest first."""
+    path = Path(output_dir)
+    if not path.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in path.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True) if (p / STATE_FILE).is_file()]
+
+
+def resume_checkpoint(config: Config, warn: bool = True) -> Path:
+    """The newest complete checkpoint to resume from, checked before any probing.
+
+    A newer folder without trainer_state.json was cut mid-save: it is skipped with a warning.
+    """
+    path = check_output_dir(config)
+    complete = complete_checkpoints(path)
+    newest = complete[0] if complete else None
+    cut = [p.name for p in path.iterdir() if _CHECKPOINT.match(p.name) and p not in complete] if path.is_dir() else []
+    for name in sorted(cut, key=lambda n: int(n.split("-")[1])):
+        if warn and (newest is None or int(name.split("-")[1]) > int(newest.name.split("-")[1])):
+            logger.warning("--resume: skipping %s: no %s, it was cut mid-save", path / name, STATE_FILE)
+    if newest is None:
+        what = f"only incomplete ones ({', '.join(sorted(cut))})" if cut else "none"
+        raise ConfigError(
+            f"--resume: no complete checkpoint in {path} ({what}); run without --resume to start training"
+        )
+    return newest
+
+
+def plan_from_checkpoint(config: Config, checkpoint: Path) -> Plan:
+    """For --resume without plan.json: the micro-batch from the checkpoint's trainer_state.json, the
+    accumulation from the config's effective batch (or accumulation); refused where either is unknown."""
+    try:
+        micro = json.loads((checkpoint / STATE_FILE).read_text()).get("train_batch_size")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: cannot read {checkpoint / STATE_FILE} ({exc})") from None
+    world = config.world_size
+    accumulation = config.gradient_accumulation_steps
+    effective = config.effective_batch_size
+    if not isinstance(accumulation, int) and isinstance(micro, int) and effective and effective % (micro * world) == 0:
+        accumulation = effective // (micro * world)
+    wanted = config.per_device_train_batch_size
+    if not isinstance(micro, int) or not isinstance(accumulation, int) or wanted not in ("auto", None, micro):
+        raise ConfigError(
+            f"--resume: {checkpoint.parent} has no {PLAN_FILE} and {checkpoint / STATE_FILE} gives micro-batch "
+            f"{micro}; pass the --effective-batch-size (or --gradient-accumulation-steps) the run used, "
+            "so the data position stays exact"
+        )
+    return Plan(
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        effective_batch_size=micro * accumulation * world,
+        world_size=world,
+        max_micro_batch_size=micro,
+        memory_budget_bytes=config.memory_budget_bytes or 0,
+        usable_memory_bytes=0,
+        headroom=config.headroom or 0.0,
+        peak_memory_bytes=0,
+        device=config.device or "",
+        max_length=config.training_args.get("max_length") or 0,
+        trials=[],
+        notes=[f"--resume without {PLAN_FILE}: micro-batch from {checkpoint / STATE_FILE}, no probing"],
+        memory_fingerprint=fingerprint(config),
+    )
+
+
+def resume_plan(config: Config) -> Plan:
+    """The plan `--resume` trains with: OUT/plan.json, else the newest complete checkpoint's batch."""
+    checkpoint = resume_checkpoint(config, warn=False)
+    return saved_plan(config) or plan_from_checkpoint(config, checkpoint)
+
+
+def _remove_earlier_checkpoints(output_dir: str) -> None:
+    """--overwrite-output-dir: the earlier run's checkpoints go, so --resume never mixes two runs."""
+    old = [p for p in Path(output_dir).iterdir() if _CHECKPOINT.match(p.name) and p.is_dir()]
+    if old:
+        logger.warning("--overwrite-output-dir: removing %d checkpoint(s) of an earlier run in %s",
+                       len(old), output_dir)
+    for path in old:
+        shutil.rmtree(path)
 
 
 def _output_dir(config: Config) -> str:
@@ -268,14 +486,36 @@ def saved_plan(config: Config) -> Plan | None:
     return plan
 
 
-def check_can_run(config: Config) -> None:
-    """What makes a run fail, checked before minutes of probing rather than after."""
+def check_can_run(config: Config, resume: bool = False, overwrite: bool = False) -> None:
+    """What makes a run fail, checked before minutes of probing rather than after: the device, the output
+    dir (writable; an earlier run there only with --resume or --overwrite-output-dir), a checkpoint for
+    --resume, and the eval split evaluation needs."""
     if config.device == "estimate":
         raise ConfigError(
             "--device estimate only plans (fake tensors cannot train): plan with it and --output plan.yaml, "
             "then autobatch run --plan plan.yaml --device cuda"
         )
-    check_output_dir(config)
+    check_output_dir_state(config, resume, overwrite)
+    if resume:
+        resume_checkpoint(config)
+    check_eval_split(config)
+
+
+def check_eval_split(config: Config) -> None:
+    """Evaluation needs eval data; a local file has one split, so dataset_test_split cannot name another."""
+    args = config.training_args
+    strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
+    if strategy not in ("no", None) and not (config.dataset_test_split or config.eval_fraction):
+        raise ConfigError(
+            f"eval_strategy {strategy!r} needs eval data: pass --dataset-test-split SPLIT or --eval-fraction 0.1, "
+            "or --eval-strategy no"
+        )
+    name = config.dataset_name
+    if config.dataset_test_split and name is not None and Path(os.path.expanduser(name)).is_file():
+        raise ConfigError(
+            f"dataset_test_split {config.dataset_test_split!r}: the local file {name} has a single split; "
+            "use --eval-fraction 0.1 to hold part of it out"
+        )
 
 
 def _run_backend(config: Config, plan: Plan):
@@ -283,8 +523,8 @@ def _run_backend(config: Config, plan: Plan):
 
     A plan made by the estimate backend trains on the default device (cuda if any, else cpu).
     """
-    device = config.device or (None if plan.device == "estimate" else plan.device)
-    return make_backend(device, config.memory_budget_bytes or plan.memory_budget_bytes)
+    device = config.device or (None if plan.device == "estimate" else plan.device or None)
+    return make_backend(device, config.memory_budget_bytes or plan.memory_budget_bytes or None)
 
 
 def run(
@@ -292,12 +532,17 @@ def run(
     plan: Plan,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     callbacks: list | None = None,
     on_fallback: Callable[[Fallback], None] | None = None,
+    stop: SignalStop | None = None,
 ) -> RunResult:
-    """Train with the plan's micro-batch and accumulation; on the cpu backend the budget stays enforced."""
-    import gc
+    """Train with the plan's micro-batch and accumulation; on the cpu backend the budget stays enforced.
 
+    With `stop` (from `interrupt.stop_on_signals`), a SIGTERM/SIGINT saves a checkpoint at the next step
+    boundary and raises `Interrupted` naming it.
+    """
+    import gc
 
     backend = _run_backend(config, plan)
     output_dir = _output_dir(config)
@@ -314,16 +559,21 @@ def run(
             logger.warning(note)
     train, evaluation = _datasets(config)
     gc.collect()
+    callbacks = [*(callbacks or []), *([stop.callback()] if stop else [])]
     trainer = build_trainer(
         config, args, train_dataset=train, eval_dataset=evaluation, trainer_cls=trainer_class(), callbacks=callbacks
     )
-    trainer.fallbacks, trainer.on_fallback = [], on_fallback
-    Path(output_dir, PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
+    trainer.fallbacks, trainer.eval_fallbacks, trainer.on_fallback = [], [], on_fallback
+    checkpoint = resume_checkpoint(config, warn=False) if resume else None
+    if overwrite and not resume:
+        _remove_earlier_checkpoints(output_dir)
+    write_atomic(Path(output_dir, PLAN_FILE), json.dumps(plan.to_dict(), indent=2))
     logger.info("plan: %s", json.dumps({k: v for k, v in plan.to_dict().items() if k not in ("trials", "options")}))
-    checkpoint = resume and _last_checkpoint(output_dir)
     started = time.perf_counter()
     with backend.measure() as measured:
-        output = trainer.train(resume_from_checkpoint=checkpoint or None)
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stop is not None and stop.signum is not None:
+        raise _stopped(stop, trainer, output_dir)
     trainer.save_model(output_dir)
     trainer.save_state()  # trainer_state.json beside the model: steps, train_batch_size, log history
     peak = measured.held_peak_bytes  # an allocation refused by a survived OOM was never held
@@ -342,17 +592,18 @@ def run(
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         effective_batch_size=plan.effective_batch_size,
         fallbacks=trainer.fallbacks,
+        eval_fallbacks=trainer.eval_fallbacks,
         log_history=trainer.state.log_history,
     )
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    if last is None:
-        raise ConfigError(f"--resume: no checkpoint in {output_dir}; run without --resume first")
-    return last
+def _stopped(stop: SignalStop, trainer, output_dir: str) -> Interrupted:
+    """The error a signal-stopped run ends with: the step reached and the checkpoint saved there."""
+    newest = complete_checkpoints(output_dir)
+    step, total = trainer.state.global_step, trainer.state.max_steps
+    where = f"complete checkpoint {newest[0]}" if newest else "no checkpoint (none could be saved)"
+    return Interrupted(f"stopped by {stop.signal_name} at step {step} of {total}: {where}", stop.signum,
+                       checkpoint=str(newest[0]) if newest else None)
 
 
 def summary_lines(result: RunResult) -> list[str]:
@@ -371,5 +622,7 @@ def summary_lines(result: RunResult) -> list[str]:
             f"OOM survived at step {event.global_step}: continued with micro-batch {event.per_device_train_batch_size}"
             f" × accumulation {event.gradient_accumulation_steps}"
         )
+    if result.eval_fallbacks:
+        lines.append(f"OOM in evaluation survived: eval batch lowered to {result.eval_fallbacks[-1]}")
     lines.append(f"model saved to {result.output_dir}")
     return lines
