@@ -324,13 +324,15 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     config = _config_from_args(args, extras)
     _print_setup(config, "run")
     _quiet_third_party(args.verbose)
+    from autobatch import rundir
+
+    rundir.check_can_run(config, resume=args.resume, overwrite=args.overwrite_output_dir)  # before torch loads
     try:
         from autobatch import train
     except ModuleNotFoundError as exc:
         if exc.name != "autobatch.train":
             raise
         raise AutobatchError("autobatch run is not implemented yet") from None
-    train.check_can_run(config, resume=args.resume, overwrite=args.overwrite_output_dir)
     if args.plan:
         plan = train.load_plan(args.plan, config)
     else:
