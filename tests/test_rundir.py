@@ -1,0 +1,189 @@
+"""What `autobatch run` checks before probing (no torch needed), the cgroup budget, and atomic writes."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from autobatch import rundir
+from autobatch.cli import main
+from autobatch.config import build_config, write_atomic
+from autobatch.errors import ConfigError
+from autobatch.memory import cgroup_memory_room_bytes
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("autobatch: error")]
+
+
+def checkpoint(out, step: int, complete: bool = True, train_batch_size: int = 4):
+    path = out / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights")
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "train_batch_size": train_batch_size}))
+    return path
+
+
+def listing(path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("earlier", ["checkpoint", "plan.json"])
+def test_output_dir_of_an_earlier_run_is_refused_and_left_alone(tmp_path, capsys, earlier):
+    out = tmp_path / "out"
+    if earlier == "checkpoint":
+        checkpoint(out, 2)
+    else:
+        out.mkdir()
+        (out / "plan.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    before = listing(out)
+    assert main(["run", "--device", "cpu", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    (line,) = error_lines(err)
+    assert str(out) in line and "--resume" in line and "--overwrite-output-dir" in line
+    assert "micro=" not in err and listing(out) == before
+
+
+def test_output_dir_with_unrelated_files_is_accepted(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("notes")
+    config = build_config(overrides={"output_dir": str(out)})
+    rundir.check_can_run(config)  # no earlier run there: no error
+    rundir.check_can_run(build_config(overrides={"output_dir": str(out)}), overwrite=True)
+
+
+def test_resume_in_an_empty_dir_fails_with_one_line_before_torch_loads(tmp_path):
+    """No probing, no torch import: the refusal costs the time of `autobatch --help`."""
+    code = (
+        "import sys\nfrom autobatch.cli import main\n"
+        f"code = main(['run', '--resume', '--output-dir', {str(tmp_path / 'empty')!r}])\n"
+        "print('torch' in sys.modules, code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "2"], done.stderr
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1 and "--resume: no complete checkpoint" in lines[0] and "without --resume" in lines[0]
+    assert not (tmp_path / "empty").exists()
+
+
+def test_resume_takes_the_newest_complete_checkpoint_and_warns_of_a_cut_one(tmp_path, caplog):
+    out = tmp_path / "out"
+    checkpoint(out, 2)
+    newest = checkpoint(out, 10)
+    checkpoint(out, 12, complete=False)  # cut mid-save: no trainer_state.json
+    checkpoint(out, 4)
+    config = build_config(overrides={"output_dir": str(out)})
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        assert rundir.resume_checkpoint(config) == newest
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--resume: skipping {out / 'checkpoint-12'}: no trainer_state.json, it was cut mid-save"]
+    assert [p.name for p in rundir.complete_checkpoints(out)] == ["checkpoint-10", "checkpoint-4", "checkpoint-2"]
+
+
+def test_resume_with_only_a_cut_checkpoint_is_refused(tmp_path):
+    out = tmp_path / "out"
+    checkpoint(out, 3, complete=False)
+    with pytest.raises(ConfigError, match=r"no complete checkpoint .*only incomplete ones \(checkpoint-3\)"):
+        rundir.check_can_run(build_config(overrides={"output_dir": str(out)}), resume=True)
+
+
+def test_resume_without_plan_json_takes_the_batch_from_the_checkpoint(tmp_path):
+    from autobatch import train
+
+    out = tmp_path / "out"
+    path = checkpoint(out, 4, train_batch_size=4)
+    plan = train.resume_plan(build_config(overrides={"output_dir": str(out), "effective_batch_size": 24}))
+    assert (plan.per_device_train_batch_size, plan.gradient_accumulation_steps, plan.effective_batch_size) == (4, 6, 24)
+    assert plan.trials == [] and "trainer_state.json" in plan.notes[0]
+    with pytest.raises(ConfigError, match="--effective-batch-size"):  # the accumulation is not in the checkpoint
+        train.plan_from_checkpoint(build_config(overrides={"output_dir": str(out), "effective_batch_size": None}),
+                                   path)
+    with pytest.raises(ConfigError, match="gives micro-batch 4"):  # a different micro-batch would move the data
+        train.plan_from_checkpoint(build_config(overrides={"output_dir": str(out), "effective_batch_size": 24,
+                                                           "per_device_train_batch_size": 8}), path)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"eval_strategy": "steps"}, "needs eval data"),
+        ({"eval_strategy": "steps", "dataset_test_split": "test", "dataset_name": "{data}"}, "has a single split"),
+    ],
+    ids=["no-eval-data", "local-file-has-no-test-split"],
+)
+def test_eval_data_is_checked_before_probing(tmp_path, overrides, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n')
+    values = {k: v.format(data=data) if isinstance(v, str) else v for k, v in overrides.items()}
+    with pytest.raises(ConfigError, match=message):
+        rundir.check_can_run(build_config(overrides={"output_dir": str(tmp_path / "out"), **values}))
+
+
+def write_cgroup(tmp_path, lines: list[str], files: dict[str, str]):
+    (tmp_path / "proc").write_text("\n".join(lines) + "\n")
+    for name, text in files.items():
+        path = tmp_path / "fs" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return cgroup_memory_room_bytes(tmp_path / "proc", tmp_path / "fs")
+
+
+def test_cgroup_v2_limit_less_usage_not_counting_inactive_page_cache(tmp_path):
+    room = write_cgroup(tmp_path, ["0::/job.slice/run-1"], {
+        "job.slice/run-1/memory.max": "8000000000\n", "job.slice/run-1/memory.current": "3000000000\n",
+        "job.slice/run-1/memory.stat": "anon 2500000000\ninactive_file 500000000\nactive_file 1\n"})
+    assert room == (8_000_000_000 - (3_000_000_000 - 500_000_000), "cgroup v2")
+
+
+def test_cgroup_v1_limit_in_the_mount_root_as_a_container_sees_it(tmp_path):
+    room = write_cgroup(tmp_path, ["4:memory:/docker/abc", "1:cpu:/docker/abc"], {
+        "memory/memory.limit_in_bytes": "4294967296\n", "memory/memory.usage_in_bytes": "1073741824\n",
+        "memory/memory.stat": "total_inactive_file 0\n"})
+    assert room == (4294967296 - 1073741824, "cgroup v1")
+
+
+@pytest.mark.parametrize(
+    "lines, files",
+    [
+        (["0::/"], {"memory.max": "max\n", "memory.current": "5\n"}),
+        (["4:memory:/"], {"memory/memory.limit_in_bytes": "9223372036854771712\n"}),
+        (["1:cpu:/"], {}),
+    ],
+    ids=["v2-max", "v1-unlimited", "no-memory-controller"],
+)
+def test_cgroup_without_a_limit_gives_none(tmp_path, lines, files):
+    assert write_cgroup(tmp_path, lines, files) is None
+
+
+def test_default_cpu_budget_is_the_cgroup_room_when_smaller(monkeypatch):
+    from autobatch import memory
+
+    monkeypatch.setattr(memory, "available_ram_bytes", lambda: 16 * 2**30)
+    monkeypatch.setattr(memory, "cgroup_memory_room_bytes", lambda: (3 * 2**30, "cgroup v2"))
+    backend = memory.make_backend("cpu", None)
+    assert backend.budget_bytes == 3 * 2**30 and backend.budget_source == "cgroup v2 memory limit less what is in use"
+    monkeypatch.setattr(memory, "cgroup_memory_room_bytes", lambda: (32 * 2**30, "cgroup v2"))
+    backend = memory.make_backend("cpu", None)
+    assert backend.budget_bytes == 16 * 2**30 and backend.budget_source == "available RAM"
+
+
+def test_write_atomic_leaves_the_old_file_and_no_temp_file_when_it_fails(tmp_path, monkeypatch):
+    target = tmp_path / "plan.json"
+    target.write_text("old")
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+    monkeypatch.undo()
+    write_atomic(target, "new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
