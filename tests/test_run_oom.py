@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers import Trainer, TrainerCallback
+from trl import SFTTrainer
 
 from autobatch import train
 from autobatch.config import build_config
@@ -78,7 +79,8 @@ def test_oom_in_the_optimizer_step_stops_naming_the_last_checkpoint_and_resume_f
     llama, tiny_dataset_file, tmp_path
 ):
     out = tmp_path / "out"
-    config = config_for(llama, tiny_dataset_file, out)
+    # adamw_torch: the fused default updates in place, with no temporary to run out of memory on
+    config = config_for(llama, tiny_dataset_file, out, optim="adamw_torch")
     with pytest.raises(AutobatchError) as info:
         train.run(config, plan_for(), callbacks=[NoRoomForTheOptimizer(at_step=3)])
     message = str(info.value)
@@ -116,7 +118,7 @@ def test_oom_in_evaluation_halves_the_eval_batch_and_the_run_finishes(llama, tin
     config = config_for(llama, tiny_dataset_file, out, eval_fraction=0.25, eval_strategy="steps", eval_steps=2,
                         save_steps=100)
     sizes = []
-    predict = Trainer.prediction_step
+    predict = SFTTrainer.prediction_step
 
     def predict_or_oom(self, model, inputs, *args, **kwargs):
         sizes.append(len(inputs["input_ids"]))
@@ -124,7 +126,7 @@ def test_oom_in_evaluation_halves_the_eval_batch_and_the_run_finishes(llama, tin
             raise torch.OutOfMemoryError(OOM)
         return predict(self, model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "prediction_step", predict_or_oom)
+    monkeypatch.setattr(SFTTrainer, "prediction_step", predict_or_oom)
     result = train.run(config, plan_for(eval_batch=8))
     assert result.eval_fallbacks == [4, 2]
     assert sizes[:2] == [8, 4] and set(sizes[2:]) == {2}, "8 and 4 failed once each; 2 from then on"
