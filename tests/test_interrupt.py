@@ -91,7 +91,7 @@ def test_sigterm_mid_training_saves_a_checkpoint_and_resume_finishes(tmp_path):
 
     # The same command again without --resume: refused, one line naming both ways on, nothing changed.
     before = listing(out)
-    refused = subprocess.run([sys.executable, "-m", "autobatch", *run_argv(out)], capture_output=True, text=True,
+    refused = subprocess.run([sys.executable, "-m", "autobatch", *run_argv(out)], check=False, capture_output=True, text=True,
                              cwd=tmp_path, timeout=120)
     assert refused.returncode == 2, refused.stderr
     errors = [line for line in refused.stderr.splitlines() if line.startswith("autobatch: error")]
@@ -102,7 +102,7 @@ def test_sigterm_mid_training_saves_a_checkpoint_and_resume_finishes(tmp_path):
     cut = out / f"checkpoint-{stopped_at + 1}"
     shutil.copytree(checkpoint, cut)
     (cut / "trainer_state.json").unlink()
-    resumed = subprocess.run([sys.executable, "-m", "autobatch", *run_argv(out), "--resume"], capture_output=True,
+    resumed = subprocess.run([sys.executable, "-m", "autobatch", *run_argv(out), "--resume"], check=False, capture_output=True,
                              text=True, cwd=tmp_path, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"skipping {cut}" in resumed.stderr and "micro=" not in resumed.stderr, "no probing on --resume"

@@ -109,7 +109,7 @@ def test_plan_max_is_exact_under_real_sfttrainer(arch, true_max, tiny_model_dir,
     assert plan["memory_budget_bytes"] == budget and plan["device"] == "cpu" and plan["max_length"] == MAX_LENGTH
     trials = {t["micro_batch_size"]: t for t in plan["trials"]}
     assert trials[true_max]["fits"] and not trials[true_max + 1]["fits"]
-    assert plan["peak_memory_bytes"] <= budget
+    assert plan["peak_memory_bytes"] == trials[plan["per_device_train_batch_size"]]["peak_memory_bytes"]
     assert len(plan["trials"]) <= (5 if true_max < 16 else 8)
     assert real_train_fits(config, true_max, budget, tmp_path)
     assert not real_train_fits(config, true_max + 1, budget, tmp_path)

@@ -163,15 +163,21 @@ def test_run_trains_the_plan_under_the_budget(planned_run):
     # Which divisor of 24 up to 4 is chosen depends on measured step times (see the module docstring).
     assert micro <= MICRO and trials[micro]["fits"]
     assert micro * plan["gradient_accumulation_steps"] == plan["effective_batch_size"] == EFFECTIVE
-    # no OOM in the run: no fallback, and the peak measured under the enforced budget stayed below it
+    # no OOM in the run, and its peak is the probe's prediction at the planned micro-batch, to the byte
+    # (peak <= budget alone would hold by construction: the cpu backend never lets a held peak pass it)
     assert result["fallbacks"] == [] and "OOM at step" not in planned_run.err
-    assert result["memory_budget_bytes"] == budget and result["peak_memory_bytes"] <= budget
+    assert result["memory_budget_bytes"] == budget
+    assert result["peak_memory_bytes"] == trials[micro]["peak_memory_bytes"] == plan["peak_memory_bytes"]
     assert result["global_step"] == MAX_STEPS
+    # plan.json against what the run really used and the flags given, not against the same Plan serialised again
     written = json.loads((out / "plan.json").read_text())
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "effective_batch_size",
-                "max_micro_batch_size", "memory_budget_bytes", "peak_memory_bytes", "device", "max_length"):
-        assert written[key] == plan[key], key
-    assert [t["micro_batch_size"] for t in written["trials"]] == list(trials)
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert (written["per_device_train_batch_size"], written["gradient_accumulation_steps"]) == (
+        args.per_device_train_batch_size, args.gradient_accumulation_steps)
+    assert (written["effective_batch_size"], written["memory_budget_bytes"], written["device"],
+            written["max_length"], written["max_micro_batch_size"]) == (EFFECTIVE, budget, "cpu", MAX_LENGTH, MICRO)
+    written_trials = {t["micro_batch_size"]: t["fits"] for t in written["trials"]}
+    assert written_trials[MICRO] and not written_trials[MICRO + 1]
     trainer_state = state(out)
     assert trainer_state["train_batch_size"] == micro
     assert trainer_state["global_step"] == trainer_state["max_steps"] == MAX_STEPS
@@ -208,7 +214,6 @@ def test_one_micro_batch_more_runs_out_of_memory_in_the_run(
     assert event.gradient_accumulation_steps > 4, "the step's micro-batches were split"
     assert result.global_step == 2 and result.effective_batch_size == 4 * (MICRO + 1)
     assert event.per_device_train_batch_size * event.gradient_accumulation_steps == 4 * (MICRO + 1)
-    assert result.peak_memory_bytes <= planned_run.budget, "the refused allocation is not reported as held"
 
 
 @pytest.mark.parametrize("after_micro_batches", [0, 3], ids=["at-step-end", "mid-step-replay"])
@@ -228,7 +233,8 @@ def test_oom_mid_run_halves_the_micro_batch_and_keeps_the_step(
     assert event.global_step == 2
     assert (event.per_device_train_batch_size, event.gradient_accumulation_steps) == (MICRO // 2, 2 * EFFECTIVE // MICRO)
     assert event.per_device_train_batch_size * event.gradient_accumulation_steps == EFFECTIVE
-    assert result.peak_memory_bytes <= budget
+    # the peak was reached at micro-batch 4 before the budget dropped: exactly the probe's figure for it
+    assert result.peak_memory_bytes == measured[MICRO]
     assert any("OOM survived at step 2" in line for line in train.summary_lines(result))
     trainer_state = state(out)
     steps = [entry["step"] for entry in trainer_state["log_history"]]
@@ -264,7 +270,12 @@ def test_saved_plan_is_reused_without_probing(reused_plan):
     assert planned["max_micro_batch_size"] == MICRO and planned["effective_batch_size"] == EFFECTIVE
     assert trainer_state["train_batch_size"] == planned["per_device_train_batch_size"]
     assert trainer_state["global_step"] == 2
-    assert json.loads((reused_plan.out / "plan.json").read_text()) == planned
+    # plan.json holds the batch of the plan.yaml it came from (read back through the config parser)
+    from_yaml = build_config(str(reused_plan.plan_file))
+    written = json.loads((reused_plan.out / "plan.json").read_text())
+    assert (written["per_device_train_batch_size"], written["gradient_accumulation_steps"]) == (
+        from_yaml.per_device_train_batch_size, from_yaml.gradient_accumulation_steps)
+    assert written["notes"] == [f"reused {reused_plan.plan_file}: no probing"]
 
 
 def test_saved_plan_keeps_its_memory_budget_in_the_run(reused_plan):
@@ -284,7 +295,8 @@ def test_estimate_plan_trains_on_the_real_device_under_its_budget(llama, tiny_da
     report = json.loads(stdout)
     assert report["plan"]["device"] == "estimate" and report["plan"]["max_micro_batch_size"] == MICRO
     assert report["run"]["device"] == "cpu" and report["run"]["memory_budget_bytes"] == budget
-    assert report["run"]["peak_memory_bytes"] <= budget and not report["run"]["fallbacks"]
+    # the estimate is on the safe side of the real run's peak (equal at micro-batch >= 2, DESIGN.md)
+    assert report["run"]["peak_memory_bytes"] <= report["plan"]["peak_memory_bytes"] and not report["run"]["fallbacks"]
     assert state(out)["global_step"] == 2
 
 
