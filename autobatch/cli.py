@@ -49,7 +49,7 @@ _VALUE_FLAGS = [
     ("--device", "device",
      "cuda, cpu (virtual device with a budget) or estimate (fake tensors); default: cuda if any, else cpu"),
     ("--memory-budget", "memory_budget",
-     "300MiB, 80GB, 2.5GiB or bytes (default: free GPU memory / available RAM)"),
+     "300MiB, 80GB, 2.5GiB or bytes (default: free GPU memory / available RAM or the cgroup limit)"),
     ("--headroom", "headroom", "fraction of the budget kept free, 0 <= h < 1 (default: by device)"),
     ("--max-micro-batch-size", "max_micro_batch_size", "largest micro-batch tried (default: 512)"),
     ("--effective-batch-size", "effective_batch_size",

@@ -187,3 +187,17 @@ def test_write_atomic_leaves_the_old_file_and_no_temp_file_when_it_fails(tmp_pat
     monkeypatch.undo()
     write_atomic(target, "new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_overwrite_output_dir_removes_only_the_earlier_checkpoints(tmp_path):
+    from autobatch import train
+
+    out = tmp_path / "out"
+    checkpoint(out, 2)
+    checkpoint(out, 5, complete=False)
+    (out / "plan.json").write_text("{}")
+    (out / "checkpoint-notes.txt").write_text("not a checkpoint folder")
+    rundir.check_can_run(build_config(overrides={"output_dir": str(out)}), overwrite=True)
+    assert len(list(out.iterdir())) == 4, "the check itself changes nothing"
+    train._remove_earlier_checkpoints(str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-notes.txt", "plan.json"]
