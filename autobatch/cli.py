@@ -326,7 +326,7 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     _quiet_third_party(args.verbose)
     from autobatch import rundir
 
-    rundir.check_can_run(config, resume=args.resume, overwrite=args.overwrite_output_dir)  # before torch loads
+    rundir.check_can_run(config, resume=args.resume, overwrite=args.overwrite_output_dir)  # before torch
     try:
         from autobatch import train
     except ModuleNotFoundError as exc:
@@ -360,7 +360,8 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
 
 def _resume_command(argv: list[str] | None) -> str:
     """The command line that continues an interrupted run: the same one, with --resume."""
-    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--resume", "--overwrite-output-dir")]
+    argv = sys.argv[1:] if argv is None else argv
+    argv = [a for a in argv if a not in ("--resume", "--overwrite-output-dir")]
     return shlex.join(["autobatch", *argv, "--resume"])
 
 

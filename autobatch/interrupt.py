@@ -61,7 +61,7 @@ class SignalStop:
 
             def on_step_end(self, args, state, control, **kwargs):
                 if stop.signum is not None:
-                    control.should_save = True  # runs after DefaultFlowCallback, so it wins over save_strategy
+                    control.should_save = True  # after DefaultFlowCallback: it wins over save_strategy
                     control.should_training_stop = True
 
             def on_train_end(self, args, state, control, **kwargs):
@@ -72,7 +72,7 @@ class SignalStop:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[SignalStop]:
-    """Handle SIGTERM and SIGINT inside the block (main thread only); the previous handlers come back after."""
+    """Handle SIGTERM and SIGINT inside the block (main thread only); the previous handlers return after."""
     stop = SignalStop()
     if threading.current_thread() is not threading.main_thread():  # signal.signal works only there
         yield stop

@@ -293,7 +293,8 @@ def cgroup_memory_room_bytes(
             files, version = ("memory.max", "memory.current", "inactive_file"), "cgroup v2"
             bases = [root / group.lstrip("/"), root]
         elif "memory" in controllers.split(","):
-            files, version = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"), "cgroup v1"
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            version = "cgroup v1"
             bases = [root / "memory" / group.lstrip("/"), root / "memory"]
         else:
             continue

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
 STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME: written last into a checkpoint
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + "-" + step
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + "-" + step
 
 def check_output_dir(config: Config) -> Path:
     """The output dir, checked before any probing: its nearest existing ancestor must be a writable dir."""
@@ -35,11 +35,11 @@ def earlier_run_files(path: Path) -> list[str]:
     """What in `path` belongs to an earlier run: its checkpoint-N folders and plan.json (sorted names)."""
     if not path.is_dir():
         return []
-    return sorted(p.name for p in path.iterdir() if _CHECKPOINT.match(p.name) or p.name == PLAN_FILE)
+    return sorted(p.name for p in path.iterdir() if CHECKPOINT_NAME.match(p.name) or p.name == PLAN_FILE)
 
 
 def check_output_dir_state(config: Config, resume: bool, overwrite: bool) -> None:
-    """Refuse an output dir holding an earlier run unless --resume or --overwrite-output-dir; deletes nothing."""
+    """Refuse a dir holding an earlier run unless --resume or --overwrite-output-dir; delete nothing."""
     path = check_output_dir(config)
     found = earlier_run_files(path)
     if found and not (resume or overwrite):
@@ -55,7 +55,8 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     path = Path(output_dir)
     if not path.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in path.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in path.iterdir()
+             if (m := CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found, reverse=True) if (p / STATE_FILE).is_file()]
 
 
@@ -67,7 +68,8 @@ def resume_checkpoint(config: Config, warn: bool = True) -> Path:
     path = check_output_dir(config)
     complete = complete_checkpoints(path)
     newest = complete[0] if complete else None
-    cut = [p.name for p in path.iterdir() if _CHECKPOINT.match(p.name) and p not in complete] if path.is_dir() else []
+    folders = path.iterdir() if path.is_dir() else []
+    cut = [p.name for p in folders if CHECKPOINT_NAME.match(p.name) and p not in complete]
     for name in sorted(cut, key=lambda n: int(n.split("-")[1])):
         if warn and (newest is None or int(name.split("-")[1]) > int(newest.name.split("-")[1])):
             logger.warning("--resume: skipping %s: no %s, it was cut mid-save", path / name, STATE_FILE)
@@ -100,8 +102,8 @@ def check_eval_split(config: Config) -> None:
     strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
     if strategy not in ("no", None) and not (config.dataset_test_split or config.eval_fraction):
         raise ConfigError(
-            f"eval_strategy {strategy!r} needs eval data: pass --dataset-test-split SPLIT or --eval-fraction 0.1, "
-            "or --eval-strategy no"
+            f"eval_strategy {strategy!r} needs eval data: pass --dataset-test-split SPLIT or "
+            "--eval-fraction 0.1, or --eval-strategy no"
         )
     name = config.dataset_name
     if config.dataset_test_split and name is not None and Path(os.path.expanduser(name)).is_file():

@@ -1,4 +1,4 @@
-"""`autobatch run`: the plan handed untouched to a full SFTTrainer run that survives an OOM in a training step.
+"""`autobatch run`: the plan handed untouched to a full SFTTrainer run that survives an OOM in a step.
 
 The run builds its trainer through the same `workload` calls the probe measured. If an OOM happens
 anyway (a fragmented or shared GPU), the current optimizer step is redone with each micro-batch split
@@ -40,7 +40,7 @@ from autobatch.interrupt import SignalStop
 from autobatch.memory import is_oom, make_backend
 from autobatch.planner import Plan
 from autobatch.rundir import (  # noqa: F401 - check_can_run and check_output_dir are train's API too
-    _CHECKPOINT,
+    CHECKPOINT_NAME,
     PLAN_FILE,
     STATE_FILE,
     check_can_run,
@@ -226,8 +226,8 @@ def trainer_class(base=None):
                 failed = True
             if failed:
                 raise AutobatchError(
-                    f"out of memory while saving {path}: what it holds is incomplete (--resume skips a checkpoint "
-                    "without trainer_state.json); use a larger budget or --save-only-model true"
+                    f"out of memory while saving {path}: what it holds is incomplete (--resume skips a "
+                    "checkpoint without trainer_state.json); use a larger budget or --save-only-model true"
                 )
 
         def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -297,13 +297,14 @@ def plan_from_checkpoint(config: Config, checkpoint: Path) -> Plan:
     world = config.world_size
     accumulation = config.gradient_accumulation_steps
     effective = config.effective_batch_size
-    if not isinstance(accumulation, int) and isinstance(micro, int) and effective and effective % (micro * world) == 0:
+    known = isinstance(accumulation, int) or not isinstance(micro, int)
+    if not known and effective and effective % (micro * world) == 0:
         accumulation = effective // (micro * world)
     wanted = config.per_device_train_batch_size
     if not isinstance(micro, int) or not isinstance(accumulation, int) or wanted not in ("auto", None, micro):
         raise ConfigError(
-            f"--resume: {checkpoint.parent} has no {PLAN_FILE} and {checkpoint / STATE_FILE} gives micro-batch "
-            f"{micro}; pass the --effective-batch-size (or --gradient-accumulation-steps) the run used, "
+            f"--resume: {checkpoint.parent} has no {PLAN_FILE} and {checkpoint / STATE_FILE} gives "
+            f"micro-batch {micro}; pass the --effective-batch-size (or --gradient-accumulation-steps) the run used, "
             "so the data position stays exact"
         )
     return Plan(
@@ -332,7 +333,7 @@ def resume_plan(config: Config) -> Plan:
 
 def _remove_earlier_checkpoints(output_dir: str) -> None:
     """--overwrite-output-dir: the earlier run's checkpoints go, so --resume never mixes two runs."""
-    old = [p for p in Path(output_dir).iterdir() if _CHECKPOINT.match(p.name) and p.is_dir()]
+    old = [p for p in Path(output_dir).iterdir() if CHECKPOINT_NAME.match(p.name) and p.is_dir()]
     if old:
         logger.warning("--overwrite-output-dir: removing %d checkpoint(s) of an earlier run in %s",
                        len(old), output_dir)
