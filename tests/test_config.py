@@ -337,7 +337,7 @@ def test_shipped_training_keys_are_sft_config_fields(path):
 
 def allowed_plan_keys(config: Config) -> set[str]:
     trl_model_keys = {"model_name_or_path", "use_peft", *MODEL_CONFIG_LORA_KEYS, *MODEL_ARGS_KEYS}
-    batch = {"per_device_train_batch_size", "gradient_accumulation_steps"}
+    batch = {"per_device_train_batch_size", "gradient_accumulation_steps", "activation_checkpointing"}
     return set(config.training_args) | set(SCRIPT_ARGUMENTS_KEYS) | trl_model_keys | batch
 
 
