@@ -52,7 +52,7 @@ def probe(monkeypatch):
     seen: dict = {"calls": 0}
     module = types.ModuleType("autobatch.probe")
 
-    def make_plan(config, on_trial=None):
+    def make_plan(config, on_trial=None, **progress):
         seen["calls"] += 1
         seen["config"] = config
         print("noise a library printed on stdout")
