@@ -2,11 +2,14 @@
 ignored, the no-target default, one-line errors for a too-long max_length and an unreachable hub, true words.
 """
 
+import fcntl
 import json
 import os
 import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 import types
 import warnings
@@ -43,6 +46,8 @@ def environment() -> dict:
 def run_on_terminal(argv: list[str], cwd: Path, timeout_s: float = 300) -> tuple[int, str]:
     """Run argv with stdout and stderr on a pseudo-terminal; its exit code and everything it wrote."""
     master, slave = os.openpty()
+    # A real terminal has a size; tqdm draws nothing on a 0-column one (a fresh pty's default).
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, cwd=cwd, env=environment())
     os.close(slave)
     chunks, deadline = [], time.monotonic() + timeout_s
@@ -81,8 +86,8 @@ def terminal_run(tiny_model_dir, tiny_dataset_file, tmp_path_factory):
     """`autobatch run` on a pseudo-terminal, evaluating a held-out fraction, writing plan.yaml."""
     work = tmp_path_factory.mktemp("terminal")
     code, output = run_on_terminal(
-        run_argv(tiny_model_dir("llama"), tiny_dataset_file, "out", "--eval-fraction", "0.25", "--eval-strategy",
-                 "steps", "--eval-steps", "1", "--per-device-eval-batch-size", "2", "--output", "plan.yaml"),
+        run_argv(tiny_model_dir("llama"), tiny_dataset_file, "out", "--eval-fraction", "0.1", "--eval-strategy",
+                 "steps", "--eval-steps", "2", "--per-device-eval-batch-size", "2", "--output", "plan.yaml"),
         cwd=work)
     return work, code, output
 
@@ -120,7 +125,7 @@ def test_written_plan_trains_through_trls_own_sft_entry(terminal_run, tmp_path):
     assert code == 0, output
     plan = work / "plan.yaml"
     data = yaml.safe_load(plan.read_text())
-    assert data["bf16"] is False and data["datasets"][0]["path"] == "json" and data["test_split_size"] == 0.25
+    assert data["bf16"] is False and data["datasets"][0]["path"] == "json" and data["test_split_size"] == 0.1
     parser = sft.make_parser(prog="trl sft")
     *parsed, from_config, from_cli = parser.parse_args_and_config(
         ["--config", str(plan), "--max_steps", "2", "--output_dir", str(tmp_path / "trl-out")],
