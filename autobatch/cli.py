@@ -212,7 +212,7 @@ def _memory_rows(config: Config) -> list[tuple[str, Any]]:
     args = config.training_args
     checkpointing = args.get("activation_checkpointing", args.get("gradient_checkpointing"))
     rows = [
-        ("activation checkpointing", "true (SFTConfig default)" if checkpointing is None else checkpointing),
+        ("checkpointing", "true (SFTConfig default)" if checkpointing is None else checkpointing),
         ("dtype", config.model_args.get("dtype", "float32 (TRL ModelConfig default)")),
         ("bf16", args.get("bf16", "SFTConfig default: on where supported (off on cpu/estimate)")),
     ]
