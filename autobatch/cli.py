@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 _VALUE_FLAGS = [
     ("--model", "model_name_or_path", "model directory or hub name (default: the built-in tiny model)"),
     ("--dataset", "dataset_name",
-     "hub dataset or local json/jsonl/csv/parquet/txt file (default: the built-in text sample)"),
+     "hub dataset, local json/jsonl/csv/parquet/txt file or a folder of them (default: the built-in text sample)"),
     ("--dataset-split", "dataset_train_split", "split to train on (default: train)"),
     ("--dataset-text-field", "dataset_text_field", "column with the text (default: text)"),
     ("--device", "device",
