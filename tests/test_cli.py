@@ -200,6 +200,14 @@ def test_setup_is_printed_before_probing(probe, capsys):
         assert fact in setup
 
 
+def test_setup_names_what_is_measured(probe, capsys):
+    cli.main(["plan", "--model", "models/tiny", "--dtype", "bfloat16"])
+    setup = capsys.readouterr().err
+    assert "dataset                none: a synthetic sequence of max_length tokens is measured" in setup
+    assert "checkpointing          true (SFTConfig default)" in setup
+    assert "dtype                  bfloat16" in setup and "bf16                   SFTConfig default" in setup
+
+
 # --------------------------------------------------------------------------------------------- output
 
 def test_json_is_the_only_thing_on_stdout(probe, capsys):
