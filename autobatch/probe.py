@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from autobatch.config import Config, format_bytes
+from autobatch.config import Config, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
 from autobatch.memory import MemoryBackend, is_oom, make_backend
 from autobatch.planner import Option, Plan, Trial, check_effective_batch, plan_options, search_max_micro_batch
@@ -217,7 +217,7 @@ def resolve_headroom(config: Config, device: str) -> float:
 def _budget_error(trial: Trial, usable_bytes: int, config: Config) -> BudgetTooSmallError:
     needs = "more than " + format_bytes(trial.peak_memory_bytes) if trial.oom else format_bytes(trial.peak_memory_bytes)
     hints = ["a larger --memory-budget"]
-    if config.training_args.get("gradient_checkpointing") is False:
+    if modern_names(config.training_args).get("activation_checkpointing") is False:  # either name
         hints.append("--gradient-checkpointing true")
     if not config.lora:
         hints.append("LoRA (a lora: section)")
