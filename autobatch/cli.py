@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 _VALUE_FLAGS = [
     ("--model", "model_name_or_path", "model directory or hub name (default: the built-in tiny model)"),
     ("--dataset", "dataset_name",
-     "hub dataset or local json/jsonl/csv/parquet/txt file (default: the built-in text sample)"),
+     "hub dataset, local json/jsonl/csv/parquet/txt file or a folder of them (default: the built-in text sample)"),
     ("--dataset-split", "dataset_train_split", "split to train on (default: train)"),
     ("--dataset-text-field", "dataset_text_field", "column with the text (default: text)"),
     ("--device", "device",
@@ -58,6 +58,19 @@ _VALUE_FLAGS = [
      "check this micro-batch instead of searching (= per_device_train_batch_size)"),
     ("--world-size", "world_size", "number of processes (default: $WORLD_SIZE or 1)"),
     ("--max-length", "max_length", "tokens per example after truncation (SFTConfig max_length)"),
+]
+#: What a `run` user looks for in --help (issue 11); each also works as a YAML key of the same name.
+_VALUE_FLAGS += [
+    ("--dataset-test-split", "dataset_test_split", "split to evaluate on (hub dataset or folder; needs --eval-strategy)"),
+    ("--eval-fraction", "eval_fraction",
+     "hold out this fraction of the training data for evaluation (TRL: test_split_size; needs --eval-strategy)"),
+    ("--eval-strategy", "eval_strategy", "no, steps (with --eval-steps N) or epoch (default: no)"),
+    ("--output-dir", "output_dir", "where run saves the model, checkpoints and plan.json (default: autobatch-out)"),
+    ("--max-steps", "max_steps", "optimizer steps to train (default: -1 = num_train_epochs)"),
+    ("--use-peft", "use_peft", "true: train LoRA adapters (TRL's defaults r 16, alpha 32, dropout 0.05)"),
+    ("--lora-r", "lora_r", "LoRA rank (with --use-peft true)"),
+    ("--lora-alpha", "lora_alpha", "LoRA alpha (with --use-peft true)"),
+    ("--lora-target-modules", "lora_target_modules", "e.g. all-linear or [q_proj,v_proj] (with --use-peft true)"),
 ]
 _STRING_KEYS = frozenset({
     "model_name_or_path", "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split",
@@ -168,9 +181,15 @@ def _print_setup(config: Config, command: str) -> None:
     """The derived numbers, before any work starts (nanoGPT style)."""
     args = config.training_args
     effective = config.effective_batch_size
+    if config.dataset_name:
+        dataset = config.dataset_name
+    elif config.model_name_or_path is None:
+        dataset = "built-in text sample"
+    else:
+        dataset = "none: a synthetic sequence of max_length tokens is measured"
     rows = [
         ("model", config.model_name_or_path or "built-in tiny causal LM"),
-        ("dataset", config.dataset_name or "built-in text sample"),
+        ("dataset", dataset),
         ("device", config.device or "auto (cuda if available, else cpu)"),
         ("memory budget", "auto (free GPU memory / available RAM)" if config.memory_budget_bytes is None
          else f"{format_bytes(config.memory_budget_bytes)} ({config.memory_budget_bytes} bytes)"),
@@ -185,7 +204,8 @@ def _print_setup(config: Config, command: str) -> None:
     ]
     if config.lora is not None:
         rows.append(("lora", ", ".join(f"{k}={v}" for k, v in config.lora.items())))
-    for key in ("gradient_checkpointing", "activation_checkpointing", "bf16", "fp16", "packing", "optim"):
+    rows += _memory_rows(config)
+    for key in ("packing", "optim"):
         if key in args:
             rows.append((key, args[key]))
     _err(f"autobatch {command}:")
@@ -193,17 +213,52 @@ def _print_setup(config: Config, command: str) -> None:
         _err(f"  {label:<22} {value}")
 
 
+def _memory_rows(config: Config) -> list[tuple[str, Any]]:
+    """The settings that change memory, TRL's defaults named as such: what the trials will measure."""
+    args = config.training_args
+    checkpointing = args.get("activation_checkpointing", args.get("gradient_checkpointing"))
+    rows = [
+        ("checkpointing", "true (SFTConfig default)" if checkpointing is None else checkpointing),
+        ("dtype", config.model_args.get("dtype", "float32 (TRL ModelConfig default)")),
+        ("bf16", args.get("bf16", "SFTConfig default: on where supported (off on cpu/estimate)")),
+    ]
+    if args.get("fp16"):
+        rows.append(("fp16", True))
+    if config.eval_fraction is not None or config.dataset_test_split is not None:
+        held = (f"{config.eval_fraction:g} of the training data" if config.eval_fraction is not None
+                else f"split {config.dataset_test_split}")
+        rows.append(("evaluation", f"{held}, eval_strategy {args.get('eval_strategy', args.get('evaluation_strategy'))}"))
+    return rows
+
+
+def _progress_wanted(args: argparse.Namespace) -> bool:
+    """Progress lines and the Trainer's bar: on a terminal only, never with --json."""
+    return not args.json and sys.stderr.isatty()
+
+
+def _start_printer(micro: int, eval_batch: int | None) -> None:
+    """`trying micro=512 …` before a trial starts: a large trial can take minutes."""
+    if eval_batch is None:
+        _err(f"trying micro={micro} …")
+    else:
+        _err(f"trying eval batch={eval_batch} beside training at micro={micro} …")
+
+
+def _eval_trial_printer(budget_bytes: int | None) -> Callable[[Trial], None]:
+    """One stderr line per evaluation trial: `eval batch=8 fits peak=...`."""
+    return lambda trial: _err(_trial_line(trial, budget_bytes, "eval batch"))
+
+
 def _trial_printer(budget_bytes: int | None) -> Callable[[Trial], None]:
     """One stderr line per trial: `micro=16 fits peak=31.2GiB (78% of budget) 0.42 s/step`."""
+    return lambda trial: _err(_trial_line(trial, budget_bytes))
 
-    def on_trial(trial: Trial) -> None:
-        status = "fits" if trial.fits else ("OOM" if trial.oom else "does not fit")
-        share = f" ({trial.peak_memory_bytes / budget_bytes:.0%} of budget)" if budget_bytes else ""
-        speed = f" {trial.seconds:.2f} s/step" if trial.fits else ""
-        peak = format_bytes(trial.peak_memory_bytes)
-        _err(f"micro={trial.micro_batch_size} {status} peak={peak}{share}{speed}")
 
-    return on_trial
+def _trial_line(trial: Trial, budget_bytes: int | None, label: str = "micro") -> str:
+    status = "fits" if trial.fits else ("OOM" if trial.oom else "does not fit")
+    share = f" ({trial.peak_memory_bytes / budget_bytes:.0%} of budget)" if budget_bytes else ""
+    speed = f" {trial.seconds:.2f} s/step" if trial.fits and label == "micro" else ""
+    return f"{label}={trial.micro_batch_size} {status} peak={format_bytes(trial.peak_memory_bytes)}{share}{speed}"
 
 
 def format_plan(plan: Plan) -> str:
@@ -236,13 +291,14 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  eval batch       {plan.per_device_eval_batch_size} (peak {format_bytes(eval_peak)} with "
                      f"training state; {len(plan.eval_trials)} trials)")
     if plan.options:
-        lines += ["", "  micro  accumulation  samples/s  s/step   timing"]
+        lines += ["", "  micro  accumulation  samples/s  s/micro-batch  s/optimizer-step   timing"]
         for option in plan.options[:10]:
             mark = "*" if option.micro_batch_size == micro else " "
             rate = option.samples_per_s
             lines.append(
                 f"{mark} {option.micro_batch_size:>5}  {option.gradient_accumulation_steps:>12}  "
-                f"{rate if math.isfinite(rate) else 0:>9.1f}  {option.seconds_per_step:>6.3f}   "
+                f"{rate if math.isfinite(rate) else 0:>9.1f}  {option.seconds_per_step:>13.3f}  "
+                f"{option.seconds_per_step * option.gradient_accumulation_steps:>16.3f}   "
                 + ("measured" if option.measured else "interpolated")
             )
         if len(plan.options) > 10:
@@ -253,7 +309,8 @@ def format_plan(plan: Plan) -> str:
     use = f"use: --per_device_train_batch_size {micro} --gradient_accumulation_steps {accumulation}"
     if plan.per_device_eval_batch_size:
         use += f" --per_device_eval_batch_size {plan.per_device_eval_batch_size}"
-    lines += ["", use]
+    if plan.fits:  # a micro-batch that does not fit is no advice to follow
+        lines += ["", use]
     return "\n".join(lines)
 
 
@@ -284,11 +341,16 @@ def _builtin_model_path(config: Config) -> str | None:
     return str(builtin_model_dir())
 
 
-def _probe(config: Config) -> Plan:
+def _probe(config: Config, progress: bool = False) -> Plan:
     from autobatch.probe import make_plan
 
+    budget = config.memory_budget_bytes
+    extra: dict[str, Any] = {"on_eval_trial": _eval_trial_printer(budget)}
+    if progress:
+        _err(f"loading {config.model_name_or_path or 'the built-in model'} and its data …")
+        extra["on_start"] = _start_printer
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the report / the one JSON object
-        return make_plan(config, on_trial=_trial_printer(config.memory_budget_bytes))
+        return make_plan(config, on_trial=_trial_printer(budget), **extra)
 
 
 def _refuse_unfit(plan: Plan, output: str | None) -> None:
@@ -311,7 +373,7 @@ def _cmd_plan(args: argparse.Namespace, extras: list[str]) -> int:
     config = _config_from_args(args, extras)
     _print_setup(config, "plan")
     _quiet_third_party(args.verbose)
-    plan = _probe(config)
+    plan = _probe(config, _progress_wanted(args))
     print(_plan_json(plan) if args.json else format_plan(plan), flush=True)
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
@@ -336,11 +398,12 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     if args.plan:
         plan = train.load_plan(args.plan, config)
     else:
-        plan = train.resume_plan(config) if args.resume else _probe(config)
+        plan = train.resume_plan(config) if args.resume else _probe(config, _progress_wanted(args))
     if not args.json:
         print(format_plan(plan), flush=True)
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
+    _show_training_progress(config, _progress_wanted(args))
     try:
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             result = train.run(config, plan, resume=args.resume, overwrite=args.overwrite_output_dir,
@@ -363,6 +426,17 @@ def _resume_command(argv: list[str] | None) -> str:
     argv = sys.argv[1:] if argv is None else argv
     argv = [a for a in argv if a not in ("--resume", "--overwrite-output-dir")]
     return shlex.join(["autobatch", *argv, "--resume"])
+
+
+def _show_training_progress(config: Config, progress: bool) -> None:
+    """The Trainer's own bar on a terminal, as `trl sft` shows it; none on a pipe or with --json.
+
+    Quieting transformers' logging to errors also turns `disable_tqdm` on (TrainingArguments' default
+    follows the log level), so it is set here unless the config chose it.
+    """
+    config.training_args.setdefault("disable_tqdm", not progress)
+    if progress:
+        _err(f"loading {config.model_name_or_path or 'the built-in model'} and its data for training …")
 
 
 def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:

@@ -37,6 +37,11 @@ BUILTIN_CONFIG = Path(__file__).parent / "assets" / "tiny.yaml"
 
 DEVICES = ("cuda", "cpu", "estimate")
 DATASET_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+#: datasets' packaged builders for local files, by suffix (the `path:` of a TRL `datasets:` entry).
+LOCAL_DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+LOCAL_DATA_BUILDERS = frozenset(LOCAL_DATA_FORMATS.values())
+#: SFTTrainer arguments (not SFTConfig fields) a config may name: autobatch run only, `trl sft` has no key.
+TRAINER_KEYS = ("formatting_func",)
 
 #: TRL ScriptArguments keys autobatch keeps as Config fields (trl/scripts/utils.py).
 SCRIPT_ARGUMENTS_KEYS = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split")
@@ -114,7 +119,8 @@ _FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 _PLAIN_FIELDS = frozenset(_FIELDS) - {"lora", "model_args", "training_args", "memory_budget_bytes"}
 
 #: Every top-level key with a meaning before SFTConfig is consulted (for closest-key suggestions).
-AUTOBATCH_KEYS = frozenset(_PLAIN_FIELDS | {"memory_budget", "memory_budget_bytes", "lora", "use_peft"}
+AUTOBATCH_KEYS = frozenset(_PLAIN_FIELDS | {"memory_budget", "memory_budget_bytes", "lora", "use_peft", "datasets",
+                                            "test_split_size"}
                            | set(MODEL_CONFIG_LORA_KEYS) | set(MODEL_ARGS_KEYS))
 
 
@@ -233,6 +239,10 @@ class _Merged:
                 self._set(self.fields, "memory_budget_bytes", value, name)
             elif key in _PLAIN_FIELDS:
                 self._set(self.fields, key, value, name)
+            elif key == "datasets":
+                self._dataset_mixture(value, name)
+            elif key == "test_split_size":  # TRL's DatasetMixtureConfig name for a held-out fraction
+                self._set(self.fields, "eval_fraction", value, name)
             elif key == "lora":
                 self._lora_section(value, name, layer_lora, switches)
             elif key == "use_peft":
@@ -256,6 +266,35 @@ class _Merged:
     def _set(self, target: dict, key: str, value: Any, name: str) -> None:
         target[key] = value
         self.names[key] = name
+
+    def _dataset_mixture(self, value: Any, name: str) -> None:
+        """TRL's `datasets:` list (DatasetMixtureConfig), one entry: local files or a hub/folder name.
+
+        `{path: json, data_files: FILE, split: train}` is the spelling for a local file that `trl sft` and
+        autobatch both read; `{path: NAME_OR_FOLDER, name: CONFIG, split: SPLIT}` names a hub dataset or folder.
+        """
+        entry = value[0] if isinstance(value, list) and len(value) == 1 else None
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("path"), str):
+            self.problems.append(f"{name}: autobatch reads one entry `- {{path: json, data_files: FILE, split: "
+                                 f"train}}` or `- {{path: HUB_NAME_OR_FOLDER, split: train}}`; got {value!r}")
+            return
+        extra = sorted(set(entry) - {"path", "name", "data_files", "split"} - {k for k, v in entry.items() if v is None})
+        if extra:
+            self.problems.append(f"{name}: {', '.join(extra)} not supported by autobatch; remove it")
+            return
+        path, files, split = entry["path"], entry.get("data_files"), entry.get("split") or "train"
+        if path in LOCAL_DATA_BUILDERS:
+            if not isinstance(files, str):
+                self.problems.append(f"{name}: path {path} needs data_files: one local file (a string)")
+                return
+            self._set(self.fields, "dataset_name", files, f"{name}[0].data_files")
+        else:
+            if files is not None:
+                self.problems.append(f"{name}: data_files goes with path: json|csv|parquet|text; remove it")
+                return
+            self._set(self.fields, "dataset_name", path, f"{name}[0].path")
+            self._set(self.fields, "dataset_config", entry.get("name"), f"{name}[0].name")
+        self._set(self.fields, "dataset_train_split", split, f"{name}[0].split")
 
     def _lora_section(self, value: Any, name: str, layer_lora: dict, switches: dict) -> None:
         if value is None or value is False:
@@ -284,10 +323,10 @@ class _Merged:
         lora = None
         if self.lora_on:
             lora = {**LORA_DEFAULTS, **self.lora}
-        elif self.lora and self.lora_on is None:
+        elif self.lora and self.lora_on is None:  # no input silently ignored
             given = ", ".join(self.names[f"lora.{k}"] for k in self.lora)
-            logger.warning("%s ignored: LoRA is off; add `use_peft: true` (or --use-peft true) to use it",
-                           given)
+            self.problems.append(f"{given} would be ignored: LoRA is off; add `use_peft: true` (or --use-peft "
+                                 "true) to use it, or remove it")
         return Config(
             **self.fields,
             lora=lora,
@@ -309,6 +348,8 @@ def build_config(
     merged = _Merged()
     if path is not None:
         data = read_yaml(path)
+        trainer_only = _plan_meta(path).get("autobatch_only") or {}
+        merged.apply(trainer_only, {key: f"{key} (in the autobatch-plan line of {path})" for key in trainer_only})
         where = "the built-in tiny.yaml" if Path(path) == BUILTIN_CONFIG else path
         merged.apply(data, {key: f"{key} (in {where})" for key in data if isinstance(key, str)})
     if overrides:
@@ -385,6 +426,7 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
         elif out.dataset_test_split is not None:
             problems.append(f"{name('eval_fraction')} and {name('dataset_test_split')} both choose the eval "
                             "data: keep one")
+    problems.extend(_ignored_input_problems(out, name, local_file))
 
     # Batch arithmetic.
     ok_batch = True
@@ -449,6 +491,29 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
             raise ConfigError(problems[0])
         raise ConfigError(f"{len(problems)} problems: " + "; ".join(problems))
     return out
+
+
+def _ignored_input_problems(config: Config, name, local_file: bool) -> list[str]:
+    """Inputs that would reach nothing: each is an error saying what to do instead (issue 11)."""
+    problems = []
+    if local_file:
+        where = f"{name('dataset_name')} {config.dataset_name} is one local file, whose only split is train"
+        if config.dataset_train_split != "train":
+            problems.append(f"{name('dataset_train_split')} {config.dataset_train_split!r}: {where}; drop it, or "
+                            f"give a folder with a {config.dataset_train_split}.jsonl file, or a hub dataset")
+        if config.dataset_test_split is not None:
+            problems.append(f"{name('dataset_test_split')} {config.dataset_test_split!r}: {where}; hold out part "
+                            "of it with --eval-fraction 0.1 instead, or give a folder with a test file")
+        if config.dataset_config is not None:
+            problems.append(f"{name('dataset_config')} {config.dataset_config!r}: {where} and no configs; drop it")
+    args = config.training_args
+    strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
+    if strategy in ("no", None):
+        for key in ("eval_fraction", "dataset_test_split"):
+            if getattr(config, key) is not None:
+                problems.append(f"{name(key)} {getattr(config, key)!r} is never used: eval_strategy is no; add "
+                                "--eval-strategy steps --eval-steps N (or epoch) to evaluate, or drop it")
+    return problems
 
 
 def _batch_problems(config: Config, name) -> list[str]:
@@ -540,6 +605,9 @@ def check_output_path(path: str | os.PathLike, flag: str = "--output") -> Path:
     return path
 
 
+#: SFTConfig's default for (gradient|activation)_checkpointing (trl/trainer/sft_config.py: True, unlike Trainer).
+SFT_CHECKPOINTING_DEFAULT = True
+
 #: SFTConfig/TrainingArguments keys that change what a training step holds in memory.
 MEMORY_KEYS = (
     "max_length", "packing", "packing_strategy", "padding_free", "gradient_checkpointing",
@@ -584,6 +652,14 @@ def read_plan_meta(path: str | os.PathLike) -> dict[str, Any]:
     raise ConfigError(f"--plan {path}: not a plan written by `autobatch plan --output`; write one with it")
 
 
+def _plan_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The `# autobatch-plan:` line of a file, {} if it has none (an ordinary config)."""
+    try:
+        return read_plan_meta(path)
+    except ConfigError:
+        return {}
+
+
 def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | None = None) -> str:
     """The config with the planned batch filled in, as YAML that `trl sft --config` and `autobatch run` read.
 
@@ -595,17 +671,16 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         raise AutobatchError(f"micro-batch {plan.per_device_train_batch_size} does not fit the memory "
                              "budget: no plan to write")
     model = config.model_name_or_path or (str(model_path) if model_path is not None else None)
+    written = _as_written(config, plan.device)
     body: dict[str, Any] = {}
     if model is not None:
         body["model_name_or_path"] = model
-    body.update(config.model_args)
-    for key in SCRIPT_ARGUMENTS_KEYS:
-        value = getattr(config, key)
-        if value is not None:
-            body[key] = value
+    body.update(written.model_args)
+    body.update(_dataset_keys(written))
     body["per_device_train_batch_size"] = plan.per_device_train_batch_size
     body["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
-    body.update(config.training_args)
+    trainer_only = {k: v for k, v in written.training_args.items() if k in TRAINER_KEYS}
+    body.update({k: v for k, v in written.training_args.items() if k not in TRAINER_KEYS})
     if plan.per_device_eval_batch_size:
         body["per_device_eval_batch_size"] = plan.per_device_eval_batch_size
     not_written = []
@@ -639,15 +714,17 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         "device": plan.device, "memory_budget_bytes": budget, "usable_memory_bytes": usable, "headroom": plan.headroom,
         "peak_memory_bytes": peak, "max_micro_batch_size": plan.max_micro_batch_size, "max_length": plan.max_length,
         "effective_batch_size": plan.effective_batch_size, "world_size": world, "seconds_per_step": plan.seconds_per_step,
-        "memory_fingerprint": memory_fingerprint(config, str(model_path) if model_path else None),
+        "memory_fingerprint": memory_fingerprint(written, str(model_path) if model_path else None),
     }
+    if trainer_only:  # read back by autobatch (build_config), invisible to trl sft
+        meta["autobatch_only"] = trainer_only
     lines.append(PLAN_META_PREFIX + json.dumps(meta, sort_keys=True, default=str))
     if model is None:
         lines.append("# model_name_or_path: the built-in tiny model (pass its path to write it here)")
     if config.dataset_name is None:
         lines.append("# dataset_name: none, autobatch uses its built-in text sample; set one for trl sft")
-    if config.eval_fraction is not None:
-        lines.append(f"# eval_fraction {config.eval_fraction:g}: autobatch only, trl sft has no such key")
+    for key, value in trainer_only.items():
+        lines.append(f"# {key}: {value} is for autobatch run only (trl sft has no such key; kept in the line above)")
     if not_written:
         lines.append(f"# LoRA settings trl sft has no key for (autobatch run only): {', '.join(not_written)}")
     try:
@@ -655,6 +732,65 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot write the plan as YAML: {exc}") from None
     return "\n".join(lines) + "\n" + text
+
+
+def modern_names(training_args: Mapping[str, Any]) -> dict[str, Any]:
+    """`gradient_checkpointing[_kwargs]` under the name transformers now reads, `activation_checkpointing[_kwargs]`.
+
+    transformers 5 warns on every TrainingArguments built with the old name (a FutureWarning per trial);
+    TRL's SFTConfig sets it by default. Both names with different values: one ConfigError.
+    """
+    args = dict(training_args)
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in args:
+            value = args.pop(old)
+            if args.get(new, value) != value:
+                raise ConfigError(f"{old} {value!r} and {new} {args[new]!r} disagree ({old} is the old name of "
+                                  f"{new}): keep {new}")
+            args[new] = value
+    return args
+
+
+def _as_written(config: Config, device: str) -> Config:
+    """The config as plan.yaml states it: the precision the plan was measured with, current key names.
+
+    On the cpu backend bf16/fp16 are off (the probe turned them off), so `trl sft` on that machine does
+    not fall back to TRL's bf16 default, which the CPU refuses.
+    """
+    args = modern_names(config.training_args)
+    args.setdefault("activation_checkpointing", SFT_CHECKPOINTING_DEFAULT)  # said, not left to TRL's default
+    if device == "cpu":
+        args["bf16"] = False
+        if args.get("fp16"):
+            args["fp16"] = False
+    dataset = config.dataset_name
+    if isinstance(dataset, str) and os.path.exists(os.path.expanduser(dataset)):
+        dataset = os.path.abspath(os.path.expanduser(dataset))  # trl sft may be started from elsewhere
+    return dataclasses.replace(config, training_args=args, dataset_name=dataset)
+
+
+def _dataset_keys(config: Config) -> dict[str, Any]:
+    """The data as TRL spells it: a `datasets:` entry for a local file or a held-out fraction, else ScriptArguments.
+
+    `trl sft` reads a local file only through DatasetMixtureConfig (`{path: json, data_files: FILE}`), and a
+    held-out fraction only as its `test_split_size`; autobatch reads both spellings back.
+    """
+    name = config.dataset_name
+    if name is None:
+        return {}
+    builder = LOCAL_DATA_FORMATS.get(Path(name).suffix.lower()) if os.path.isfile(name) else None
+    if builder is None and config.eval_fraction is None:
+        keys = {key: getattr(config, key) for key in SCRIPT_ARGUMENTS_KEYS}
+        return {k: v for k, v in keys.items() if v is not None}
+    entry: dict[str, Any] = {"path": builder, "data_files": name} if builder else {"path": name}
+    if not builder and config.dataset_config is not None:
+        entry["name"] = config.dataset_config
+    entry["split"] = config.dataset_train_split
+    keys = {"datasets": [entry]}
+    if config.eval_fraction is not None:
+        keys["test_split_size"] = config.eval_fraction
+    return keys
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from autobatch.config import Config, format_bytes
+from autobatch.config import Config, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
 from autobatch.memory import MemoryBackend, is_oom, make_backend
 from autobatch.planner import Option, Plan, Trial, check_effective_batch, plan_options, search_max_micro_batch
@@ -60,6 +60,8 @@ class Prober:
     ) -> None:
         self.backend = backend
         self.usable_bytes = usable_bytes
+        self.on_start: Callable[[int, int | None], None] | None = None  # (micro, eval batch) before a trial
+        self.on_eval_trial: Callable[[Trial], None] | None = None  # after an evaluation trial
         self.per_device = per_device
         self.workdir = tempfile.TemporaryDirectory(prefix="autobatch-probe-")
         # The run's own settings, less what a two-step trial must not do (save, evaluate, log, report).
@@ -158,6 +160,8 @@ class Prober:
         With `eval_batch_size` the steps are followed by evaluation at that batch size, and the trial is
         reported under the eval batch size.
         """
+        if self.on_start:
+            self.on_start(micro_batch_size, eval_batch_size)
         accumulation = self._accumulation(micro_batch_size)
         micro_steps = min(2, accumulation)  # accumulating adds into existing gradients: a peak of its own
         oom = False
@@ -179,7 +183,9 @@ class Prober:
         peak = measured.peak_bytes
         size = eval_batch_size or micro_batch_size
         trial = Trial(size, peak, fits=not oom and peak <= self.usable_bytes, seconds=seconds, oom=oom)
-        logger.info(describe_trial(trial, self.usable_bytes))
+        logger.debug(describe_trial(trial, self.usable_bytes))  # the CLI prints it; -v must not print it twice
+        if eval_batch_size and self.on_eval_trial:
+            self.on_eval_trial(trial)
         return trial
 
     def close(self) -> None:
@@ -211,7 +217,7 @@ def resolve_headroom(config: Config, device: str) -> float:
 def _budget_error(trial: Trial, usable_bytes: int, config: Config) -> BudgetTooSmallError:
     needs = "more than " + format_bytes(trial.peak_memory_bytes) if trial.oom else format_bytes(trial.peak_memory_bytes)
     hints = ["a larger --memory-budget"]
-    if config.training_args.get("gradient_checkpointing") is False:
+    if modern_names(config.training_args).get("activation_checkpointing") is False:  # either name
         hints.append("--gradient-checkpointing true")
     if not config.lora:
         hints.append("LoRA (a lora: section)")
@@ -223,8 +229,17 @@ def _budget_error(trial: Trial, usable_bytes: int, config: Config) -> BudgetTooS
     )
 
 
-def make_plan(config: Config, on_trial: Callable[[Trial], None] | None = None) -> Plan:
-    """Probe the workload, search the largest micro-batch, and plan micro × accumulation × world size."""
+def make_plan(
+    config: Config,
+    on_trial: Callable[[Trial], None] | None = None,
+    on_start: Callable[[int, int | None], None] | None = None,
+    on_eval_trial: Callable[[Trial], None] | None = None,
+) -> Plan:
+    """Probe the workload, search the largest micro-batch, and plan micro × accumulation × world size.
+
+    `on_start(micro, eval_batch)` is called before every trial run (eval_batch None for a training trial),
+    `on_trial` after each training trial, `on_eval_trial` after each evaluation trial: progress for the CLI.
+    """
     started = time.perf_counter()
     backend = make_backend(config.device, config.memory_budget_bytes)
     headroom = resolve_headroom(config, backend.device)
@@ -233,6 +248,7 @@ def make_plan(config: Config, on_trial: Callable[[Trial], None] | None = None) -
     if config.effective_batch_size is not None:
         per_device = check_effective_batch(config.effective_batch_size, config.world_size)
     prober = Prober(config, backend, usable, per_device)
+    prober.on_start, prober.on_eval_trial = on_start, on_eval_trial
     trials: list[Trial] = []
 
     def probe(size: int) -> Trial:
@@ -350,9 +366,10 @@ def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: i
             )
         trial = next(t for t in trials if t.micro_batch_size == micro)
         options = [Option(micro, per_device // micro, trial.seconds, measured=True)]
+    elif per_device is None:  # no target: the largest micro-batch that fits, accumulation as given (auto: 1)
+        trial = [t for t in trials if t.micro_batch_size == max_micro][-1]
+        options = [Option(max_micro, accumulation if isinstance(accumulation, int) else 1, trial.seconds, True)]
     else:
-        if per_device is None:
-            per_device = max_micro * (accumulation if isinstance(accumulation, int) else 1)
         options = _measured_options(per_device, max_micro, accumulation, trials, probe)
     chosen = options[0]
     trial = [t for t in trials if t.micro_batch_size == chosen.micro_batch_size][-1]

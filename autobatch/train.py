@@ -78,6 +78,7 @@ class RunResult:
     fallbacks: list[Fallback] = field(default_factory=list)
     eval_fallbacks: list[int] = field(default_factory=list)  # eval batch sizes an OOM in evaluation led to
     log_history: list[dict] = field(default_factory=list)
+    resumed_from_step: int = 0  # the checkpoint's step with --resume: this invocation trained the rest
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -507,6 +508,7 @@ def run(
         fallbacks=trainer.fallbacks,
         eval_fallbacks=trainer.eval_fallbacks,
         log_history=trainer.state.log_history,
+        resumed_from_step=int(Path(checkpoint).name.rpartition("-")[2]) if checkpoint else 0,
     )
 
 
@@ -521,15 +523,21 @@ def _stopped(stop: SignalStop, trainer, output_dir: str) -> Interrupted:
 
 def summary_lines(result: RunResult) -> list[str]:
     """The closing summary the CLI prints."""
+    trained = result.global_step - result.resumed_from_step
+    resumed = f" (resumed at step {result.resumed_from_step}, now at {result.global_step})" if result.resumed_from_step else ""
     lines = [
-        (f"trained {result.global_step} steps, micro-batch {result.per_device_train_batch_size} × accumulation "
+        (f"trained {trained} steps{resumed}, micro-batch {result.per_device_train_batch_size} × accumulation "
          f"{result.gradient_accumulation_steps} = effective {result.effective_batch_size}"),
         (f"peak memory {format_bytes(result.peak_memory_bytes)} (probe predicted "
          f"{format_bytes(result.predicted_peak_memory_bytes)}; budget {format_bytes(result.memory_budget_bytes)}, "
          f"{result.device})"),
     ]
     if result.samples_per_s:
-        lines.append(f"{result.samples_per_s:.1f} samples/s, final train loss {result.train_loss:.4f}")
+        # Trainer's training_loss is the mean over the steps this invocation trained, not the last loss
+        losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+        last = f", last logged loss {losses[-1]:.4f}" if losses else ""
+        lines.append(f"{result.samples_per_s:.1f} samples/s, mean train loss {result.train_loss:.4f} over "
+                     f"{trained} steps{last}")
     for event in result.fallbacks:
         lines.append(
             f"OOM survived at step {event.global_step}: continued with micro-batch {event.per_device_train_batch_size}"

@@ -14,14 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from autobatch.config import Config, memory_fingerprint
+from autobatch.config import LOCAL_DATA_FORMATS, TRAINER_KEYS, Config, memory_fingerprint, modern_names
 from autobatch.errors import AutobatchError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-LOCAL_DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-#: SFTTrainer arguments (not SFTConfig fields) that a config may name.
-TRAINER_KEYS = ("formatting_func",)
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. "
 
 
@@ -45,7 +42,34 @@ def model_path(config: Config) -> str:
             f"--model: {config.model_name_or_path} is not a model directory (no config.json); "
             "pass a directory written by save_pretrained or a hub name"
         )
+    if not looks_local:
+        check_hub_reachable(name, "--model")
     return name
+
+
+def check_hub_reachable(name: str, flag: str, timeout_s: float = 3.0) -> None:
+    """A hub name with no hub in reach fails here in seconds, not after a minute of retry lines.
+
+    huggingface_hub retries each request with back-off and logs every retry; offline that is 11-22 lines
+    over up to 51 s (measured) before its error. Skipped when HF_HUB_OFFLINE is set (the local cache is
+    used) or a proxy is configured (a direct connection says nothing then).
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise AutobatchError(
+            f"{flag} {name}: not a local path, and the hub ({host}) is unreachable ({exc.strerror or exc}): "
+            "set HF_HUB_OFFLINE=1 to use a copy already in the local cache, or pass a local copy"
+        ) from None
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -62,7 +86,7 @@ def sft_config(config: Config, device: str, output_dir: str, **overrides: Any):
     from trl import SFTConfig
 
     valid = sorted(f.name for f in dataclasses.fields(SFTConfig) if f.init)
-    kwargs = {k: v for k, v in config.training_args.items() if k not in TRAINER_KEYS}
+    kwargs = modern_names({k: v for k, v in config.training_args.items() if k not in TRAINER_KEYS})
     notes = []
     if "evaluation_strategy" in kwargs:
         kwargs.setdefault("eval_strategy", kwargs.pop("evaluation_strategy"))
@@ -73,6 +97,9 @@ def sft_config(config: Config, device: str, output_dir: str, **overrides: Any):
         problems = "; ".join(f"unknown key {k!r}{_closest(k, valid)}" for k in unknown)
         raise ConfigError(f"{problems}: keys must be SFTConfig/TrainingArguments fields or autobatch options")
     kwargs.update(overrides)
+    # SFTConfig's default turns checkpointing on under the old name, which warns once per SFTConfig built.
+    default = next(f.default for f in dataclasses.fields(SFTConfig) if f.name == "gradient_checkpointing")
+    kwargs.setdefault("activation_checkpointing", default)
     if config.model_args:  # TRL ModelConfig keys (dtype, attn_implementation) reach the model loader here
         kwargs["model_init_kwargs"] = {**_model_init_kwargs(config.model_args), **(kwargs.get("model_init_kwargs") or {})}
     kwargs["output_dir"] = output_dir
@@ -80,7 +107,9 @@ def sft_config(config: Config, device: str, output_dir: str, **overrides: Any):
     if device != "cuda":
         wanted = kwargs.get("bf16", True) or kwargs.get("fp16", False)
         if wanted:
-            notes.append(f"bf16/fp16 off on the {device} backend (no mixed precision there): peaks are for fp32 activations")
+            dtype = config.model_args.get("dtype") or "float32"
+            notes.append(f"bf16/fp16 off on the {device} backend (no mixed precision there): peaks are for "
+                         f"{dtype} weights and activations" + (" (dtype auto: the checkpoint's)" if dtype == "auto" else ""))
         kwargs.update(bf16=False, fp16=False, use_cpu=True)
     try:
         return SFTConfig(**kwargs), notes
@@ -149,12 +178,15 @@ def load_train_dataset(config: Config, split: str | None = None):
         if path.suffix in LOCAL_DATA_FORMATS or path.exists():
             if not path.exists():
                 raise ConfigError(f"--dataset: {name} does not exist; pass a local json/jsonl/csv/parquet/txt file")
+            if path.is_dir():  # a folder of data files; its file names give the splits (train.jsonl, test.jsonl)
+                return datasets.load_dataset(str(path), split=split or config.dataset_train_split)
             builder = LOCAL_DATA_FORMATS.get(path.suffix)
             if builder is None:
                 raise ConfigError(
-                    f"--dataset: cannot read {name}: use a .json, .jsonl, .csv, .parquet or .txt file"
+                    f"--dataset: cannot read {name}: use a .json, .jsonl, .csv, .parquet or .txt file, or a folder"
                 )
             return datasets.load_dataset(builder, data_files=str(path), split="train")
+        check_hub_reachable(name, "--dataset")
         return datasets.load_dataset(name, config.dataset_config, split=split or config.dataset_train_split)
     except ConfigError:
         raise
@@ -217,6 +249,7 @@ def build_trainer(
 
     trainer_cls = trainer_cls or SFTTrainer
     path = model_path(config)
+    check_max_length(path, args.max_length, config.model_name_or_path or "the built-in model")
     tokenizer = load_tokenizer(path)
     if train_dataset is None:
         train_dataset = synthetic_dataset(tokenizer, args.max_length or 1024)
@@ -236,6 +269,20 @@ def build_trainer(
         )
     except OSError as exc:
         raise AutobatchError(_load_failure(path, exc)) from exc
+
+
+def check_max_length(path: str, max_length: int | None, name: str) -> None:
+    """max_length past the model's position table: one line with both numbers, not an IndexError mid-trial."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return  # the model load that follows reports it
+    positions = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if isinstance(positions, int) and max_length is not None and max_length > positions:
+        raise ConfigError(f"--max-length {max_length} is beyond the {positions} positions of {name}: "
+                          f"use --max-length {positions} or less")
 
 
 def _fake_model(path: str, args):

@@ -52,7 +52,7 @@ def probe(monkeypatch):
     seen: dict = {"calls": 0}
     module = types.ModuleType("autobatch.probe")
 
-    def make_plan(config, on_trial=None):
+    def make_plan(config, on_trial=None, **progress):
         seen["calls"] += 1
         seen["config"] = config
         print("noise a library printed on stdout")
@@ -198,6 +198,14 @@ def test_setup_is_printed_before_probing(probe, capsys):
     setup = err[: err.index("micro=1 ")]
     for fact in ("built-in tiny causal LM", "cpu", "300.0MiB (314572800 bytes)", "max_length", "256", "16"):
         assert fact in setup
+
+
+def test_setup_names_what_is_measured(probe, capsys):
+    cli.main(["plan", "--model", "models/tiny", "--dtype", "bfloat16"])
+    setup = capsys.readouterr().err
+    assert "dataset                none: a synthetic sequence of max_length tokens is measured" in setup
+    assert "checkpointing          true (SFTConfig default)" in setup
+    assert "dtype                  bfloat16" in setup and "bf16                   SFTConfig default" in setup
 
 
 # --------------------------------------------------------------------------------------------- output

@@ -2,7 +2,6 @@
 except the two tests that ask TRL itself whether our keys are its keys."""
 
 import dataclasses
-import logging
 import os
 from pathlib import Path
 
@@ -155,11 +154,9 @@ def test_cli_lora_keys_override_yaml_section(tmp_path):
     assert build_config(overrides={"use_peft": "true"}).lora["r"] == 16
 
 
-def test_lora_keys_without_use_peft_are_ignored_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="autobatch.config"):
-        config = build_config(overrides={"lora_r": 8}, names={"lora_r": "--lora-r"})
-    assert config.lora is None
-    assert "--lora-r ignored" in caplog.text and "use_peft" in caplog.text
+def test_lora_keys_without_use_peft_are_an_error():
+    with pytest.raises(ConfigError, match=r"--lora-r would be ignored: LoRA is off; add `use_peft: true`"):
+        build_config(overrides={"lora_r": 8}, names={"lora_r": "--lora-r"})
 
 
 def test_conflicting_lora_spellings(tmp_path):
@@ -340,7 +337,7 @@ def test_shipped_training_keys_are_sft_config_fields(path):
 
 def allowed_plan_keys(config: Config) -> set[str]:
     trl_model_keys = {"model_name_or_path", "use_peft", *MODEL_CONFIG_LORA_KEYS, *MODEL_ARGS_KEYS}
-    batch = {"per_device_train_batch_size", "gradient_accumulation_steps"}
+    batch = {"per_device_train_batch_size", "gradient_accumulation_steps", "activation_checkpointing"}
     return set(config.training_args) | set(SCRIPT_ARGUMENTS_KEYS) | trl_model_keys | batch
 
 
@@ -364,7 +361,7 @@ def test_plan_yaml_round_trips(tmp_path):
     write_plan_yaml(plan_path, text)
     again = load_config(plan_path)
     assert (again.per_device_train_batch_size, again.gradient_accumulation_steps) == (16, 2)
-    assert again.training_args == config.training_args
+    assert again.training_args == {**config.training_args, "activation_checkpointing": True}  # TRL's default, said
     assert again.lora == config.lora and again.model_args == config.model_args
     assert (again.model_name_or_path, again.dataset_name) == ("some/model", "imdb")
 
