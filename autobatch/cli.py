@@ -32,6 +32,7 @@ from autobatch.config import (
     write_plan_yaml,
 )
 from autobatch.errors import AutobatchError, ConfigError
+from autobatch.ranks import is_main
 
 if TYPE_CHECKING:
     from autobatch.planner import Plan, Trial
@@ -296,7 +297,7 @@ def _refuse_unfit(plan: Plan, output: str | None) -> None:
 
 
 def _write_output(config: Config, plan: Plan, output: str | None) -> None:
-    if output:
+    if output and is_main():
         path = write_plan_yaml(output, plan_yaml_text(config, plan, model_path=_builtin_model_path(config)))
         _err(f"wrote {path}")
 
@@ -350,8 +351,10 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     )
 
 
-def _err(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+def _err(text: str, every_rank: bool = False) -> None:
+    """stderr, from rank 0 only under a launcher (errors from every rank: each exits on its own)."""
+    if every_rank or is_main():
+        print(text, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -410,21 +413,22 @@ def main(argv: list[str] | None = None) -> int:
         args, extras = _make_parser().parse_known_args(argv)
         if args.command is None:
             raise ConfigError("choose a command: plan, run or sweep (see autobatch --help)")
-        with _logging_to_stderr("-v" in argv or "--verbose" in argv, debug):
+        quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if not is_main() else contextlib.nullcontext()
+        with _logging_to_stderr("-v" in argv or "--verbose" in argv, debug), quiet:  # rank 0 reports
             return args.func(args, extras)
     except AutobatchError as exc:
         if debug:
             traceback.print_exc()
-        _err(f"autobatch: error: {_one_line(str(exc))}")
+        _err(f"autobatch: error: {_one_line(str(exc))}", every_rank=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        _err("autobatch: interrupted")
+        _err("autobatch: interrupted", every_rank=True)
         return 130
     except Exception as exc:
         if debug:
             raise
         message = f"{type(exc).__name__}: {_one_line(str(exc))}"
-        _err(f"autobatch: error: {message} (rerun with --debug for the traceback)")
+        _err(f"autobatch: error: {message} (rerun with --debug for the traceback)", every_rank=True)
         return 1
 
 

@@ -417,7 +417,12 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
             out.device = device
     if out.memory_budget_bytes is not None:
         try:
-            out.memory_budget_bytes = parse_bytes(out.memory_budget_bytes, name("memory_budget_bytes"))
+            budget = out.memory_budget_bytes
+            if isinstance(budget, str) and "," in budget:  # one value per rank: `160MiB,100MiB`
+                from autobatch.ranks import per_rank_budget
+
+                budget = per_rank_budget(budget, name("memory_budget_bytes"))
+            out.memory_budget_bytes = parse_bytes(budget, name("memory_budget_bytes"))
         except ConfigError as exc:
             problems.append(str(exc))
     if out.headroom is not None and not (_is_number(out.headroom) and 0 <= out.headroom < 1):

@@ -27,6 +27,7 @@ class Trial:
     fits: bool
     seconds: float  # per training step, steady state
     oom: bool = False  # the trial raised out-of-memory (its peak is where it stopped)
+    peak_allocated_bytes: int | None = None  # tensors alone; peak_memory_bytes (reserved on cuda) decides
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from autobatch import ranks
 from autobatch.config import (
     Config,
     build_config,
@@ -119,10 +120,11 @@ def trainer_class():
                         self._split_step(model, earlier, num_items_in_batch)
                     return self._split_step(model, inputs, num_items_in_batch)
                 except Exception as exc:  # only OOM is handled; anything else propagates unchanged
-                    if not is_oom(exc):
+                    if not is_oom(exc, self.args.device.type):
                         raise
                     failed = True
                 if failed:  # outside the except block, so the OOM's traceback no longer pins tensors
+                    _stop_if_ranks(self.args.world_size, self.state.global_step, inputs)
                     self._fall_back(model)
                     replay = getattr(self, "_step_batches", [])[:position]
 
@@ -164,6 +166,25 @@ def trainer_class():
                 self.on_fallback(event)
 
     return OomSafeSFTTrainer
+
+
+def _stop_if_ranks(world_size: int, step: int, inputs: dict) -> None:
+    """Under several ranks an OOM stops the run: never a hang, never ranks on different batches.
+
+    Splitting the step on one rank alone would change how many backward passes, each with DDP's bucket
+    all-reduce, that rank runs while the others wait in theirs: a hang, or mismatched gradients. This
+    rank exits non-zero instead, and the launcher (torchrun, accelerate launch) stops the others.
+    """
+    if world_size <= 1:
+        return
+    import torch
+
+    size = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)), "?")
+    raise AutobatchError(
+        f"out of memory at step {step} on rank {ranks.current().rank} of {world_size} (micro-batch {size}): "
+        "the ranks cannot split one step together inside DDP, so the run stops; resume from the last "
+        "checkpoint with --resume after planning with a smaller --memory-budget or --micro-batch-size"
+    )
 
 
 def check_output_dir(config: Config) -> Path:
@@ -275,6 +296,12 @@ def check_can_run(config: Config) -> None:
             "--device estimate only plans (fake tensors cannot train): plan with it and --output plan.yaml, "
             "then autobatch run --plan plan.yaml --device cuda"
         )
+    if config.training_args.get("auto_find_batch_size"):
+        raise ConfigError(
+            "auto_find_batch_size: it restarts training at a smaller batch and fights the plan (autobatch's "
+            "own OOM fallback keeps the effective batch); set auto_find_batch_size false or remove it"
+        )
+    ranks.check_unsharded(config)
     check_output_dir(config)
 
 
@@ -284,7 +311,10 @@ def _run_backend(config: Config, plan: Plan):
     A plan made by the estimate backend trains on the default device (cuda if any, else cpu).
     """
     device = config.device or (None if plan.device == "estimate" else plan.device)
-    return make_backend(device, config.memory_budget_bytes or plan.memory_budget_bytes)
+    backend = make_backend(device, config.memory_budget_bytes or plan.memory_budget_bytes)
+    if backend.device == "cuda":  # the allocator capped at the usable budget: past it, the OOM fallback
+        backend.cap_bytes = int(backend.budget_bytes * (1 - plan.headroom))
+    return backend
 
 
 def run(
@@ -318,7 +348,8 @@ def run(
         config, args, train_dataset=train, eval_dataset=evaluation, trainer_cls=trainer_class(), callbacks=callbacks
     )
     trainer.fallbacks, trainer.on_fallback = [], on_fallback
-    Path(output_dir, PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
+    if ranks.is_main():
+        Path(output_dir, PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
     logger.info("plan: %s", json.dumps({k: v for k, v in plan.to_dict().items() if k not in ("trials", "options")}))
     checkpoint = resume and _last_checkpoint(output_dir)
     started = time.perf_counter()
