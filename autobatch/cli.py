@@ -413,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         args, extras = _make_parser().parse_known_args(argv)
         if args.command is None:
             raise ConfigError("choose a command: plan, run or sweep (see autobatch --help)")
-        quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if not is_main() else contextlib.nullcontext()
-        with _logging_to_stderr("-v" in argv or "--verbose" in argv, debug), quiet:  # rank 0 reports
+        with _logging_to_stderr("-v" in argv or "--verbose" in argv, debug), contextlib.ExitStack() as quiet:
+            if not is_main():  # rank 0 reports; the other ranks' stdout goes nowhere
+                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
             return args.func(args, extras)
     except AutobatchError as exc:
         if debug:

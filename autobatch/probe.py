@@ -15,9 +15,9 @@ import tempfile
 import time
 from collections.abc import Callable
 
+from autobatch import ranks
 from autobatch.config import Config, format_bytes
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
-from autobatch import ranks
 from autobatch.memory import MemoryBackend, is_oom, make_backend
 from autobatch.planner import Option, Plan, Trial, check_effective_batch, plan_options, search_max_micro_batch
 from autobatch.workload import build_trainer, fingerprint, load_train_dataset, sft_config
