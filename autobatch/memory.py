@@ -313,6 +313,11 @@ def make_backend(device: str | None, memory_budget_bytes: int | None) -> MemoryB
         backend.budget_source = "--memory-budget" if memory_budget_bytes else "free GPU memory"
         return backend
     cls = CpuBackend if device == "cpu" else EstimateBackend
+    if device == "estimate" and memory_budget_bytes is None:
+        raise ConfigError(
+            "--device estimate plans for a GPU this machine does not have: pass --memory-budget with that "
+            "card's memory (e.g. --memory-budget 80GB)"
+        )
     if memory_budget_bytes is None:
         backend = cls(available_ram_bytes())
         backend.budget_source = "available RAM"

@@ -94,6 +94,7 @@ class Prober:
 
         for quiet in (PrinterCallback, ProgressCallback):  # a trial's end-of-train metrics are not news
             self.trainer.remove_callback(quiet)
+        self.precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
         self.example = self._longest_example()
         self.max_length = len(self.example["input_ids"])
         self.padded = not (self.args.padding_free or self.args.packing)
@@ -304,6 +305,7 @@ def make_plan(config: Config, on_trial: Callable[[Trial], None] | None = None) -
     plan.headroom = headroom
     plan.device = backend.device
     plan.capped = capped
+    plan.precision = prober.precision
     plan.notes = prober.notes + plan.notes
     if backend.budget_source:
         plan.notes.append(f"budget: {format_bytes(backend.budget_bytes)} from {backend.budget_source}")
