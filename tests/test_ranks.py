@@ -149,3 +149,15 @@ def test_torchrun_two_ranks_run_on_the_smaller_ranks_micro_batch(tiny_model_dir,
     state = json.loads((out_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["train_batch_size"] == micro
     print(out.stdout)
+
+
+def test_an_oom_mid_run_under_several_ranks_stops_with_one_line_not_a_split():
+    import torch
+
+    from autobatch.errors import AutobatchError
+    from autobatch.train import _stop_if_ranks
+
+    batch = {"input_ids": torch.zeros(4, 8, dtype=torch.long)}
+    assert _stop_if_ranks(1, 5, batch) is None  # one process: the split fallback goes ahead
+    with pytest.raises(AutobatchError, match=r"out of memory at step 5 on rank \d of 2 \(micro-batch 4\): .*--resume"):
+        _stop_if_ranks(2, 5, batch)
