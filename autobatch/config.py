@@ -613,7 +613,9 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
     if plan.per_device_eval_batch_size:
         body["per_device_eval_batch_size"] = plan.per_device_eval_batch_size
     if plan.precision:  # the precision the trials measured, so `trl sft` trains what was planned
-        body["bf16"], body["fp16"] = plan.precision == "bf16", plan.precision == "fp16"
+        precision = {"bf16": plan.precision == "bf16", "fp16": plan.precision == "fp16"}
+        body.update(precision)
+        config = dataclasses.replace(config, training_args={**config.training_args, **precision})
     not_written = []
     if config.lora is not None:
         body["use_peft"] = True
