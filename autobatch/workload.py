@@ -84,6 +84,8 @@ def sft_config(config: Config, device: str, output_dir: str, **overrides: Any):
         if wanted:
             notes.append(f"bf16/fp16 off on the {device} backend (no mixed precision there): peaks are for fp32 activations")
         kwargs.update(bf16=False, fp16=False, use_cpu=True)
+    else:
+        kwargs["use_cpu"] = False  # use_cpu follows --device: a cuda trial never measures the CPU
     try:
         return SFTConfig(**kwargs), notes
     except (ValueError, TypeError) as exc:

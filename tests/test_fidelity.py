@@ -85,3 +85,12 @@ def test_plan_yaml_with_its_precision_is_reusable_by_run_plan(tmp_path):
     assert read_plan_meta(path)["memory_fingerprint"]["bf16"] is False
     reused = load_plan(str(path), build_config(str(path)))  # not refused for the bf16/fp16 it wrote
     assert (reused.per_device_train_batch_size, reused.gradient_accumulation_steps) == (2, 4)
+
+
+@pytest.mark.parametrize("device, expected", [("cuda", False), ("cpu", True)])
+def test_use_cpu_follows_the_device(device, expected):
+    from autobatch.workload import sft_config
+
+    config = build_config(overrides={"use_cpu": not expected, "bf16": False})
+    args, _ = sft_config(config, device, "unused-out")
+    assert args.use_cpu is expected
