@@ -161,3 +161,44 @@ def test_an_oom_mid_run_under_several_ranks_stops_with_one_line_not_a_split():
     assert _stop_if_ranks(1, 5, batch) is None  # one process: the split fallback goes ahead
     with pytest.raises(AutobatchError, match=r"out of memory at step 5 on rank \d of 2 \(micro-batch 4\): .*--resume"):
         _stop_if_ranks(2, 5, batch)
+
+
+_MID_RUN_OOM = textwrap.dedent("""
+    import sys
+    import torch
+    from transformers import TrainerCallback
+    from autobatch import ranks, train
+    from autobatch.config import build_config
+    from autobatch.probe import make_plan
+
+    model, data, out = sys.argv[1:4]
+    config = build_config(overrides={
+        "model_name_or_path": model, "dataset_name": data, "device": "cpu", "memory_budget": "160MiB",
+        "headroom": 0, "max_length": 64, "effective_batch_size": 8, "max_micro_batch_size": 4, "max_steps": 4,
+        "output_dir": out, "save_strategy": "no", "gradient_checkpointing": False,
+    })
+    plan = make_plan(config)
+    peak_1 = next(t.peak_memory_bytes for t in plan.trials if t.micro_batch_size == 1)
+    held = []
+
+    class Ballast(TrainerCallback):  # rank 1 alone loses memory at step 2: its next step runs out
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2 and ranks.current().rank == 1 and not held:
+                held.append(torch.empty(plan.usable_memory_bytes - peak_1, dtype=torch.uint8))
+
+    train.run(config, plan, callbacks=[Ballast()])
+""")
+
+
+@pytest.mark.slow
+@needs_torchrun
+def test_an_oom_on_one_rank_mid_run_stops_every_rank_without_a_hang(tiny_model_dir, tiny_dataset_file, tmp_path):
+    script = tmp_path / "mid_run_oom.py"
+    script.write_text(_MID_RUN_OOM)
+    out = subprocess.run(
+        [TORCHRUN, "--nproc_per_node", "2", "--master_port", "29520", str(script), str(tiny_model_dir("llama")),
+         str(tiny_dataset_file), str(tmp_path / "out")],
+        check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert out.returncode != 0  # bounded by the timeout: the launcher stopped the rank left waiting
+    assert "out of memory at step 2 on rank 1 of 2" in out.stderr, out.stderr[-3000:]
