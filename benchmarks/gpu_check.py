@@ -157,21 +157,22 @@ def worker_train(model: str, data: str, device: str, micro: int, max_length: int
     return {"micro": micro, "fits": True}
 
 
-def worker_fallback(model: str, data: str, device: str, max_length: int, budget: int) -> dict:
-    """`autobatch run` (library calls) with a ballast tensor allocated at step 2: a real OOM mid-run."""
+def worker_fallback(model: str, data: str, device: str, max_length: int, plan_file: str) -> dict:
+    """`autobatch run` (library calls) of check 1's plan with a ballast tensor allocated at step 2: a real
+    OOM mid-run."""
     import torch
     from transformers import TrainerCallback
 
     from autobatch import train
     from autobatch.config import build_config
-    from autobatch.probe import make_plan
+    from autobatch.planner import Plan
 
+    plan = Plan.from_dict(json.loads(Path(plan_file).read_text()))
     config = build_config(overrides={
-        "model_name_or_path": model, "dataset_name": data, "device": device, "memory_budget": budget,
-        "max_length": max_length, "max_steps": 4, "output_dir": tempfile.mkdtemp(), "save_strategy": "no",
-        "max_micro_batch_size": 8,
+        "model_name_or_path": model, "dataset_name": data, "device": device,
+        "memory_budget": plan.memory_budget_bytes, "max_length": max_length, "max_steps": 4,
+        "output_dir": tempfile.mkdtemp(), "save_strategy": "no",
     })
-    plan = make_plan(config)
     peaks = {t.micro_batch_size: t.peak_memory_bytes for t in plan.trials if t.fits}
     # Leave room for half the planned micro-batch but not all of it.
     room = peaks[1] + (plan.peak_memory_bytes - peaks[1]) * 3 // 4
@@ -243,8 +244,10 @@ def check(device: str, root: Path) -> list[dict]:
                      "detail": "skipped: cuda only"})
         rows.append({"check": "plan with expandable_segments:True", "passed": None, "detail": "skipped: cuda only"})
 
+    plan_file = root / "plan.json"
+    plan_file.write_text(json.dumps(plan))
     _, run, _ = run_json([sys.executable, __file__, "--worker", "fallback", "--device", device, "--model",
-                          str(model), "--data", str(data), "--max-length", str(max_length), "--budget", str(budget)])
+                          str(model), "--data", str(data), "--max-length", str(max_length), "--plan", str(plan_file)])
     rows.append({"check": "real OOM mid-run (ballast at step 2): fallback, run finishes",
                  "passed": run.get("global_step") == 4 and bool(run.get("fallbacks")),
                  "detail": f"micro {run.get('planned_micro')}, fallbacks {run.get('fallbacks')}, "
@@ -282,13 +285,14 @@ def main() -> int:
     parser.add_argument("--micro", type=int)
     parser.add_argument("--max-length", type=int)
     parser.add_argument("--budget", type=int)
+    parser.add_argument("--plan")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.worker == "train":
         print(json.dumps(worker_train(args.model, args.data, args.device, args.micro, args.max_length, args.budget)))
         return 0
     if args.worker == "fallback":
-        print(json.dumps(worker_fallback(args.model, args.data, args.device, args.max_length, args.budget)))
+        print(json.dumps(worker_fallback(args.model, args.data, args.device, args.max_length, args.plan)))
         return 0
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as root:
