@@ -34,6 +34,7 @@ from autobatch.config import (
 )
 from autobatch.errors import AutobatchError, ConfigError, Interrupted
 from autobatch.interrupt import stop_on_signals
+from autobatch.ranks import is_main
 
 if TYPE_CHECKING:
     from autobatch.planner import Plan, Trial
@@ -364,7 +365,7 @@ def _refuse_unfit(plan: Plan, output: str | None) -> None:
 
 
 def _write_output(config: Config, plan: Plan, output: str | None) -> None:
-    if output:
+    if output and is_main():
         path = write_plan_yaml(output, plan_yaml_text(config, plan, model_path=_builtin_model_path(config)))
         _err(f"wrote {path}")
 
@@ -446,8 +447,10 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     )
 
 
-def _err(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+def _err(text: str, every_rank: bool = False) -> None:
+    """stderr, from rank 0 only under a launcher (errors from every rank: each exits on its own)."""
+    if every_rank or is_main():
+        print(text, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -507,21 +510,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             raise ConfigError("choose a command: plan, run or sweep (see autobatch --help)")
         args.argv = argv
-        with _logging_to_stderr("-v" in argv or "--verbose" in argv, debug), stop_on_signals() as args.stop:
+        with _logging_to_stderr("-v" in argv or "--verbose" in argv, debug), stop_on_signals() as args.stop, \
+                contextlib.ExitStack() as quiet:
+            if not is_main():  # rank 0 reports; the other ranks' stdout goes nowhere
+                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
             return args.func(args, extras)
     except AutobatchError as exc:
         if debug:
             traceback.print_exc()
-        _err(f"autobatch: error: {_one_line(str(exc))}")
+        _err(f"autobatch: error: {_one_line(str(exc))}", every_rank=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        _err("autobatch: interrupted")
+        _err("autobatch: interrupted", every_rank=True)
         return 130
     except Exception as exc:
         if debug:
             raise
         message = f"{type(exc).__name__}: {_one_line(str(exc))}"
-        _err(f"autobatch: error: {message} (rerun with --debug for the traceback)")
+        _err(f"autobatch: error: {message} (rerun with --debug for the traceback)", every_rank=True)
         return 1
 
 

@@ -460,7 +460,12 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
             out.device = device
     if out.memory_budget_bytes is not None:
         try:
-            out.memory_budget_bytes = parse_bytes(out.memory_budget_bytes, name("memory_budget_bytes"))
+            budget = out.memory_budget_bytes
+            if isinstance(budget, str) and "," in budget:  # one value per rank: `160MiB,100MiB`
+                from autobatch.ranks import per_rank_budget
+
+                budget = per_rank_budget(budget, name("memory_budget_bytes"))
+            out.memory_budget_bytes = parse_bytes(budget, name("memory_budget_bytes"))
         except ConfigError as exc:
             problems.append(str(exc))
     if out.headroom is not None and not (_is_number(out.headroom) and 0 <= out.headroom < 1):
@@ -683,6 +688,10 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
     body.update({k: v for k, v in written.training_args.items() if k not in TRAINER_KEYS})
     if plan.per_device_eval_batch_size:
         body["per_device_eval_batch_size"] = plan.per_device_eval_batch_size
+    if plan.precision:  # the precision the trials measured, so `trl sft` trains what was planned
+        precision = {"bf16": plan.precision == "bf16", "fp16": plan.precision == "fp16"}
+        body.update(precision)
+        config = dataclasses.replace(config, training_args={**config.training_args, **precision})
     not_written = []
     if config.lora is not None:
         body["use_peft"] = True

@@ -2,7 +2,9 @@
 
 Three backends share one interface (`budget_bytes`, `measure()`, `tensor_mode()`, `cleanup()`):
 
-- `cuda`: the caching allocator's own peak counters; OOM is torch's `OutOfMemoryError`.
+- `cuda`: the caching allocator's own peak counters; OOM is torch's `OutOfMemoryError`. While a trial or
+  the run measures, the allocator itself is capped at the budget (`set_per_process_memory_fraction`), so
+  going past it is a real allocator OOM, not a figure compared afterwards.
 - `cpu`: a virtual device with a budget. A `TorchDispatchMode` counts the bytes of every live tensor
   storage (each once, released when freed), the quantity `torch.cuda.max_memory_allocated` reports, and
   raises a CUDA-style `torch.OutOfMemoryError` when an op pushes that count past the budget.
@@ -35,21 +37,33 @@ logger = logging.getLogger(__name__)
 
 DEVICES = ("cuda", "cpu", "estimate")
 
-# Every message torch, CUDA, cuDNN and cuBLAS use for an allocation failure (accelerate's
-# utils/memory.py `should_reduce_batch_size` recognises the same family).
+# Every message torch, CUDA, cuDNN and cuBLAS use for an allocation failure, beside what accelerate's
+# utils/memory.py `should_reduce_batch_size` recognises.
 _OOM_MESSAGES = re.compile(
-    r"CUDA out of memory|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED|"
-    r"CUDNN_STATUS_ALLOC_FAILED|cuDNN error: CUDNN_STATUS_NOT_SUPPORTED\. This error may appear if you "
-    r"passed in a non-contiguous input|DefaultCPUAllocator: can't allocate memory|out of memory",
+    r"CUDA out of memory|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED|"
+    r"DefaultCPUAllocator: can't allocate memory|out of memory",
     re.IGNORECASE,
 )
+# Not "this micro-batch does not fit the GPU": host RAM, and NCCL's own buffers (a communicator failure,
+# which a smaller micro-batch would only hide).
+_NOT_DEVICE_OOM = re.compile(r"DefaultCPUAllocator|NCCL", re.IGNORECASE)
 
 
-def is_oom(exc: BaseException) -> bool:
-    """True for an out-of-memory error, by type or by any message variant; False for anything else."""
+def is_oom(exc: BaseException, device: str | None = None) -> bool:
+    """True for a device out-of-memory error, by type or message; False for anything else.
+
+    On cuda, host-RAM allocator failures and NCCL "out of memory" errors are not device OOMs.
+    """
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and len(exc.args) == 1 and bool(_OOM_MESSAGES.search(str(exc.args[0])))
+    if not (isinstance(exc, RuntimeError) and len(exc.args) == 1):
+        return False
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    message = str(exc.args[0])
+    if not (should_reduce_batch_size(exc) or _OOM_MESSAGES.search(message)):
+        return False
+    return device != "cuda" or not _NOT_DEVICE_OOM.search(message)
 
 
 @dataclass
@@ -58,6 +72,7 @@ class Measurement:
 
     peak_bytes: int = 0  # includes an allocation refused for the budget (where a failed trial stopped)
     held_peak_bytes: int = 0  # the most ever held: never above the budget on the cpu backend
+    allocated_peak_bytes: int = 0  # tensors alone (cuda: max_memory_allocated; cpu: the same as held)
 
 
 class LiveBytesMode(TorchDispatchMode):
@@ -174,6 +189,7 @@ class CpuBackend(MemoryBackend):
         finally:
             mode.stop()
             result.peak_bytes, result.held_peak_bytes = mode.peak_bytes, mode.held_peak_bytes
+            result.allocated_peak_bytes = mode.peak_bytes
 
 
 class EstimateBackend(CpuBackend):
@@ -193,21 +209,48 @@ class EstimateBackend(CpuBackend):
 
 
 class CudaBackend(MemoryBackend):
-    """A real GPU: the caching allocator's peak reserved bytes, which is what runs out first."""
+    """A real GPU: the caching allocator's peak reserved bytes, which is what runs out first.
+
+    `--memory-budget` counts the allocator's reserved bytes: the CUDA context, NCCL's buffers and lazily
+    loaded kernels live outside it (`mem_get_info`'s free figure already excludes them).
+    """
 
     device = "cuda"
+
+    def __init__(self, budget_bytes: int, device_index: int = 0, total_bytes: int | None = None) -> None:
+        super().__init__(budget_bytes)
+        self.device_index = device_index
+        self.total_bytes = total_bytes
+        #: where the allocator is capped while measuring; the probe lowers it to the usable budget
+        self.cap_bytes = budget_bytes
+
+    @contextlib.contextmanager
+    def capped(self) -> Iterator[None]:
+        """The caching allocator refuses to reserve past `cap_bytes` inside; the old fraction is restored after.
+
+        torch caps reserved memory at fraction × total memory (c10/cuda/CUDACachingAllocator.cpp,
+        `allowed_memory_maximum`), so past the cap an allocation is a real `OutOfMemoryError`.
+        """
+        total = self.total_bytes or torch.cuda.mem_get_info(self.device_index)[1]
+        before = torch.cuda.get_per_process_memory_fraction(self.device_index)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, self.cap_bytes / total), self.device_index)
+        try:
+            yield
+        finally:
+            torch.cuda.set_per_process_memory_fraction(before, self.device_index)
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[Measurement]:
         result = Measurement()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(self.device_index)
+        torch.cuda.reset_peak_memory_stats(self.device_index)
         try:
-            yield result
+            with self.capped():
+                yield result
         finally:
-            torch.cuda.synchronize()
-            result.peak_bytes = result.held_peak_bytes = torch.cuda.max_memory_reserved()
-            logger.debug("cuda peak allocated %s", format_bytes(torch.cuda.max_memory_allocated()))
+            torch.cuda.synchronize(self.device_index)
+            result.peak_bytes = result.held_peak_bytes = torch.cuda.max_memory_reserved(self.device_index)
+            result.allocated_peak_bytes = torch.cuda.max_memory_allocated(self.device_index)
 
     def cleanup(self) -> None:
         gc.collect()
@@ -218,16 +261,18 @@ def cuda_capacity_bytes(device_index: int = 0) -> int:
     """What this process can use on the GPU: free memory plus what our allocator already holds.
 
     Memory other processes hold does not count. NVML, when present, is asked too (it sees other
-    processes the same way) and the smaller answer wins.
+    processes the same way) and the smaller answer wins. NVML numbers GPUs in PCI order and ignores
+    `CUDA_VISIBLE_DEVICES`, so the card is found by its UUID, never by torch's index.
     """
     free, _total = torch.cuda.mem_get_info(device_index)
     capacity = free + torch.cuda.memory_reserved(device_index)
     try:
         import pynvml
 
+        uuid = str(torch.cuda.get_device_properties(device_index).uuid)
         pynvml.nvmlInit()
         try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
             info = pynvml.nvmlDeviceGetMemoryInfo(handle)
             capacity = min(capacity, int(info.free) + torch.cuda.memory_reserved(device_index))
         finally:
@@ -329,11 +374,20 @@ def make_backend(device: str | None, memory_budget_bytes: int | None) -> MemoryB
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is available; use --device cpu or --device estimate")
-        capacity = cuda_capacity_bytes(torch.cuda.current_device())
-        backend: MemoryBackend = CudaBackend(min(capacity, memory_budget_bytes or capacity))
+        from autobatch.ranks import select_cuda_device
+
+        index = select_cuda_device()  # LOCAL_RANK's GPU, current before any other CUDA call
+        capacity = cuda_capacity_bytes(index)
+        total = torch.cuda.mem_get_info(index)[1]
+        backend: MemoryBackend = CudaBackend(min(capacity, memory_budget_bytes or capacity), index, total)
         backend.budget_source = "--memory-budget" if memory_budget_bytes else "free GPU memory"
         return backend
     cls = CpuBackend if device == "cpu" else EstimateBackend
+    if device == "estimate" and memory_budget_bytes is None:
+        raise ConfigError(
+            "--device estimate plans for a GPU this machine does not have: pass --memory-budget with that "
+            "card's memory (e.g. --memory-budget 80GB)"
+        )
     if memory_budget_bytes is None:
         budget, source = default_ram_budget()
         backend = cls(budget)

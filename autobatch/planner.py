@@ -27,6 +27,7 @@ class Trial:
     fits: bool
     seconds: float  # per training step, steady state
     oom: bool = False  # the trial raised out-of-memory (its peak is where it stopped)
+    peak_allocated_bytes: int | None = None  # tensors alone; peak_memory_bytes (reserved on cuda) decides
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -191,6 +192,7 @@ class Plan:
     per_device_eval_batch_size: int | None = None  # planned when the run evaluates
     eval_peak_memory_bytes: int | None = None  # training, then evaluation at that batch, optimizer state alive
     eval_trials: list[Trial] = field(default_factory=list)
+    precision: str | None = None  # what the trials measured: "bf16", "fp16" or "fp32"; plan.yaml says the same
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -9,11 +9,13 @@ step when the run accumulates, because the second backward adds into existing gr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
 from collections.abc import Callable
 
+from autobatch import ranks
 from autobatch.config import Config, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
 from autobatch.memory import MemoryBackend, is_oom, make_backend
@@ -56,19 +58,33 @@ class Prober:
     """
 
     def __init__(
-        self, config: Config, backend: MemoryBackend, usable_bytes: int, per_device: int | None = None
+        self, config: Config, backend: MemoryBackend, usable_bytes: int, per_device: int | None = None,
+        ddp: bool = False,
     ) -> None:
         self.backend = backend
         self.usable_bytes = usable_bytes
         self.on_start: Callable[[int, int | None], None] | None = None  # (micro, eval batch) before a trial
         self.on_eval_trial: Callable[[Trial], None] | None = None  # after an evaluation trial
         self.per_device = per_device
+        self.ddp = ddp  # the run wraps DDP: its gradient buckets are held during each (local) trial
+        # Under a launcher the trainer lives in a single-process world until close(): no DDP, no collective
+        # inside a trial (ranks.local_only). The ranks agree between trials over the default process group.
+        self._world = contextlib.ExitStack()
+        self._world.enter_context(ranks.local_only())
+        try:
+            self._build(config, backend)
+        except BaseException:
+            self._world.close()
+            raise
+
+    def _build(self, config: Config, backend: MemoryBackend) -> None:
         self.workdir = tempfile.TemporaryDirectory(prefix="autobatch-probe-")
         # The run's own settings, less what a two-step trial must not do (save, evaluate, log, report).
         self.args, self.notes = sft_config(
             config, backend.device, self.workdir.name, max_steps=2, save_strategy="no", eval_strategy="no",
             logging_strategy="no", disable_tqdm=True, report_to="none", num_train_epochs=1,
             train_sampling_strategy="sequential",  # every trial batch is the padded worst case, in order
+            auto_find_batch_size=False,  # it would retry smaller inside train() and report the retry as fitting
         )
         self.timer = _StepTimer(self._sync)
         with backend.tensor_mode():
@@ -80,6 +96,7 @@ class Prober:
 
         for quiet in (PrinterCallback, ProgressCallback):  # a trial's end-of-train metrics are not news
             self.trainer.remove_callback(quiet)
+        self.precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
         self.example = self._longest_example()
         self.max_length = len(self.example["input_ids"])
         self.padded = not (self.args.padding_free or self.args.packing)
@@ -148,6 +165,17 @@ class Prober:
             for _ in range(count)
         ]
 
+    def _ddp_buckets(self):
+        """A block the size of DDP's gradient buckets: one more copy of the trainable gradients.
+
+        DDP's Reducer (torch/csrc/distributed/c10d/reducer.cpp) allocates a flat bucket per group of
+        parameters, as large as their gradients (the Trainer leaves `gradient_as_bucket_view` off).
+        """
+        import torch
+
+        size = sum(p.numel() * p.element_size() for p in self.trainer.model.parameters() if p.requires_grad)
+        return torch.empty(size, dtype=torch.uint8, device=self.backend.torch_device)
+
     def _sync(self) -> None:
         if self.backend.device == "cuda":
             import torch
@@ -167,22 +195,28 @@ class Prober:
         oom = False
         with self.backend.tensor_mode():
             self._prepare(micro_batch_size, micro_steps, eval_batch_size)
-            held = self._held_batches(micro_batch_size, accumulation - micro_steps)
+            held: list = self._held_batches(micro_batch_size, accumulation - micro_steps)
+            if self.ddp:
+                held.append(self._ddp_buckets())
             try:
                 with self.backend.measure() as measured:
                     self.trainer.train()
             except Exception as exc:  # anything but OOM propagates unchanged
-                if not is_oom(exc):
+                if not is_oom(exc, self.backend.device):
                     raise
                 oom = True
         # Outside the except block: its exception and traceback no longer pin the trial's tensors.
         del held
+        neftune = getattr(self.trainer, "neftune_hook_handle", None)
+        if neftune is not None:  # train() removes it only when it returns: after an OOM it would pile up
+            neftune.remove()
         self.trainer.model.zero_grad(set_to_none=True)
         self._forget_prepared()
         seconds = 0.0 if oom or self.backend.device == "estimate" else self.timer.seconds / micro_steps
         peak = measured.peak_bytes
         size = eval_batch_size or micro_batch_size
-        trial = Trial(size, peak, fits=not oom and peak <= self.usable_bytes, seconds=seconds, oom=oom)
+        trial = Trial(size, peak, fits=not oom and peak <= self.usable_bytes, seconds=seconds, oom=oom,
+                      peak_allocated_bytes=measured.allocated_peak_bytes)
         logger.debug(describe_trial(trial, self.usable_bytes))  # the CLI prints it; -v must not print it twice
         if eval_batch_size and self.on_eval_trial:
             self.on_eval_trial(trial)
@@ -196,6 +230,7 @@ class Prober:
         self.trainer = None
         self.backend.cleanup()
         self.workdir.cleanup()
+        self._world.close()
 
 
 def describe_trial(trial: Trial, usable_bytes: int) -> str:
@@ -211,7 +246,7 @@ def describe_trial(trial: Trial, usable_bytes: int) -> str:
 def resolve_headroom(config: Config, device: str) -> float:
     if config.headroom is not None:
         return config.headroom
-    return CUDA_DEFAULT_HEADROOM if device == "cuda" else 0.0
+    return CUDA_DEFAULT_HEADROOM if device in ("cuda", "estimate") else 0.0  # estimate plans for a GPU
 
 
 def _budget_error(trial: Trial, usable_bytes: int, config: Config) -> BudgetTooSmallError:
@@ -241,18 +276,23 @@ def make_plan(
     `on_trial` after each training trial, `on_eval_trial` after each evaluation trial: progress for the CLI.
     """
     started = time.perf_counter()
+    ranks.check_unsharded(config)
     backend = make_backend(config.device, config.memory_budget_bytes)
     headroom = resolve_headroom(config, backend.device)
     usable = int(backend.budget_bytes * (1 - headroom))
+    if backend.device == "cuda":
+        backend.cap_bytes = usable  # the allocator itself refuses past it: a trial over is a real OOM
     per_device = None
     if config.effective_batch_size is not None:
         per_device = check_effective_batch(config.effective_batch_size, config.world_size)
-    prober = Prober(config, backend, usable, per_device)
+    ranks.init_group(backend.device)
+    search_usable = ranks.smallest(usable)  # every rank's search aims at the same line
+    prober = Prober(config, backend, usable, per_device, ddp=config.world_size > 1)
     prober.on_start, prober.on_eval_trial = on_start, on_eval_trial
     trials: list[Trial] = []
 
     def probe(size: int) -> Trial:
-        trial = prober.run_trial(size)
+        trial = ranks.agree(prober.run_trial(size))  # one rank's OOM is everyone's: one search path
         trials.append(trial)
         if on_trial:
             on_trial(trial)
@@ -265,13 +305,13 @@ def make_plan(
             max_micro, capped = (micro if trial.fits else 0), False
         else:
             try:
-                result = search_max_micro_batch(probe, usable, config.max_micro_batch_size)
+                result = search_max_micro_batch(probe, search_usable, config.max_micro_batch_size)
             except BudgetTooSmallError as exc:
                 raise _budget_error(exc.trial, usable, config) from None
             max_micro, capped = result.max_micro_batch_size, result.capped
         plan = _choose(config, prober, per_device, max_micro, trials, probe)
         if plan.fits and evaluates(config):
-            plan.per_device_eval_batch_size, plan.eval_trials = _plan_eval(config, prober, plan, usable)
+            plan.per_device_eval_batch_size, plan.eval_trials = _plan_eval(config, prober, plan, search_usable)
             chosen = [t for t in plan.eval_trials if t.micro_batch_size == plan.per_device_eval_batch_size]
             plan.eval_peak_memory_bytes = chosen[-1].peak_memory_bytes
     finally:
@@ -281,6 +321,7 @@ def make_plan(
     plan.headroom = headroom
     plan.device = backend.device
     plan.capped = capped
+    plan.precision = prober.precision
     plan.notes = prober.notes + plan.notes
     if backend.budget_source:
         plan.notes.append(f"budget: {format_bytes(backend.budget_bytes)} from {backend.budget_source}")
@@ -309,7 +350,7 @@ def _plan_eval(config: Config, prober: Prober, plan: Plan, usable: int) -> tuple
     trials: list[Trial] = []
 
     def probe(size: int) -> Trial:
-        trial = prober.run_trial(micro, eval_batch_size=size)
+        trial = ranks.agree(prober.run_trial(micro, eval_batch_size=size))
         trials.append(trial)
         return trial
 

@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+from autobatch import ranks
 from autobatch.config import Config
 from autobatch.errors import ConfigError
 
@@ -90,6 +91,12 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
             "--device estimate only plans (fake tensors cannot train): plan with it and --output plan.yaml, "
             "then autobatch run --plan plan.yaml --device cuda"
         )
+    if config.training_args.get("auto_find_batch_size"):
+        raise ConfigError(
+            "auto_find_batch_size: it restarts training at a smaller batch and fights the plan (autobatch's "
+            "own OOM fallback keeps the effective batch); set auto_find_batch_size false or remove it"
+        )
+    ranks.check_unsharded(config)
     check_output_dir_state(config, resume, overwrite)
     if resume:
         resume_checkpoint(config)

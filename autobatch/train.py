@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from autobatch import ranks
 from autobatch.config import (
     Config,
     build_config,
@@ -142,7 +143,7 @@ def trainer_class(base=None):
                 try:
                     return super().evaluate(*args, **kwargs)
                 except Exception as exc:  # only OOM is handled
-                    if not is_oom(exc):
+                    if not is_oom(exc, self.args.device.type):
                         raise
                     failed = True
                 if failed:  # outside the except block: the traceback no longer pins the batch's tensors
@@ -168,7 +169,7 @@ def trainer_class(base=None):
             try:
                 return super()._clip_grad_norm(model)
             except Exception as exc:
-                if not is_oom(exc):
+                if not is_oom(exc, self.args.device.type):
                     raise
                 failed = True
             if failed:  # clipping failed before changing anything: the state is the last step's, intact
@@ -194,7 +195,7 @@ def trainer_class(base=None):
                 try:
                     return step(*args, **kwargs)
                 except Exception as exc:
-                    if not is_oom(exc):
+                    if not is_oom(exc, self.args.device.type):
                         raise
                     failed = True
                 if failed:
@@ -222,7 +223,7 @@ def trainer_class(base=None):
             try:
                 return save(*args)
             except Exception as exc:
-                if not is_oom(exc):
+                if not is_oom(exc, self.args.device.type):
                     raise
                 failed = True
             if failed:
@@ -247,10 +248,11 @@ def trainer_class(base=None):
                         self._split_step(model, earlier, num_items_in_batch)
                     return self._split_step(model, inputs, num_items_in_batch)
                 except Exception as exc:  # only OOM is handled; anything else propagates unchanged
-                    if not is_oom(exc):
+                    if not is_oom(exc, self.args.device.type):
                         raise
                     failed = True
                 if failed:  # outside the except block, so the OOM's traceback no longer pins tensors
+                    _stop_if_ranks(self.args.world_size, self.state.global_step, inputs)
                     self._fall_back(model)
                     replay = getattr(self, "_step_batches", [])[:position]
 
@@ -340,6 +342,25 @@ def _remove_earlier_checkpoints(output_dir: str) -> None:
                        len(old), output_dir)
     for path in old:
         shutil.rmtree(path)
+
+
+def _stop_if_ranks(world_size: int, step: int, inputs: dict) -> None:
+    """Under several ranks an OOM stops the run: never a hang, never ranks on different batches.
+
+    Splitting the step on one rank alone would change how many backward passes, each with DDP's bucket
+    all-reduce, that rank runs while the others wait in theirs: a hang, or mismatched gradients. This
+    rank exits non-zero instead, and the launcher (torchrun, accelerate launch) stops the others.
+    """
+    if world_size <= 1:
+        return
+    import torch
+
+    size = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)), "?")
+    raise AutobatchError(
+        f"out of memory at step {step} on rank {ranks.current().rank} of {world_size} (micro-batch {size}): "
+        "the ranks cannot split one step together inside DDP, so the run stops; resume from the last "
+        "checkpoint with --resume after planning with a smaller --memory-budget or --micro-batch-size"
+    )
 
 
 def _output_dir(config: Config) -> str:
@@ -438,7 +459,10 @@ def _run_backend(config: Config, plan: Plan):
     A plan made by the estimate backend trains on the default device (cuda if any, else cpu).
     """
     device = config.device or (None if plan.device == "estimate" else plan.device or None)
-    return make_backend(device, config.memory_budget_bytes or plan.memory_budget_bytes or None)
+    backend = make_backend(device, config.memory_budget_bytes or plan.memory_budget_bytes or None)
+    if backend.device == "cuda":  # the allocator capped at the usable budget: past it, the OOM fallback
+        backend.cap_bytes = int(backend.budget_bytes * (1 - plan.headroom))
+    return backend
 
 
 def run(
@@ -479,9 +503,10 @@ def run(
     )
     trainer.fallbacks, trainer.eval_fallbacks, trainer.on_fallback = [], [], on_fallback
     checkpoint = resume_checkpoint(config, warn=False) if resume else None
-    if overwrite and not resume:
+    if overwrite and not resume and ranks.is_main():
         _remove_earlier_checkpoints(output_dir)
-    write_atomic(Path(output_dir, PLAN_FILE), json.dumps(plan.to_dict(), indent=2))
+    if ranks.is_main():
+        write_atomic(Path(output_dir, PLAN_FILE), json.dumps(plan.to_dict(), indent=2))
     logger.info("plan: %s", json.dumps({k: v for k, v in plan.to_dict().items() if k not in ("trials", "options")}))
     started = time.perf_counter()
     with backend.measure() as measured:

@@ -7,8 +7,10 @@ the run's by construction rather than by imitation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import functools
 import logging
 import os
 from pathlib import Path
@@ -111,6 +113,8 @@ def sft_config(config: Config, device: str, output_dir: str, **overrides: Any):
             notes.append(f"bf16/fp16 off on the {device} backend (no mixed precision there): peaks are for "
                          f"{dtype} weights and activations" + (" (dtype auto: the checkpoint's)" if dtype == "auto" else ""))
         kwargs.update(bf16=False, fp16=False, use_cpu=True)
+    else:
+        kwargs["use_cpu"] = False  # use_cpu follows --device: a cuda trial never measures the CPU
     try:
         return SFTConfig(**kwargs), notes
     except (ValueError, TypeError) as exc:
@@ -257,18 +261,57 @@ def build_trainer(
         check_text_field(train_dataset, args, formatted="formatting_func" in config.training_args)
     model: Any = _fake_model(path, args) if fake else path
     try:
-        return trainer_cls(
-            model=model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config(config),
-            formatting_func=formatting_func(config),
-            callbacks=callbacks,
-        )
+        with _fake_safe_to() if fake else contextlib.nullcontext():
+            trainer = trainer_cls(
+                model=model,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=tokenizer,
+                peft_config=lora_config(config),
+                formatting_func=formatting_func(config),
+                callbacks=callbacks,
+            )
     except OSError as exc:
         raise AutobatchError(_load_failure(path, exc)) from exc
+    if fake:  # the Trainer moves the (peft-wrapped) model again in train()
+        trainer.model.to = functools.partial(_to_without_swap, trainer.model)
+    return trainer
+
+
+def _to_without_swap(module, *args, **kwargs):
+    """`Module.to` for fake modules: parameters re-bound instead of swapped, the device left as it is.
+
+    `Module._apply` swaps a FakeTensor parameter in place, which FakeTensorMode's weak references forbid
+    ("Couldn't swap Linear.weight"); peft moves every new adapter layer with `.to()`. Under the estimate
+    backend every tensor is a fake cpu tensor, so only a dtype change has an effect.
+    """
+    import torch
+
+    _device, dtype, _non_blocking, _format = torch._C._nn._parse_to(*args, **kwargs)
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None or dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                    continue
+                with torch.no_grad():
+                    converted = tensor.to(dtype)
+                is_param = isinstance(tensor, torch.nn.Parameter)
+                table[name] = torch.nn.Parameter(converted, tensor.requires_grad) if is_param else converted
+    return module
+
+
+@contextlib.contextmanager
+def _fake_safe_to():
+    """`torch.nn.Module.to` is `_to_without_swap` while a trainer is built around a fake model."""
+    import torch
+
+    original = torch.nn.Module.to
+    torch.nn.Module.to = _to_without_swap
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = original
 
 
 def check_max_length(path: str, max_length: int | None, name: str) -> None:

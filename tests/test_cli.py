@@ -216,7 +216,7 @@ def test_json_is_the_only_thing_on_stdout(probe, capsys):
     data = json.loads(captured.out)
     assert CONTRACT_KEYS <= set(data)
     assert data["trials"][0] == {"micro_batch_size": 1, "peak_memory_bytes": 60 * MiB, "fits": True,
-                                 "seconds": 0.05, "oom": False}
+                                 "seconds": 0.05, "oom": False, "peak_allocated_bytes": None}
     assert "noise a library printed" in captured.err
 
 

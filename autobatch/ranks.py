@@ -1,0 +1,227 @@
+"""Several processes, one plan: the launcher's ranks, one device per process, and trials agreed in lockstep.
+
+Under `torchrun` / `accelerate launch` every rank probes its own device, and after each trial the ranks
+all-reduce the verdict (one rank's OOM is everyone's), so the search, which is deterministic given its
+inputs, takes the same path on every rank and all ranks adopt one plan.
+
+Why trials are local: under DDP the gradient buckets are all-reduced during backward, so a rank that OOMs
+mid-backward never joins and the others wait forever (Composer PR #2117). Here a trial holds no
+collective: the Trainer is built and run with the launcher's variables hidden (a single-process state),
+the memory DDP adds on top of a local step (its gradient buckets, one more copy of the trainable
+gradients: torch/csrc/distributed/c10d/reducer.cpp, `gradient_as_bucket_view=False`) is held during the
+trial as a block of that size, and the ranks meet only between trials, in `agree`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from autobatch.errors import ConfigError
+
+if TYPE_CHECKING:
+    from autobatch.planner import Trial
+
+#: Variables by which torchrun, accelerate launch and MPI tell a process it is one of several.
+LAUNCHER_VARIABLES = (
+    "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+    "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK",
+)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the launcher's processes (1, 0, 0 without a launcher)."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+
+    @property
+    def launched(self) -> bool:
+        return self.world_size > 1
+
+
+#: The launcher's variables while `local_only` hides them from the Trainer (this process is still rank r).
+_hidden: dict[str, str] = {}
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        text = os.environ.get(name, _hidden.get(name))
+        if text not in (None, ""):
+            try:
+                return int(text)
+            except ValueError:
+                raise ConfigError(f"the {name} environment variable must be an integer, got {text!r}") from None
+    return default
+
+
+def current() -> Ranks:
+    """World size, rank and local rank from the launcher's environment (torchrun, accelerate launch, MPI)."""
+    return Ranks(
+        world_size=_env_int(("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"), 1),
+        rank=_env_int(("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"), 0),
+        local_rank=_env_int(("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK"), 0),
+    )
+
+
+def is_main() -> bool:
+    """Only rank 0 prints reports and writes files."""
+    return current().rank == 0
+
+
+def select_cuda_device() -> int:
+    """The GPU this process owns, made current before any other CUDA call.
+
+    Under a launcher that is `LOCAL_RANK`; without one, exactly one GPU must be visible, since with
+    several the Trainer silently wraps the model in `nn.DataParallel` and multiplies the batch.
+    """
+    import torch
+
+    ranks = current()
+    count = torch.cuda.device_count()  # NVML-based where available: creates no CUDA context
+    if ranks.launched:
+        if ranks.local_rank >= count:
+            raise ConfigError(
+                f"LOCAL_RANK {ranks.local_rank} but only {count} GPU(s) are visible: launch at most {count} "
+                "processes per node or widen CUDA_VISIBLE_DEVICES"
+            )
+        torch.cuda.set_device(ranks.local_rank)
+        return ranks.local_rank
+    if count > 1:
+        raise ConfigError(
+            f"{count} GPUs are visible to one process (the Trainer would use nn.DataParallel): pick one with "
+            f"CUDA_VISIBLE_DEVICES=0, or launch one process per GPU (torchrun --nproc_per_node {count} "
+            "or accelerate launch)"
+        )
+    return 0
+
+
+def init_group(device: str) -> None:
+    """The default process group for the ranks' agreement (and later DDP), if launched and not yet made.
+
+    On cuda the group carries cpu tensors over gloo and cuda tensors over NCCL, so agreeing never
+    touches the GPU's memory.
+    """
+    ranks = current()
+    if not ranks.launched:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device == "cuda" else "gloo")
+
+
+def _group_ready() -> bool:
+    """A process group of several ranks exists (the launcher's variables may be hidden by `local_only`)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def agree(trial: Trial) -> Trial:
+    """The trial as every rank sees it: fits only if it fit everywhere; peaks and seconds the worst rank's.
+
+    All ranks get the same numbers, so the search (deterministic given them) takes one path everywhere.
+    """
+    if not _group_ready():
+        return trial
+    import torch
+    import torch.distributed as dist
+
+    values = torch.tensor(
+        [float(not trial.fits), float(trial.oom), float(trial.peak_memory_bytes),
+         float(trial.peak_allocated_bytes or 0), trial.seconds],
+        dtype=torch.float64,
+    )
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    unfit, oom, peak, allocated, seconds = values.tolist()
+    return replace(
+        trial, fits=not unfit, oom=bool(oom), peak_memory_bytes=int(peak),
+        peak_allocated_bytes=int(allocated) if trial.peak_allocated_bytes is not None else None, seconds=seconds,
+    )
+
+
+def smallest(value: int) -> int:
+    """The smallest `value` over the ranks (the usable budget the shared search aims at)."""
+    if not _group_ready():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (an OOM one rank met during the run)."""
+    if not _group_ready():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """A single-process world for trials: the launcher's variables hidden and accelerate's state fresh.
+
+    The Trainer built inside neither wraps DDP nor shards the data, so a trial holds no collective a rank
+    could miss; accelerate's shared state is reset on the way in and out, so the run after it sees the
+    launcher again and joins the existing process group.
+    """
+    if not current().launched:
+        yield
+        return
+    saved = {name: os.environ.pop(name) for name in LAUNCHER_VARIABLES if name in os.environ}
+    _hidden.update(saved)
+    _reset_accelerate()
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+        _hidden.clear()
+        _reset_accelerate()
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def per_rank_budget(text: str, name: str = "--memory-budget") -> str:
+    """This rank's entry of a comma-separated per-rank budget (`160MiB,100MiB`); a single value is everyone's."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) == 1:
+        return parts[0]
+    ranks = current()
+    if len(parts) != ranks.world_size:
+        raise ConfigError(
+            f"{name} has {len(parts)} values but the world size is {ranks.world_size}: give one value, "
+            "or one per rank"
+        )
+    return parts[ranks.rank]
+
+
+def check_unsharded(config) -> None:
+    """FSDP and DeepSpeed shard what a trial measures unsharded: refused until they are probed sharded."""
+    args = config.training_args
+    named = [key for key in ("fsdp", "fsdp_config", "deepspeed") if args.get(key)]
+    named += [f"${name}" for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+              if os.environ.get(name, "false").lower() in ("true", "1")]
+    if named:
+        raise ConfigError(
+            f"{', '.join(named)}: FSDP/DeepSpeed sharding is not probed yet and a plan from an unsharded trial "
+            "would be wrong; remove it (plain DDP under torchrun is supported)"
+        )

@@ -1,0 +1,306 @@
+"""A GPU check that does not trust autobatch's own meter. Under 5 minutes on one GPU.
+
+What it checks (each in fresh processes, so nothing leaks from one check into the next):
+1. plan: `autobatch plan` of a ~100M-parameter Llama built from a config (random weights, nothing
+   downloaded) on long local texts, under a budget far below the card's capacity, while `nvidia-smi` is
+   sampled: the probe's footprint as the driver sees it must stay within budget + the CUDA context.
+2. trl-alone: plain TRL `SFTTrainer.train()` (no autobatch code in the step) with the allocator capped at the
+   plan's usable budget (`set_per_process_memory_fraction`): the planned max trains, max + 1 runs out of memory.
+3. shared: a plan with the default budget while another process holds a big block of the card.
+4. expandable: a plan with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`.
+5. fallback: `autobatch run` where a ballast tensor is allocated at step 2, so a real OOM happens mid-run:
+   the fallback splits the step and the run finishes.
+It writes `gpu_check-<card>-<date>.json` and `.md` (a table) into --out (default benchmarks/results/).
+
+With `--device cpu` it runs the same plumbing at tiny sizes on autobatch's cpu virtual device (the
+"TRL alone" check then caps with that device's counter, the only cap a CPU has; 3 and 4 are skipped):
+CI covers that, so the script never rots. No GPU was at hand when it was written: run it on one and
+commit the output under benchmarks/results/.
+
+    python benchmarks/gpu_check.py                   # cuda, one GPU, ~100M Llama
+    python benchmarks/gpu_check.py --device cpu      # tiny, ~2 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+MiB = 2**20
+HERE = Path(__file__).resolve().parent
+SIZES = {  # device -> model config overrides, max_length, budget
+    "cuda": ({"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "num_key_value_heads": 12, "max_position_embeddings": 2048}, 1024, 6 * 2**30),
+    "cpu": ({}, 64, 64 * MiB),
+}
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def autobatch_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "autobatch", *args]
+
+
+def make_workload(root: Path, device: str) -> tuple[Path, Path]:
+    """The model (random weights from a config) and a jsonl of texts longer than max_length tokens."""
+    from autobatch.builtin import save_tiny_model
+
+    overrides, max_length, _ = SIZES[device]
+    model = save_tiny_model(root / "model", "llama", **overrides)
+    data = root / "long.jsonl"
+    words = ["the", "river", "ran", "low", "that", "summer", "and", "the", "stones", "of", "the", "old", "ford"]
+    with data.open("w") as f:
+        for i in range(64):  # every text truncates at max_length: every batch is the worst case
+            text = " ".join(words[(i + j) % len(words)] for j in range(max_length * 2))
+            f.write(json.dumps({"text": text}) + "\n")
+    return model, data
+
+
+class SmiSampler:
+    """Samples `nvidia-smi` every 0.2 s: the most memory the driver ever showed for one pid."""
+
+    def __init__(self) -> None:
+        self.peak_mib: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.available = shutil.which("nvidia-smi") is not None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            out = subprocess.run(
+                ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                check=False, capture_output=True, text=True,
+            ).stdout
+            for line in out.strip().splitlines():
+                pid, used = (int(x) for x in line.split(","))
+                self.peak_mib[pid] = max(self.peak_mib.get(pid, 0), used)
+            self._stop.wait(0.2)
+
+    def __enter__(self):
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.available:
+            self._thread.join()
+
+
+def run_json(cmd: list[str], env: dict | None = None, sampler: SmiSampler | None = None) -> tuple[int, dict, int]:
+    """Run a command that prints one JSON object last; (exit code, the object or {}, driver peak MiB)."""
+    with sampler or SmiSampler() as smi:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **(env or {})})
+        out, err = proc.communicate(timeout=600)
+    if proc.returncode:
+        log(err[-2000:])
+    lines = [line for line in out.strip().splitlines() if line.startswith("{")]
+    return proc.returncode, (json.loads(lines[-1]) if lines else {}), smi.peak_mib.get(proc.pid, 0)
+
+
+def plan_args(model: Path, data: Path, device: str, max_length: int, budget: int | None) -> list[str]:
+    args = ["plan", "--model", str(model), "--dataset", str(data), "--device", device, "--max-length",
+            str(max_length), "--json", "--max-micro-batch-size", "256"]
+    return args + (["--memory-budget", str(budget)] if budget else [])
+
+
+def context_mib(device: str) -> int:
+    """What the driver shows for a process that only created its CUDA context (outside any budget)."""
+    if device != "cuda":
+        return 0
+    code = "import torch, time; torch.zeros(1, device='cuda'); torch.cuda.synchronize(); time.sleep(2)"
+    with SmiSampler() as smi:
+        proc = subprocess.Popen([sys.executable, "-c", code])
+        proc.wait(timeout=120)
+    return smi.peak_mib.get(proc.pid, 0)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+def worker_train(model: str, data: str, device: str, micro: int, max_length: int, usable: int) -> dict:
+    """Plain TRL at `micro` for 3 steps with the allocator capped at `usable`: {"micro", "fits"}."""
+    import torch
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=micro, max_steps=3,
+                     max_length=max_length, save_strategy="no", report_to="none", logging_strategy="no",
+                     use_cpu=device != "cuda", bf16=device == "cuda", disable_tqdm=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=data, split="train"))
+    if device == "cuda":
+        torch.cuda.set_per_process_memory_fraction(usable / torch.cuda.mem_get_info()[1])
+        cap = None
+    else:  # a CPU has no allocator cap: autobatch's virtual device is the only one there is
+        from autobatch.memory import CpuBackend
+
+        cap = CpuBackend(usable).measure()
+    try:
+        if cap is not None:
+            with cap:
+                trainer.train()
+        else:
+            trainer.train()
+    except torch.OutOfMemoryError:
+        return {"micro": micro, "fits": False}
+    return {"micro": micro, "fits": True}
+
+
+def worker_fallback(model: str, data: str, device: str, max_length: int, plan_file: str) -> dict:
+    """`autobatch run` (library calls) of check 1's plan with a ballast tensor allocated at step 2: a real
+    OOM mid-run."""
+    import torch
+    from transformers import TrainerCallback
+
+    from autobatch import train
+    from autobatch.config import build_config
+    from autobatch.planner import Plan
+
+    plan = Plan.from_dict(json.loads(Path(plan_file).read_text()))
+    config = build_config(overrides={
+        "model_name_or_path": model, "dataset_name": data, "device": device,
+        "memory_budget": plan.memory_budget_bytes, "max_length": max_length, "max_steps": 4,
+        "output_dir": tempfile.mkdtemp(), "save_strategy": "no",
+    })
+    peaks = {t.micro_batch_size: t.peak_memory_bytes for t in plan.trials if t.fits}
+    # Leave room for half the planned micro-batch but not all of it.
+    room = peaks[1] + (plan.peak_memory_bytes - peaks[1]) * 3 // 4
+    held: list = []
+
+    class Ballast(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2 and not held:
+                in_use = torch.cuda.memory_reserved() if device == "cuda" else 0
+                size = max(plan.usable_memory_bytes - room - (in_use if device == "cuda" else 0), MiB)
+                held.append(torch.empty(size, dtype=torch.uint8, device="cuda" if device == "cuda" else "cpu"))
+
+    result = train.run(config, plan, callbacks=[Ballast()])
+    return {"planned_micro": plan.per_device_train_batch_size, "global_step": result.global_step,
+            "fallbacks": [vars(f) for f in result.fallbacks], "ballast_bytes": held[0].nbytes if held else 0}
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check(device: str, root: Path) -> list[dict]:
+    _, max_length, budget = SIZES[device]
+    model, data = make_workload(root, device)
+    rows: list[dict] = []
+    context = context_mib(device)
+
+    code, plan, smi_peak = run_json(autobatch_cmd(*plan_args(model, data, device, max_length, budget)))
+    ok = code == 0 and plan.get("fits", False)
+    footprint_ok = device != "cuda" or smi_peak * MiB <= budget + (context + 64) * MiB
+    rows.append({"check": "plan under a budget far below capacity", "passed": ok and footprint_ok,
+                 "detail": f"max micro {plan.get('max_micro_batch_size')}, peak {plan.get('peak_memory_bytes')} B "
+                           f"of budget {budget} B; nvidia-smi peak {smi_peak} MiB, context {context} MiB",
+                 "plan": plan})
+    if not ok:
+        return rows
+    best, usable = plan["max_micro_batch_size"], plan["usable_memory_bytes"]
+    outcomes = {}
+    for micro in (best, best + 1):
+        _, out, _ = run_json([sys.executable, __file__, "--worker", "train", "--device", device, "--model",
+                              str(model), "--data", str(data), "--micro", str(micro), "--max-length",
+                              str(max_length), "--budget", str(usable)])
+        outcomes[micro] = out.get("fits")
+    rows.append({"check": "TRL alone, allocator capped: max trains, max + 1 OOMs",
+                 "passed": outcomes[best] is True and outcomes[best + 1] is False,
+                 "detail": f"micro {best}: {'trains' if outcomes[best] else 'OOM'}; micro {best + 1}: "
+                           f"{'trains' if outcomes[best + 1] else 'OOM'}"})
+
+    if device == "cuda":
+        import torch
+
+        total = torch.cuda.mem_get_info()[1]
+        hold = "import torch, time; x = torch.empty(int(%d), dtype=torch.uint8, device='cuda'); time.sleep(600)"
+        holder = subprocess.Popen([sys.executable, "-c", hold % (total // 3)])
+        try:
+            time.sleep(15)
+            code, shared, _ = run_json(autobatch_cmd(*plan_args(model, data, device, max_length, None)))
+        finally:
+            holder.kill()
+        rows.append({"check": "default budget while another process holds a third of the card",
+                     "passed": code == 0 and shared.get("memory_budget_bytes", total) < total * 0.7,
+                     "detail": f"budget {shared.get('memory_budget_bytes')} B of {total} B, "
+                               f"max micro {shared.get('max_micro_batch_size')}"})
+        code, expandable, _ = run_json(autobatch_cmd(*plan_args(model, data, device, max_length, budget)),
+                                       env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+        rows.append({"check": "plan with expandable_segments:True", "passed": code == 0,
+                     "detail": f"max micro {expandable.get('max_micro_batch_size')} (plain: {best})"})
+    else:
+        rows.append({"check": "default budget while another process holds memory", "passed": None,
+                     "detail": "skipped: cuda only"})
+        rows.append({"check": "plan with expandable_segments:True", "passed": None, "detail": "skipped: cuda only"})
+
+    plan_file = root / "plan.json"
+    plan_file.write_text(json.dumps(plan))
+    _, run, _ = run_json([sys.executable, __file__, "--worker", "fallback", "--device", device, "--model",
+                          str(model), "--data", str(data), "--max-length", str(max_length), "--plan", str(plan_file)])
+    rows.append({"check": "real OOM mid-run (ballast at step 2): fallback, run finishes",
+                 "passed": run.get("global_step") == 4 and bool(run.get("fallbacks")),
+                 "detail": f"micro {run.get('planned_micro')}, fallbacks {run.get('fallbacks')}, "
+                           f"steps {run.get('global_step')}"})
+    return rows
+
+
+def card_name(device: str) -> str:
+    if device != "cuda":
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name().replace(" ", "-")
+
+
+def write_results(rows: list[dict], device: str, out_dir: Path, seconds: float) -> Path:
+    name = f"gpu_check-{card_name(device)}-{time.strftime('%Y-%m-%d')}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({"device": device, "card": card_name(device),
+                                                      "seconds": seconds, "checks": rows}, indent=2))
+    mark = {True: "pass", False: "FAIL", None: "skipped"}
+    table = ["| check | result | detail |", "|---|---|---|"]
+    table += [f"| {r['check']} | {mark[r['passed']]} | {r['detail']} |" for r in rows]
+    (out_dir / f"{name}.md").write_text(f"# {name} ({seconds:.0f} s)\n\n" + "\n".join(table) + "\n")
+    return out_dir / f"{name}.md"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--worker", choices=("train", "fallback"))
+    parser.add_argument("--model")
+    parser.add_argument("--data")
+    parser.add_argument("--micro", type=int)
+    parser.add_argument("--max-length", type=int)
+    parser.add_argument("--budget", type=int)
+    parser.add_argument("--plan")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.worker == "train":
+        print(json.dumps(worker_train(args.model, args.data, args.device, args.micro, args.max_length, args.budget)))
+        return 0
+    if args.worker == "fallback":
+        print(json.dumps(worker_fallback(args.model, args.data, args.device, args.max_length, args.plan)))
+        return 0
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as root:
+        rows = check(args.device, Path(root))
+    path = write_results(rows, args.device, Path(args.out), time.perf_counter() - started)
+    print(path.read_text())
+    return 0 if all(r["passed"] is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
