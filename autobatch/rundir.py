@@ -104,17 +104,11 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
 
 
 def check_eval_split(config: Config) -> None:
-    """Evaluation needs eval data; a local file has one split, so dataset_test_split cannot name another."""
+    """Evaluation needs eval data (a split or a fraction; a local file's single split is checked in config)."""
     args = config.training_args
     strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
     if strategy not in ("no", None) and not (config.dataset_test_split or config.eval_fraction):
         raise ConfigError(
             f"eval_strategy {strategy!r} needs eval data: pass --dataset-test-split SPLIT or "
             "--eval-fraction 0.1, or --eval-strategy no"
-        )
-    name = config.dataset_name
-    if config.dataset_test_split and name is not None and Path(os.path.expanduser(name)).is_file():
-        raise ConfigError(
-            f"dataset_test_split {config.dataset_test_split!r}: the local file {name} has a single split; "
-            "use --eval-fraction 0.1 to hold part of it out"
         )

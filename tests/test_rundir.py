@@ -113,7 +113,7 @@ def test_resume_without_plan_json_takes_the_batch_from_the_checkpoint(tmp_path):
     "overrides, message",
     [
         ({"eval_strategy": "steps"}, "needs eval data"),
-        ({"eval_strategy": "steps", "dataset_test_split": "test", "dataset_name": "{data}"}, "has a single split"),
+        ({"eval_strategy": "steps", "dataset_test_split": "test", "dataset_name": "{data}"}, "only split is train"),
     ],
     ids=["no-eval-data", "local-file-has-no-test-split"],
 )
