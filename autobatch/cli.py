@@ -279,10 +279,10 @@ def _builtin_model_path(config: Config) -> str | None:
 
 
 def _probe(config: Config) -> Plan:
-    from autobatch.probe import make_plan
+    from autobatch import api
 
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the report / the one JSON object
-        return make_plan(config, on_trial=_trial_printer(config.memory_budget_bytes))
+        return api.plan(config, on_trial=_trial_printer(config.memory_budget_bytes))
 
 
 def _refuse_unfit(plan: Plan, output: str | None) -> None:
@@ -318,23 +318,17 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     config = _config_from_args(args, extras)
     _print_setup(config, "run")
     _quiet_third_party(args.verbose)
-    try:
-        from autobatch import train
-    except ModuleNotFoundError as exc:
-        if exc.name != "autobatch.train":
-            raise
-        raise AutobatchError("autobatch run is not implemented yet") from None
-    train.check_can_run(config)
-    if args.plan:
-        plan = train.load_plan(args.plan, config)
-    else:
-        plan = (args.resume and train.saved_plan(config)) or _probe(config)
+    from autobatch import api, train
+
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the report / the one JSON object
+        plan = api.run_plan(config, args.plan, resume=args.resume,
+                            on_trial=_trial_printer(config.memory_budget_bytes))
     if not args.json:
         print(format_plan(plan), flush=True)
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = train.run(config, plan, resume=args.resume)
+        result = api.run(config, plan=plan, resume=args.resume)
     if args.json:
         report = {"plan": plan.to_dict(), "run": result.to_dict()}
         print(json.dumps(_json_safe(report), allow_nan=False), flush=True)

@@ -58,33 +58,76 @@ class Prober:
     def __init__(
         self, config: Config, backend: MemoryBackend, usable_bytes: int, per_device: int | None = None
     ) -> None:
-        self.backend = backend
-        self.usable_bytes = usable_bytes
-        self.per_device = per_device
-        self.workdir = tempfile.TemporaryDirectory(prefix="autobatch-probe-")
+        self._setup(backend, usable_bytes, per_device)
         # The run's own settings, less what a two-step trial must not do (save, evaluate, log, report).
         self.args, self.notes = sft_config(
             config, backend.device, self.workdir.name, max_steps=2, save_strategy="no", eval_strategy="no",
             logging_strategy="no", disable_tqdm=True, report_to="none", num_train_epochs=1,
             train_sampling_strategy="sequential",  # every trial batch is the padded worst case, in order
         )
-        self.timer = _StepTimer(self._sync)
         with backend.tensor_mode():
             dataset = load_train_dataset(config)
-            self.trainer = build_trainer(
+            trainer = build_trainer(
                 config, self.args, train_dataset=dataset, fake=backend.device == "estimate", callbacks=[self.timer]
             )
         from transformers import PrinterCallback, ProgressCallback
 
         for quiet in (PrinterCallback, ProgressCallback):  # a trial's end-of-train metrics are not news
-            self.trainer.remove_callback(quiet)
+            trainer.remove_callback(quiet)
+        self._attach(trainer)
+
+    @classmethod
+    def for_trainer(
+        cls, trainer, backend: MemoryBackend, usable_bytes: int, per_device: int | None = None
+    ) -> Prober:
+        """A Prober around a trainer the caller built (`autobatch.plan_trainer`); `close()` gives it back as it was.
+
+        Trials use the trainer's own model, collator, `compute_loss`, optimizer settings and callbacks
+        (copies), with the args of a two-step trial; see `autobatch.snapshot` for what is saved and restored.
+        """
+        from autobatch.snapshot import TrainerSnapshot, ZeroLearningRate, trial_callbacks
+
+        prober = cls.__new__(cls)
+        prober._setup(backend, usable_bytes, per_device)
+        prober.notes = []
+        if trainer.optimizer is not None:
+            prober.notes.append("the trainer's own optimizer object is not stepped by trials: they build one "
+                                "from its args (optim, learning rate 0); it is left as it was")
+        callbacks = trial_callbacks(trainer)
+        prober.snapshot = TrainerSnapshot(trainer)
+        prober.args = trainer.args = trial_args(trainer.args, prober.workdir.name)
+        trainer.callback_handler.callbacks[:] = [*callbacks, ZeroLearningRate(), prober.timer]
+        try:
+            prober._attach(trainer)
+        except BaseException:
+            prober.snapshot.restore()
+            prober.workdir.cleanup()
+            raise
+        return prober
+
+    def _setup(self, backend: MemoryBackend, usable_bytes: int, per_device: int | None) -> None:
+        self.backend = backend
+        self.usable_bytes = usable_bytes
+        self.per_device = per_device
+        self.snapshot = None
+        self.workdir = tempfile.TemporaryDirectory(prefix="autobatch-probe-")
+        self.timer = _StepTimer(self._sync)
+
+    def _attach(self, trainer) -> None:
+        """Take `trainer` for the trials: find the worst-case example of its train dataset."""
+        self.trainer = trainer
         self.example = self._longest_example()
         self.max_length = len(self.example["input_ids"])
-        self.padded = not (self.args.padding_free or self.args.packing)
+        self.padded = not (getattr(self.args, "padding_free", False) or getattr(self.args, "packing", False))
 
     def _longest_example(self) -> dict:
         """The longest example after tokenization, truncation (and packing): the worst-case shape."""
         dataset = self.trainer.train_dataset
+        if "input_ids" not in (getattr(dataset, "column_names", None) or []):
+            raise ConfigError(
+                "the trainer's train_dataset has no input_ids column (or is iterable): autobatch needs a "
+                "tokenized datasets.Dataset to find the longest example; SFTTrainer makes one from text"
+            )
         lengths = [len(ids) for ids in dataset["input_ids"]]
         return dataset[max(range(len(lengths)), key=lengths.__getitem__)]
 
@@ -187,9 +230,32 @@ class Prober:
         if self.trainer is not None:
             self.trainer.optimizer = self.trainer.lr_scheduler = None
             self._forget_prepared()
+        if self.snapshot is not None:  # a caller's trainer: back as it was, for its own train()
+            self.snapshot.restore()
+            self.snapshot = None
         self.trainer = None
         self.backend.cleanup()
         self.workdir.cleanup()
+
+
+def trial_args(args, output_dir: str):
+    """A copy of a trainer's args for a two-step trial: no saving, evaluating, logging or reporting.
+
+    The same overrides the config path gives `sft_config`, set on a copy so the caller's args object is
+    untouched (its `__post_init__` already ran; these fields are read as given at `train()`).
+    """
+    import copy
+
+    trial = copy.copy(args)
+    overrides = {
+        "output_dir": output_dir, "max_steps": 2, "num_train_epochs": 1, "save_strategy": "no",
+        "eval_strategy": "no", "logging_strategy": "no", "disable_tqdm": True, "report_to": [],
+        "load_best_model_at_end": False, "push_to_hub": False, "train_sampling_strategy": "sequential",
+    }
+    for key, value in overrides.items():
+        if hasattr(trial, key):
+            setattr(trial, key, value)
+    return trial
 
 
 def describe_trial(trial: Trial, usable_bytes: int) -> str:
@@ -223,8 +289,11 @@ def _budget_error(trial: Trial, usable_bytes: int, config: Config) -> BudgetTooS
     )
 
 
-def make_plan(config: Config, on_trial: Callable[[Trial], None] | None = None) -> Plan:
-    """Probe the workload, search the largest micro-batch, and plan micro × accumulation × world size."""
+def make_plan(config: Config, on_trial: Callable[[Trial], None] | None = None, *, trainer=None) -> Plan:
+    """Probe the workload, search the largest micro-batch, and plan micro × accumulation × world size.
+
+    With `trainer`, the trials run on that trainer (`Prober.for_trainer`) instead of one built from `config`.
+    """
     started = time.perf_counter()
     backend = make_backend(config.device, config.memory_budget_bytes)
     headroom = resolve_headroom(config, backend.device)
@@ -232,7 +301,10 @@ def make_plan(config: Config, on_trial: Callable[[Trial], None] | None = None) -
     per_device = None
     if config.effective_batch_size is not None:
         per_device = check_effective_batch(config.effective_batch_size, config.world_size)
-    prober = Prober(config, backend, usable, per_device)
+    if trainer is None:
+        prober = Prober(config, backend, usable, per_device)
+    else:
+        prober = Prober.for_trainer(trainer, backend, usable, per_device)
     trials: list[Trial] = []
 
     def probe(size: int) -> Trial:

@@ -94,11 +94,11 @@ def next_split(micro: int, splits: int) -> int:
     return next(d for d in range(splits + 1, micro + 1) if micro % d == 0)
 
 
-def trainer_class():
-    """SFTTrainer with the OOM fallback: split micro-batches, same optimizer step, same data position."""
+def trainer_class(base=None):
+    """SFTTrainer (or `base`) with the OOM fallback: split micro-batches, same optimizer step and data position."""
     from trl import SFTTrainer
 
-    class OomSafeSFTTrainer(SFTTrainer):
+    class OomSafeSFTTrainer(base or SFTTrainer):
         splits = 1
         fallbacks: list[Fallback]
         on_fallback: Callable[[Fallback], None] | None = None
