@@ -104,12 +104,16 @@ def test_plan_trainer_leaves_weights_optimizer_rng_and_callbacks_as_they_were(us
     assert all(p.grad is None for p in user_trainer.model.parameters())
 
 
-def test_apply_plan_sets_the_batch_and_trains_it(user_trainer):
+def test_apply_plan_sets_the_batch_and_eval_batch_and_trains_it(user_trainer):
+    eval_dataset = user_trainer.train_dataset.select(range(3))
+    user_trainer.eval_dataset, user_trainer.args.eval_strategy = eval_dataset, "steps"
     plan = autobatch.plan_trainer(user_trainer, effective_batch_size=6, memory_budget="2GiB",
                                   max_micro_batch_size=2)
     micro = plan.per_device_train_batch_size
     assert micro * plan.gradient_accumulation_steps == 6 and micro <= 2
+    assert plan.per_device_eval_batch_size == 2 and user_trainer.eval_dataset is eval_dataset
     plan.apply(user_trainer, oom_fallback=True)
+    assert user_trainer.args.per_device_eval_batch_size == 2
     callback = _recorder(user_trainer)
     SEEN.clear()
     user_trainer.train()
