@@ -2,7 +2,7 @@
 
 `plan_trainer` runs its trials through the user's trainer object, so everything a `train()` call touches is
 saved first and restored after: the trainer's attributes (args, datasets, optimizer, scheduler, state,
-control, cached batch size), the parameters' gradients, the callback list and the handler's references, accelerate's prepared
+control, cached batch size, the contents of containers such as SFTTrainer's `_metrics`), the parameters' gradients, the callback list and the handler's references, accelerate's prepared
 objects, the model's train/eval mode, and the python, numpy and torch RNG. The weights are not copied (a
 7B model's copy would not fit): trials step the optimizer at learning rate 0 (`ZeroLearningRate`), which
 allocates the same state and changes no weight. Callbacks see the trials on deep copies, so their own
@@ -67,6 +67,16 @@ class TrainerSnapshot:
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         self.attributes = dict(vars(trainer))
+        # Containers train() fills in place (SFTTrainer's `_metrics` collects every step's loss metrics until
+        # the next log): their contents now, put back into the same objects.
+        shared = _shared_objects(trainer)
+        self.contents = []
+        for value in self.attributes.values():
+            if type(value) in (dict, list, set) and id(value) not in shared:  # not a dict of eval datasets
+                try:
+                    self.contents.append((value, copy.deepcopy(value, dict(shared))))
+                except Exception:  # noqa: BLE001 - not copyable: left as train() leaves it
+                    logger.debug("not restored: %r", value)
         handler = trainer.callback_handler
         self.handler = dict(vars(handler))
         self.callbacks = list(handler.callbacks)
@@ -84,6 +94,9 @@ class TrainerSnapshot:
         trainer = self.trainer
         vars(trainer).clear()
         vars(trainer).update(self.attributes)
+        for container, content in self.contents:
+            container.clear()
+            (container.update if isinstance(container, (dict, set)) else container.extend)(content)
         handler = trainer.callback_handler
         vars(handler).clear()
         vars(handler).update(self.handler)

@@ -75,6 +75,7 @@ def _state(trainer) -> dict:
         "args": trainer.args.to_dict(), "global_step": trainer.state.global_step,
         "steps": _recorder(trainer).steps, "callbacks": list(trainer.callback_handler.callbacks),
         "training": trainer.model.training, "train_batch_size": trainer._train_batch_size,
+        "metrics": json.dumps(trainer._metrics),
     }
 
 
@@ -99,7 +100,7 @@ def test_plan_trainer_leaves_weights_optimizer_rng_and_callbacks_as_they_were(us
     assert before["python"] == after["python"]
     assert np.array_equal(before["numpy"], after["numpy"])
     assert torch.equal(before["torch"], after["torch"])
-    for key in ("args", "global_step", "steps", "callbacks", "training", "train_batch_size"):
+    for key in ("args", "global_step", "steps", "callbacks", "training", "train_batch_size", "metrics"):
         assert before[key] == after[key], key
     assert all(p.grad is None for p in user_trainer.model.parameters())
 
