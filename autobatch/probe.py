@@ -90,12 +90,15 @@ class Prober:
         prober = cls.__new__(cls)
         prober._setup(backend, usable_bytes, per_device)
         prober.notes = []
-        if trainer.optimizer is not None:
-            prober.notes.append("the trainer's own optimizer object is not stepped by trials: they build one "
-                                "from its args (optim, learning rate 0); it is left as it was")
+        given = trainer.optimizer
         callbacks = trial_callbacks(trainer)
         prober.snapshot = TrainerSnapshot(trainer)
         prober.args = trainer.args = trial_args(trainer.args, prober.workdir.name)
+        if given is not None:  # never stepped by a trial: each builds a fresh one of its class and settings
+            trainer.optimizer_cls_and_kwargs = (type(given), dict(given.defaults))
+            if given.state:
+                prober.notes.append("the trainer's optimizer already holds state, counted in every trial beside "
+                                    "the trial's own: peaks are high by up to that state's size")
         trainer.callback_handler.callbacks[:] = [*callbacks, ZeroLearningRate(), prober.timer]
         try:
             prober._attach(trainer)
