@@ -95,7 +95,11 @@ class Prober:
         prober.snapshot = TrainerSnapshot(trainer)
         prober.args = trainer.args = trial_args(trainer.args, prober.workdir.name)
         if given is not None:  # never stepped by a trial: each builds a fresh one of its class and settings
-            trainer.optimizer_cls_and_kwargs = (type(given), dict(given.defaults))
+            import inspect
+
+            accepted = inspect.signature(type(given)).parameters  # defaults may hold more (AdamW's decoupled flag)
+            kwargs = {k: v for k, v in given.defaults.items() if k in accepted}
+            trainer.optimizer_cls_and_kwargs = (type(given), kwargs)
             if given.state:
                 prober.notes.append("the trainer's optimizer already holds state, counted in every trial beside "
                                     "the trial's own: peaks are high by up to that state's size")
