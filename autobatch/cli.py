@@ -342,16 +342,21 @@ def _builtin_model_path(config: Config) -> str | None:
     return str(builtin_model_dir())
 
 
-def _probe(config: Config, progress: bool = False) -> Plan:
-    from autobatch.probe import make_plan
-
-    budget = config.memory_budget_bytes
-    extra: dict[str, Any] = {"on_eval_trial": _eval_trial_printer(budget)}
+def _progress_callbacks(config: Config, progress: bool) -> dict[str, Any]:
+    """The probe's progress hooks: a line before each trial on a terminal, and one after each eval trial."""
+    extra: dict[str, Any] = {"on_eval_trial": _eval_trial_printer(config.memory_budget_bytes)}
     if progress:
         _err(f"loading {config.model_name_or_path or 'the built-in model'} and its data …")
         extra["on_start"] = _start_printer
+    return extra
+
+
+def _probe(config: Config, progress: bool = False) -> Plan:
+    from autobatch import api
+
+    extra = _progress_callbacks(config, progress)
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the report / the one JSON object
-        return make_plan(config, on_trial=_trial_printer(budget), **extra)
+        return api.plan(config, on_trial=_trial_printer(config.memory_budget_bytes), **extra)
 
 
 def _refuse_unfit(plan: Plan, output: str | None) -> None:
@@ -387,19 +392,15 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     config = _config_from_args(args, extras)
     _print_setup(config, "run")
     _quiet_third_party(args.verbose)
-    from autobatch import rundir
+    from autobatch import api, rundir
 
     rundir.check_can_run(config, resume=args.resume, overwrite=args.overwrite_output_dir)  # before torch
-    try:
-        from autobatch import train
-    except ModuleNotFoundError as exc:
-        if exc.name != "autobatch.train":
-            raise
-        raise AutobatchError("autobatch run is not implemented yet") from None
-    if args.plan:
-        plan = train.load_plan(args.plan, config)
-    else:
-        plan = train.resume_plan(config) if args.resume else _probe(config, _progress_wanted(args))
+    from autobatch import train
+
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the report / the one JSON object
+        plan = api.run_plan(config, args.plan, resume=args.resume, overwrite=args.overwrite_output_dir,
+                            on_trial=_trial_printer(config.memory_budget_bytes),
+                            **_progress_callbacks(config, _progress_wanted(args)))
     if not args.json:
         print(format_plan(plan), flush=True)
     _refuse_unfit(plan, args.output)
@@ -407,8 +408,8 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     _show_training_progress(config, _progress_wanted(args))
     try:
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = train.run(config, plan, resume=args.resume, overwrite=args.overwrite_output_dir,
-                               stop=getattr(args, "stop", None))
+            result = api.run(config, plan=plan, resume=args.resume, overwrite=args.overwrite_output_dir,
+                             stop=getattr(args, "stop", None))
     except Interrupted as exc:
         if exc.checkpoint is None:
             raise

@@ -201,6 +201,18 @@ class Plan:
         ]
         return data
 
+    def apply(self, trainer, *, oom_fallback: bool = False):
+        """Set this plan on a built trainer: `autobatch.apply_plan(trainer, self)` (the trainer code lives there)."""
+        from autobatch.api import apply_plan
+
+        return apply_plan(trainer, self, oom_fallback=oom_fallback)
+
+    def save(self, path, config=None) -> str:
+        """Write plan.json (`.json`) or plan.yaml (anything else): `autobatch.save_plan(self, path, config)`."""
+        from autobatch.api import save_plan
+
+        return save_plan(self, path, config)
+
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
         """The inverse of `to_dict` (plan.json back to a Plan); unknown keys are ignored."""

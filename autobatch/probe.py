@@ -61,16 +61,7 @@ class Prober:
         self, config: Config, backend: MemoryBackend, usable_bytes: int, per_device: int | None = None,
         ddp: bool = False,
     ) -> None:
-        self.backend = backend
-        self.usable_bytes = usable_bytes
-        self.on_start: Callable[[int, int | None], None] | None = None  # (micro, eval batch) before a trial
-        self.on_eval_trial: Callable[[Trial], None] | None = None  # after an evaluation trial
-        self.per_device = per_device
-        self.ddp = ddp  # the run wraps DDP: its gradient buckets are held during each (local) trial
-        # Under a launcher the trainer lives in a single-process world until close(): no DDP, no collective
-        # inside a trial (ranks.local_only). The ranks agree between trials over the default process group.
-        self._world = contextlib.ExitStack()
-        self._world.enter_context(ranks.local_only())
+        self._setup(backend, usable_bytes, per_device, ddp)
         try:
             self._build(config, backend)
         except BaseException:
@@ -78,7 +69,6 @@ class Prober:
             raise
 
     def _build(self, config: Config, backend: MemoryBackend) -> None:
-        self.workdir = tempfile.TemporaryDirectory(prefix="autobatch-probe-")
         # The run's own settings, less what a two-step trial must not do (save, evaluate, log, report).
         self.args, self.notes = sft_config(
             config, backend.device, self.workdir.name, max_steps=2, save_strategy="no", eval_strategy="no",
@@ -86,24 +76,86 @@ class Prober:
             train_sampling_strategy="sequential",  # every trial batch is the padded worst case, in order
             auto_find_batch_size=False,  # it would retry smaller inside train() and report the retry as fitting
         )
-        self.timer = _StepTimer(self._sync)
         with backend.tensor_mode():
             dataset = load_train_dataset(config)
-            self.trainer = build_trainer(
+            trainer = build_trainer(
                 config, self.args, train_dataset=dataset, fake=backend.device == "estimate", callbacks=[self.timer]
             )
         from transformers import PrinterCallback, ProgressCallback
 
         for quiet in (PrinterCallback, ProgressCallback):  # a trial's end-of-train metrics are not news
-            self.trainer.remove_callback(quiet)
-        self.precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
+            trainer.remove_callback(quiet)
+        self._attach(trainer)
+
+    @classmethod
+    def for_trainer(
+        cls, trainer, backend: MemoryBackend, usable_bytes: int, per_device: int | None = None, ddp: bool = False
+    ) -> Prober:
+        """A Prober around a trainer the caller built (`autobatch.plan_trainer`); `close()` gives it back as it was.
+
+        Trials use the trainer's own model, collator, `compute_loss`, optimizer settings and callbacks
+        (copies), with the args of a two-step trial; see `autobatch.snapshot` for what is saved and restored.
+        """
+        from autobatch.snapshot import TrainerSnapshot, ZeroLearningRate, trial_callbacks
+
+        prober = cls.__new__(cls)
+        prober._setup(backend, usable_bytes, per_device, ddp)
+        prober.notes = []
+        given = trainer.optimizer
+        callbacks = trial_callbacks(trainer)
+        prober.snapshot = TrainerSnapshot(trainer)
+        prober.args = trainer.args = trial_args(trainer.args, prober.workdir.name)
+        if given is not None:  # never stepped by a trial: each builds a fresh one of its class and settings
+            import inspect
+
+            accepted = inspect.signature(type(given)).parameters  # defaults may hold more (AdamW's decoupled flag)
+            kwargs = {k: v for k, v in given.defaults.items() if k in accepted}
+            trainer.optimizer_cls_and_kwargs = (type(given), kwargs)
+            if given.state:
+                prober.notes.append("the trainer's optimizer already holds state, counted in every trial beside "
+                                    "the trial's own: peaks are high by up to that state's size")
+        trainer.callback_handler.callbacks[:] = [*callbacks, ZeroLearningRate(), prober.timer]
+        try:
+            prober._attach(trainer)
+        except BaseException:
+            prober.snapshot.restore()
+            prober.workdir.cleanup()
+            prober._world.close()
+            raise
+        return prober
+
+    def _setup(self, backend: MemoryBackend, usable_bytes: int, per_device: int | None, ddp: bool = False) -> None:
+        self.backend = backend
+        self.usable_bytes = usable_bytes
+        self.per_device = per_device
+        self.ddp = ddp  # the run wraps DDP: its gradient buckets are held during each (local) trial
+        self.on_start: Callable[[int, int | None], None] | None = None  # (micro, eval batch) before a trial
+        self.on_eval_trial: Callable[[Trial], None] | None = None  # after an evaluation trial
+        # Under a launcher the trainer lives in a single-process world until close(): no DDP, no collective
+        # inside a trial (ranks.local_only). The ranks agree between trials over the default process group.
+        self._world = contextlib.ExitStack()
+        self._world.enter_context(ranks.local_only())
+        self.snapshot = None
+        self.workdir = tempfile.TemporaryDirectory(prefix="autobatch-probe-")
+        self.timer = _StepTimer(self._sync)
+
+    def _attach(self, trainer) -> None:
+        """Take `trainer` for the trials: find the worst-case example of its train dataset."""
+        self.trainer = trainer
+        args = self.args
+        self.precision = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32"
         self.example = self._longest_example()
         self.max_length = len(self.example["input_ids"])
-        self.padded = not (self.args.padding_free or self.args.packing)
+        self.padded = not (getattr(self.args, "padding_free", False) or getattr(self.args, "packing", False))
 
     def _longest_example(self) -> dict:
         """The longest example after tokenization, truncation (and packing): the worst-case shape."""
         dataset = self.trainer.train_dataset
+        if "input_ids" not in (getattr(dataset, "column_names", None) or []):
+            raise ConfigError(
+                "the trainer's train_dataset has no input_ids column (or is iterable): autobatch needs a "
+                "tokenized datasets.Dataset to find the longest example; SFTTrainer makes one from text"
+            )
         lengths = [len(ids) for ids in dataset["input_ids"]]
         return dataset[max(range(len(lengths)), key=lengths.__getitem__)]
 
@@ -227,10 +279,34 @@ class Prober:
         if self.trainer is not None:
             self.trainer.optimizer = self.trainer.lr_scheduler = None
             self._forget_prepared()
+        if self.snapshot is not None:  # a caller's trainer: back as it was, for its own train()
+            self.snapshot.restore()
+            self.snapshot = None
         self.trainer = None
         self.backend.cleanup()
         self.workdir.cleanup()
         self._world.close()
+
+
+def trial_args(args, output_dir: str):
+    """A copy of a trainer's args for a two-step trial: no saving, evaluating, logging or reporting.
+
+    The same overrides the config path gives `sft_config`, set on a copy so the caller's args object is
+    untouched (its `__post_init__` already ran; these fields are read as given at `train()`).
+    """
+    import copy
+
+    trial = copy.copy(args)
+    overrides = {
+        "output_dir": output_dir, "max_steps": 2, "num_train_epochs": 1, "save_strategy": "no",
+        "eval_strategy": "no", "logging_strategy": "no", "disable_tqdm": True, "report_to": [],
+        "load_best_model_at_end": False, "push_to_hub": False, "train_sampling_strategy": "sequential",
+        "auto_find_batch_size": False,  # it would retry smaller inside train() and report the retry as fitting
+    }
+    for key, value in overrides.items():
+        if hasattr(trial, key):
+            setattr(trial, key, value)
+    return trial
 
 
 def describe_trial(trial: Trial, usable_bytes: int) -> str:
@@ -269,11 +345,14 @@ def make_plan(
     on_trial: Callable[[Trial], None] | None = None,
     on_start: Callable[[int, int | None], None] | None = None,
     on_eval_trial: Callable[[Trial], None] | None = None,
+    *,
+    trainer=None,
 ) -> Plan:
     """Probe the workload, search the largest micro-batch, and plan micro × accumulation × world size.
 
     `on_start(micro, eval_batch)` is called before every trial run (eval_batch None for a training trial),
     `on_trial` after each training trial, `on_eval_trial` after each evaluation trial: progress for the CLI.
+    With `trainer`, the trials run on that trainer (`Prober.for_trainer`) instead of one built from `config`.
     """
     started = time.perf_counter()
     ranks.check_unsharded(config)
@@ -287,7 +366,11 @@ def make_plan(
         per_device = check_effective_batch(config.effective_batch_size, config.world_size)
     ranks.init_group(backend.device)
     search_usable = ranks.smallest(usable)  # every rank's search aims at the same line
-    prober = Prober(config, backend, usable, per_device, ddp=config.world_size > 1)
+    ddp = config.world_size > 1
+    if trainer is None:
+        prober = Prober(config, backend, usable, per_device, ddp=ddp)
+    else:
+        prober = Prober.for_trainer(trainer, backend, usable, per_device, ddp=ddp)
     prober.on_start, prober.on_eval_trial = on_start, on_eval_trial
     trials: list[Trial] = []
 
