@@ -148,8 +148,9 @@ def test_save_plan_writes_json_that_round_trips_and_yaml_with_the_batch(tmp_path
     import yaml
 
     data = yaml.safe_load(Path(plan.save(tmp_path / "plan.yaml")).read_text())
-    assert data == {"model_name_or_path": "/models/tiny", "dataset_train_split": "train",
-                    "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
+    # plan.yaml states the precision measured and TRL's checkpointing default instead of leaving them to TRL
+    assert data == {"model_name_or_path": "/models/tiny", "per_device_train_batch_size": 4,
+                    "gradient_accumulation_steps": 2, "activation_checkpointing": True, "bf16": False}
 
 
 def test_load_applies_overrides_to_a_config_and_a_path():
@@ -173,7 +174,7 @@ def test_cli_plan_and_run_go_through_the_api(monkeypatch, tmp_path, capsys):
         calls.append(("plan", config.effective_batch_size))
         return _plan()
 
-    def run_plan(config, plan_file=None, *, resume=False, on_trial=None):
+    def run_plan(config, plan_file=None, *, resume=False, **kwargs):
         calls.append(("run_plan", plan_file, resume))
         return _plan()
 
