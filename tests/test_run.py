@@ -433,6 +433,7 @@ def test_run_with_no_arguments_trains_the_builtin_default(tmp_path, monkeypatch,
     assert f"model saved to {out.name}" in captured.out or f"model saved to {out}" in captured.out
 
 
+@pytest.mark.slow  # over 2 minutes on a loaded 2-core machine
 def test_eval_batch_is_planned_beside_training_and_formatting_func_is_imported(
     tiny_model_dir, tmp_path, capsys, monkeypatch
 ):
@@ -458,6 +459,7 @@ def test_eval_batch_is_planned_beside_training_and_formatting_func_is_imported(
     assert "probe predicted" in captured.out
 
 
+@pytest.mark.slow  # over 2 minutes on a loaded 2-core machine
 def test_trl_knobs_from_a_yaml_config_reach_the_trainer(tiny_model_dir, tmp_path, capsys):
     """LoRA, packing, NEFTune, epochs, warmup and the logging/eval/save strategies pass through by TRL name."""
     data = tmp_path / "reviews.jsonl"
