@@ -1,5 +1,7 @@
 """Planner tests: a fake probe with known memory curves; exact sequences of sizes tried. No torch."""
 
+import itertools
+
 import pytest
 
 from autobatch.errors import BudgetTooSmallError, ConfigError
@@ -226,6 +228,6 @@ def test_failed_prediction_halves_the_bracket_instead_of_stepping_down(limit):
     result = search_max_micro_batch(probe, limit, max_micro_batch_size=4096)
     assert result.max_micro_batch_size == truth(convex, limit)
     failures = [b for b in tried if convex(b) > limit]
-    steps_down = [(a, b) for a, b in zip(failures, failures[1:]) if a - b == 1]
+    steps_down = [(a, b) for a, b in itertools.pairwise(failures) if a - b == 1]
     assert not steps_down, tried
     assert len(tried) <= 10, tried  # the old step-down search took 7, 11, 12 and 13
