@@ -635,6 +635,8 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     launch = f" (launch {world} processes, e.g. torchrun --nproc_per_node {world})" if world > 1 else ""
     capped = " (capped by max_micro_batch_size)" if plan.capped else ""
+    if plan.stopped_at_need:
+        capped = " or more (not searched past what the plan needs)"
     lines = [
         (f"# Written by `autobatch plan` on {stamp}; use with `trl sft --config FILE` or "
          "`autobatch run --config FILE`."),
