@@ -13,7 +13,7 @@ what the plan needs), with the target and --find-max (exact maximum), then the t
 probe cache, and under a 10% smaller budget from the cache. A found maximum is checked exact from the
 trials themselves (it fits, the next size does not); with --exhaustive every size up to it is measured too.
 
-    python benchmarks/search_cost.py [--quick] [--exhaustive]   # --quick: opt-350m, target rows only
+    python benchmarks/search_cost.py [--quick] [--shape NAME] [--exhaustive]   # --quick: opt-350m, target rows
 """
 
 from __future__ import annotations
@@ -94,11 +94,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="opt-350m only, target rows only")
     parser.add_argument("--exhaustive", action="store_true", help="also measure every size up to the maximum")
+    parser.add_argument("--shape", choices=[case[0] for case in CASES], help="only this shape")
     options = parser.parse_args()
     from autobatch.builtin import save_model_shape
 
     rows = []
-    cases = CASES[:1] if options.quick else CASES
+    cases = [c for c in CASES if c[0] == options.shape] if options.shape else CASES[:1] if options.quick else CASES
     with tempfile.TemporaryDirectory(prefix="autobatch-bench-") as tmp:
         for name, max_length, budget, target in cases:
             log(f"{name} at {max_length} tokens, budget {budget / GiB:g} GiB, target {target}")
