@@ -25,6 +25,14 @@ def _builtin_model_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_probe_cache(tmp_path_factory):
+    """Module-scoped fixtures that plan get a probe cache of their module's, never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache-module")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _fresh_probe_cache(tmp_path_factory, monkeypatch):
     """Each test its own probe cache (XDG_CACHE_HOME), so no test answers another's trials from it."""
