@@ -130,7 +130,8 @@ def test_a_corrupt_cache_is_one_warning_and_a_correct_plan(tiny_model_dir, tmp_p
     args = tiny_args(tiny_model_dir("llama"), cache_file, budget=10**9, effective=4)
     report, err = plan(args, capsys)
     assert err.count("probe cache") == 1 and "ignored" in err
-    assert batch(report) == (4, 1, 4) and report["stopped_at_need"]
+    assert report["max_micro_batch_size"] == 4 and report["stopped_at_need"]
+    assert report["per_device_train_batch_size"] * report["gradient_accumulation_steps"] == 4
     assert sizes(report["trials"]) == [1, 2, 4] and report["cached_trials"] == []
 
 
@@ -148,6 +149,8 @@ def test_two_plans_at_once_on_one_cache_are_both_correct(tiny_model_dir, tmp_pat
         assert run.returncode == 0, err
         assert "probe cache" not in err
         reports.append(json.loads(out))
-    assert batch(reports[0]) == batch(reports[1]) == (4, 1, 4)
+    for report in reports:  # which divisor wins is a matter of measured step times; the maximum is not
+        assert report["max_micro_batch_size"] == 4 and report["stopped_at_need"]
+        assert report["per_device_train_batch_size"] * report["gradient_accumulation_steps"] == 4
     entries = cache.list_entries(cache_file)
     assert len(entries) == 1 and entries[0].trials >= len(reports[0]["trials"])
