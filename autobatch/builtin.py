@@ -139,3 +139,37 @@ def builtin_model_dir() -> Path:
 def builtin_dataset_path() -> Path:
     """The shipped text sample: ~300 lines of {"text": ...}, 20–600 characters each."""
     return Path(__file__).parent / "assets" / "tiny_text.jsonl"
+
+
+#: Published shapes of real models (their config.json sizes), for planning in estimate mode without a
+#: download: `save_model_shape` writes the config and the byte-level tokenizer, never weights.
+PUBLISHED_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "opt-350m": ("opt", {  # facebook/opt-350m
+        "vocab_size": 50272, "hidden_size": 1024, "num_hidden_layers": 24, "ffn_dim": 4096,
+        "num_attention_heads": 16, "max_position_embeddings": 2048, "word_embed_proj_dim": 512,
+        "do_layer_norm_before": False,
+    }),
+    "tinyllama-1.1b": ("llama", {  # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
+        "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048,
+    }),
+    "qwen2-0.5b": ("qwen2", {  # Qwen/Qwen2-0.5B
+        "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+        "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+        "tie_word_embeddings": True,
+    }),
+}
+
+
+def save_model_shape(path: str | os.PathLike, name: str) -> Path:
+    """Write the config of a published model shape (PUBLISHED_SHAPES) and a tokenizer: `--device estimate` plans it.
+
+    No weights are written: the estimate backend builds the model from its config under fake tensors.
+    """
+    from transformers import AutoConfig
+
+    arch, sizes = PUBLISHED_SHAPES[name]
+    path = Path(path)
+    save_tokenizer(path)
+    AutoConfig.for_model(arch, **sizes).save_pretrained(path)
+    return path

@@ -59,6 +59,12 @@ _VALUE_FLAGS = [
      "check this micro-batch instead of searching (= per_device_train_batch_size)"),
     ("--world-size", "world_size", "number of processes (default: $WORLD_SIZE or 1)"),
     ("--max-length", "max_length", "tokens per example after truncation (SFTConfig max_length)"),
+    ("--cache", "cache", "probe cache file (default: $XDG_CACHE_HOME/autobatch/probes.sqlite3)"),
+]
+#: Switches, each setting its config key to true.
+_SWITCH_FLAGS = [
+    ("--find-max", "find_max", "search on to the largest micro-batch that fits, past what the target needs"),
+    ("--no-cache", "no_cache", "neither read nor write the probe cache: run every trial"),
 ]
 #: What a `run` user looks for in --help (issue 11); each also works as a YAML key of the same name.
 _VALUE_FLAGS += [
@@ -75,7 +81,7 @@ _VALUE_FLAGS += [
 ]
 _STRING_KEYS = frozenset({
     "model_name_or_path", "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split",
-    "dataset_text_field", "output_dir", "run_name", "device", "model_revision", "hub_model_id",
+    "dataset_text_field", "output_dir", "run_name", "device", "model_revision", "hub_model_id", "cache",
 })
 
 _EPILOG = (
@@ -98,6 +104,8 @@ def _make_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", metavar="FILE", help="YAML file with TRL and autobatch keys")
     for flag, key, help_text in _VALUE_FLAGS:
         common.add_argument(flag, dest=key, metavar="VALUE", default=argparse.SUPPRESS, help=help_text)
+    for flag, key, help_text in _SWITCH_FLAGS:
+        common.add_argument(flag, dest=key, action="store_true", default=argparse.SUPPRESS, help=help_text)
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout, nothing else")
     common.add_argument("--output", metavar="FILE",
                         help="write plan.yaml: the config with the planned batch, for `trl sft --config` "
@@ -129,6 +137,15 @@ def _make_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", parents=[common], allow_abbrev=False, epilog=_EPILOG,
                                 help="plan several effective batch sizes (not implemented yet)")
     sweep.set_defaults(func=_cmd_sweep)
+    cache = commands.add_parser("cache", allow_abbrev=False, help="list, locate or clear the probe cache",
+                                description="The probe cache stores every trial, keyed by everything that "
+                                            "changes memory, so re-planning the same workload runs no trial.")
+    cache.add_argument("action", nargs="?", choices=("list", "path", "clear"), default="list",
+                       help="list entries (default), print the file's path, or delete every entry")
+    cache.add_argument("--cache", metavar="FILE", help="the cache file (default: the user's cache directory)")
+    cache.add_argument("--json", action="store_true", help="list as one JSON object")
+    cache.add_argument("--debug", action="store_true", help="show tracebacks")
+    cache.set_defaults(func=_cmd_cache)
     return parser
 
 
@@ -170,6 +187,9 @@ def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
             value = getattr(args, key)
             overrides[key] = value if key in _STRING_KEYS else parse_value(value)
             names[key] = flag
+    for flag, key, _ in _SWITCH_FLAGS:
+        if key in vars(args):
+            overrides[key], names[key] = True, flag
     if args.output is not None:
         check_output_path(args.output)
     path = args.config
@@ -266,10 +286,12 @@ def format_plan(plan: Plan) -> str:
     """The readable report: chosen row, memory, search cost, alternatives, notes and the flags to use."""
     micro, accumulation = plan.per_device_train_batch_size, plan.gradient_accumulation_steps
     budget, usable, peak = plan.memory_budget_bytes, plan.usable_memory_bytes, plan.peak_memory_bytes
-    tried = {t.micro_batch_size: t for t in plan.trials}
+    tried = {t.micro_batch_size: t for t in plan.cached_trials + plan.trials}
     largest = plan.max_micro_batch_size
     if plan.capped:
         limit = f"{largest} (capped by --max-micro-batch-size)"
+    elif plan.stopped_at_need:
+        limit = f"≥ {largest} (not searched past what the plan needs; --find-max searches on)"
     elif largest + 1 in tried and not tried[largest + 1].fits:
         limit = f"{largest} ({largest + 1} does not fit)"
     else:
@@ -284,6 +306,7 @@ def format_plan(plan: Plan) -> str:
         f"  left at peak     {format_bytes(left)} ({_pct(left, budget)} of budget)",
         f"  max micro-batch  {limit}",
         f"  trials           {len(plan.trials)}" + (f" ({ooms} OOM)" if ooms else "")
+        + (f" + {len(plan.cached_trials)} from the probe cache" if plan.cached_trials else "")
         + f", search {plan.search_seconds:.1f} s",
         f"  device           {plan.device}, max_length {plan.max_length}",
     ]
@@ -448,6 +471,48 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     )
 
 
+def _cmd_cache(args: argparse.Namespace, extras: list[str]) -> int:
+    """`autobatch cache [list|path|clear]`: the probe cache, by the sqlite3 module only (no torch)."""
+    import sqlite3
+
+    from autobatch import cache
+
+    if extras:
+        raise ConfigError(f"unexpected argument {extras[0]!r} (see autobatch cache --help)")
+    path = cache.cache_path(args.cache)
+    if args.action == "path":
+        print(path, flush=True)
+        return 0
+    try:
+        if args.action == "clear":
+            count = cache.clear(path)
+            print(f"cleared {count} trial(s) from {path}", flush=True)
+            return 0
+        entries = cache.list_entries(path)
+    except (sqlite3.Error, OSError) as exc:
+        raise AutobatchError(f"--cache {path}: cannot read it ({exc}); delete the file or pass another "
+                             "--cache") from None
+    if args.json:
+        print(json.dumps({"path": str(path), "entries": [vars(e) for e in entries]}, default=str), flush=True)
+        return 0
+    print(f"{path}: {len(entries)} workload(s)", flush=True)
+    for entry in entries:
+        print("  " + _describe_entry(entry), flush=True)
+    return 0
+
+
+def _describe_entry(entry) -> str:
+    """`abc123  model  max_length 512 (examples 512)  estimate  world 1  5 trials  2026-11-26 12:00`."""
+    import time
+
+    description = entry.description
+    config, args = description.get("config", {}), description.get("training_args", {})
+    used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+    return (f"{entry.fingerprint[:12]}  {config.get('model_name_or_path')}  max_length {args.get('max_length')} "
+            f"(longest example {description.get('example_length')})  {description.get('device', {}).get('device')}"
+            f"  world {description.get('world_size')}  {entry.trials} trial(s)  {used}")
+
+
 def _err(text: str, every_rank: bool = False) -> None:
     """stderr, from rank 0 only under a launcher (errors from every rank: each exits on its own)."""
     if every_rank or is_main():
@@ -509,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, extras = _make_parser().parse_known_args(argv)
         if args.command is None:
-            raise ConfigError("choose a command: plan, run or sweep (see autobatch --help)")
+            raise ConfigError("choose a command: plan, run, sweep or cache (see autobatch --help)")
         args.argv = argv
         with _logging_to_stderr("-v" in argv or "--verbose" in argv, debug), stop_on_signals() as args.stop, \
                 contextlib.ExitStack() as quiet:

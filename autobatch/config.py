@@ -113,6 +113,9 @@ class Config:
     lora: dict | None = None  # peft LoraConfig kwargs (r, lora_alpha, lora_dropout, target_modules, ...)
     model_args: dict = field(default_factory=dict)  # other TRL ModelConfig keys: dtype, attn_implementation
     training_args: dict = field(default_factory=dict)  # every other key, for SFTConfig, untouched
+    find_max: bool = False  # search past what the target effective batch needs, to the true maximum
+    cache: str | None = None  # probe cache file; None: $XDG_CACHE_HOME/autobatch/probes.sqlite3
+    no_cache: bool = False  # neither read nor write the probe cache
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Config))
@@ -472,6 +475,16 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
         problems.append(f"{name('headroom')} must be a fraction with 0 <= headroom < 1 (e.g. 0.1), "
                         f"got {out.headroom!r}")
 
+    # Search and probe cache.
+    for key in ("find_max", "no_cache"):
+        flag = _as_bool(getattr(out, key))
+        if flag is None:
+            problems.append(f"{name(key)} must be true or false, got {getattr(out, key)!r}")
+        else:
+            setattr(out, key, flag)
+    if out.cache is not None and (not isinstance(out.cache, str) or not out.cache.strip()):
+        problems.append(f"{name('cache')} must be a file path, got {out.cache!r}")
+
     # Keys handed to TRL: only what can be checked without importing it.
     for args in (out.training_args, out.model_args):
         for key, value in args.items():
@@ -707,6 +720,8 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     launch = f" (launch {world} processes, e.g. torchrun --nproc_per_node {world})" if world > 1 else ""
     capped = " (capped by max_micro_batch_size)" if plan.capped else ""
+    if plan.stopped_at_need:
+        capped = " or more (not searched past what the plan needs)"
     lines = [
         (f"# Written by `autobatch plan` on {stamp}; use with `trl sft --config FILE` or "
          "`autobatch run --config FILE`."),

@@ -9,7 +9,8 @@ Three backends share one interface (`budget_bytes`, `measure()`, `tensor_mode()`
   storage (each once, released when freed), the quantity `torch.cuda.max_memory_allocated` reports, and
   raises a CUDA-style `torch.OutOfMemoryError` when an op pushes that count past the budget.
 - `estimate`: the same counting under `FakeTensorMode`: no compute, no memory, so a model far bigger
-  than this machine is measured from its config alone. Blind to scratch allocated inside one kernel
+  than this machine is measured from its config alone; a size past the budget is measured in full
+  (it does not fit, but its whole peak is known). Blind to scratch allocated inside one kernel
   (flash attention, cuBLAS workspace) and to fragmentation: its figures are estimates.
 """
 
@@ -25,6 +26,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -172,17 +174,25 @@ class MemoryBackend:
         """Release what a trial left behind, so the next one starts from the same baseline."""
         gc.collect()
 
+    def identity(self) -> dict[str, Any]:
+        """What about this device changes a trial's peak (a probe-cache key): kind and allocator settings."""
+        import os
+
+        return {"device": self.device, "torch_device": self.torch_device,
+                "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")}
+
 
 class CpuBackend(MemoryBackend):
     """The cpu virtual device: live storage bytes counted, OOM raised past the budget."""
 
     device = "cpu"
     fake = False
+    stops_at_budget = True  # raise OOM past the budget, as a GPU would (and so this machine's RAM is safe)
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[Measurement]:
         result = Measurement()
-        mode = LiveBytesMode(self.budget_bytes, fake=self.fake)
+        mode = LiveBytesMode(self.budget_bytes if self.stops_at_budget else None, fake=self.fake)
         try:
             with mode:
                 yield result
@@ -197,6 +207,9 @@ class EstimateBackend(CpuBackend):
 
     device = "estimate"
     fake = True
+    # Nothing is allocated, so a size past the budget is measured in full rather than stopped: its peak
+    # lets the search interpolate between a fit and a failure instead of bisecting blind.
+    stops_at_budget = False
 
     def __init__(self, budget_bytes: int) -> None:
         super().__init__(budget_bytes)
@@ -255,6 +268,12 @@ class CudaBackend(MemoryBackend):
     def cleanup(self) -> None:
         gc.collect()
         torch.cuda.empty_cache()
+
+    def identity(self) -> dict[str, Any]:
+        """The card too: its name and total memory (a different GPU model is a different cache entry)."""
+        index = torch.cuda.current_device()
+        properties = torch.cuda.get_device_properties(index)
+        return {**super().identity(), "name": properties.name, "total_memory_bytes": properties.total_memory}
 
 
 def cuda_capacity_bytes(device_index: int = 0) -> int:

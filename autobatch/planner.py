@@ -7,6 +7,12 @@ about four trials. It is not always affine: TRL's fused LM-head loss allocates a
 32768` buffer (trl/kernels/chunked_logprob.py), so the slope drops once a batch passes 4096 tokens,
 and on a big model the optimizer step can out-peak small batches. The line is only a guess; each
 guess is checked by a trial and the bracket [largest fit, smallest failure] only ever narrows.
+
+Two guards keep a bent curve from costing a trial per size: a flat segment (the per-sample share of the
+peak under `FLAT_SHARE`, as when the optimizer step out-peaks small batches) is not extrapolated, and a
+prediction that already failed, or lands outside the bracket, gives way to halving the bracket. With a
+target effective batch, the search stops at the per-device share (`needed`): a larger micro-batch is never
+used by the plan, so searching past it only spends trials.
 """
 
 from __future__ import annotations
@@ -41,6 +47,18 @@ class SearchResult:
     max_micro_batch_size: int
     trials: list[Trial]
     capped: bool  # stopped at --max-micro-batch-size, not at the memory limit
+    stopped_at_need: bool = False  # `needed` fits: the true maximum is at least this, not searched further
+
+
+#: A segment whose per-sample slope is under this share of the peak is flat: a fixed cost (the optimizer
+#: step out-peaking small batches, measured on opt-350m's shape: 5.127 GiB at micro-batch 1 and 2) hides
+#: the per-sample cost, and the line through it would shoot to the cap.
+FLAT_SHARE = 0.02
+#: With a needed size, a line predicting at least needed / NEED_REACH tries the needed size itself. The line
+#: through the first points under-predicts a curve that bends down: TRL's fused LM head stops growing at
+#: 4096 tokens (measured on opt-350m's shape at 512 tokens, target 32: the line through 1 and 2 said 19,
+#: and 32 fits). One trial at the need then settles the plan.
+NEED_REACH = 2
 
 
 def _predict_limit(points: list[tuple[int, int]], limit_bytes: int) -> float | None:
@@ -52,9 +70,21 @@ def _predict_limit(points: list[tuple[int, int]], limit_bytes: int) -> float | N
     return b1 + (limit_bytes - p1) / slope
 
 
-def _next_size(trials: dict[int, Trial], lo: int, hi: int | None, limit_bytes: int, cap: int) -> int:
-    """The next micro-batch to try, strictly inside the bracket (lo fits, hi does not)."""
-    upper = cap if hi is None else hi - 1
+def _is_flat(points: list[tuple[int, int]]) -> bool:
+    """True when the segment's per-sample slope explains under FLAT_SHARE of the peak at its upper end."""
+    (b0, p0), (b1, p1) = points
+    return (p1 - p0) / (b1 - b0) * b1 < FLAT_SHARE * p1
+
+
+def _next_size(
+    trials: dict[int, Trial], lo: int, hi: int | None, limit_bytes: int, bound: int, jump_to_bound: bool
+) -> int:
+    """The next micro-batch to try, strictly inside the bracket (lo fits, hi does not), at most `bound`.
+
+    `jump_to_bound`: the bound is what the plan needs, so when the line cannot tell (flat) or says it
+    fits, the bound itself is tried: if it fits, the search is over.
+    """
+    upper = bound if hi is None else hi - 1
     fitting = sorted(b for b, t in trials.items() if t.fits)
     if len(fitting) < 2:
         return min(lo + 1, upper)
@@ -66,19 +96,33 @@ def _next_size(trials: dict[int, Trial], lo: int, hi: int | None, limit_bytes: i
     if hi is not None and not trials[hi].oom:
         points = [at_lo, (hi, trials[hi].peak_memory_bytes)]
     predicted = _predict_limit(points, limit_bytes)
-    guess = 4 * lo if predicted is None else math.floor(predicted)
+    mid = lo + 1 if hi is None else (lo + hi) // 2
+    if predicted is None or _is_flat(points):
+        # A flat segment says nothing about where the limit is: grow geometrically, or halve the bracket.
+        guess = (bound if jump_to_bound else 4 * lo) if hi is None else mid
+    else:
+        guess = math.floor(predicted)
+        if jump_to_bound and hi is None and guess * NEED_REACH >= bound:
+            guess = bound
+        if hi is not None and guess >= hi:  # the line already failed here: halve instead of one step down
+            guess = mid
     recent = list(trials.values())[-2:]
-    if hi is not None and len(recent) == 2 and recent[0].fits == recent[1].fits:
-        # The line missed twice on the same side: fall back to bisection so the bracket halves.
-        mid = (lo + hi) // 2
+    if hi is not None and len(recent) == 2 and recent[0].fits == recent[1].fits and guess > lo + 1:
+        # The line missed twice on the same side: fall back to bisection so the bracket halves (unless
+        # it puts the limit right above lo, which one trial settles).
         guess = max(guess, mid) if recent[-1].fits else min(guess, mid)
     return max(lo + 1, min(guess, upper))
 
 
-def search_max_micro_batch(probe: Probe, limit_bytes: int, max_micro_batch_size: int) -> SearchResult:
+def search_max_micro_batch(
+    probe: Probe, limit_bytes: int, max_micro_batch_size: int, needed: int | None = None, find_max: bool = False
+) -> SearchResult:
     """Largest micro-batch b ≤ max_micro_batch_size that fits `limit_bytes`, with b + 1 tried and failed.
 
-    Raises BudgetTooSmallError when micro-batch 1 does not fit (the error carries its peak).
+    With `needed` (the per-device share of a target effective batch), the search stops as soon as that
+    size fits (`stopped_at_need`): the plan never uses a larger micro-batch. With `find_max` too, it then
+    searches on from there (the plan measures the needed size anyway). Raises BudgetTooSmallError when
+    micro-batch 1 does not fit (the error carries its peak).
     """
     if max_micro_batch_size < 1:
         raise ConfigError("--max-micro-batch-size must be at least 1")
@@ -87,16 +131,23 @@ def search_max_micro_batch(probe: Probe, limit_bytes: int, max_micro_batch_size:
     trials[1] = first
     if not first.fits:
         raise BudgetTooSmallError("micro-batch 1 does not fit the memory budget", first)
+    bounded = needed is not None and needed < max_micro_batch_size
+    bound = max(1, needed) if bounded else max_micro_batch_size
     lo, hi = 1, None
-    while lo < max_micro_batch_size and (hi is None or hi > lo + 1):
-        size = _next_size(trials, lo, hi, limit_bytes, max_micro_batch_size)
-        trial = probe(size)
-        trials[size] = trial
-        if trial.fits:
-            lo = size
-        else:
-            hi = size
-    return SearchResult(lo, list(trials.values()), capped=lo == max_micro_batch_size and hi is None)
+    while True:
+        while lo < bound and (hi is None or hi > lo + 1):
+            size = _next_size(trials, lo, hi, limit_bytes, bound, jump_to_bound=bounded)
+            trial = probe(size)
+            trials[size] = trial
+            if trial.fits:
+                lo = size
+            else:
+                hi = size
+        if not (find_max and bounded and lo == bound):
+            break
+        bounded, bound = False, max_micro_batch_size  # the need fits: on to the true maximum
+    capped = lo == max_micro_batch_size and hi is None
+    return SearchResult(lo, list(trials.values()), capped=capped, stopped_at_need=bounded and lo == bound)
 
 
 @dataclass
@@ -193,6 +244,9 @@ class Plan:
     eval_peak_memory_bytes: int | None = None  # training, then evaluation at that batch, optimizer state alive
     eval_trials: list[Trial] = field(default_factory=list)
     precision: str | None = None  # what the trials measured: "bf16", "fp16" or "fp32"; plan.yaml says the same
+    cached_trials: list[Trial] = field(default_factory=list)  # answers the probe cache gave; not in `trials`
+    cache_path: str | None = None  # the probe cache file used, None with --no-cache
+    stopped_at_need: bool = False  # max_micro_batch_size is what the target needs; the true max may be larger
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -220,6 +274,7 @@ class Plan:
         values = {k: v for k, v in data.items() if k in names}
         values["trials"] = [Trial(**t) for t in data.get("trials", [])]
         values["eval_trials"] = [Trial(**t) for t in data.get("eval_trials", [])]
+        values["cached_trials"] = [Trial(**t) for t in data.get("cached_trials", [])]
         values["options"] = [
             Option(**{k: v for k, v in o.items() if k != "samples_per_s"}) for o in data.get("options", [])
         ]

@@ -356,6 +356,7 @@ def make_plan(
     """
     started = time.perf_counter()
     ranks.check_unsharded(config)
+    stopped_at_need = False
     backend = make_backend(config.device, config.memory_budget_bytes)
     headroom = resolve_headroom(config, backend.device)
     usable = int(backend.budget_bytes * (1 - headroom))
@@ -372,12 +373,20 @@ def make_plan(
     else:
         prober = Prober.for_trainer(trainer, backend, usable, per_device, ddp=ddp)
     prober.on_start, prober.on_eval_trial = on_start, on_eval_trial
-    trials: list[Trial] = []
+    trials: list[Trial] = []  # every answer the search used, run or from the probe cache
+    cached: list[Trial] = []  # those the cache gave
+    # A caller's own trainer (collator, loss, callbacks) has no fingerprint the cache could trust.
+    cache = _open_cache(config, prober, backend) if trainer is None else None
+    run_trial = cache.wrap(prober.run_trial, prober._accumulation, usable, cached) if cache else prober.run_trial
 
     def probe(size: int) -> Trial:
-        trial = ranks.agree(prober.run_trial(size))  # one rank's OOM is everyone's: one search path
+        raw = run_trial(size)
+        hit = bool(cached) and cached[-1] is raw
+        trial = ranks.agree(raw)  # one rank's OOM is everyone's: one search path
+        if hit:
+            cached[-1] = trial  # the agreed answer is the one the search used
         trials.append(trial)
-        if on_trial:
+        if on_trial and not hit:
             on_trial(trial)
         return trial
 
@@ -387,18 +396,28 @@ def make_plan(
             trial = probe(micro)
             max_micro, capped = (micro if trial.fits else 0), False
         else:
-            try:
-                result = search_max_micro_batch(probe, search_usable, config.max_micro_batch_size)
+            try:  # the plan never uses more than per_device: the search stops there unless --find-max
+                result = search_max_micro_batch(probe, search_usable, config.max_micro_batch_size,
+                                                needed=per_device, find_max=config.find_max)
             except BudgetTooSmallError as exc:
                 raise _budget_error(exc.trial, usable, config) from None
             max_micro, capped = result.max_micro_batch_size, result.capped
+            stopped_at_need = result.stopped_at_need
         plan = _choose(config, prober, per_device, max_micro, trials, probe)
         if plan.fits and evaluates(config):
-            plan.per_device_eval_batch_size, plan.eval_trials = _plan_eval(config, prober, plan, search_usable)
+            plan.per_device_eval_batch_size, plan.eval_trials = _plan_eval(
+                config, prober, plan, search_usable, run_trial)
             chosen = [t for t in plan.eval_trials if t.micro_batch_size == plan.per_device_eval_batch_size]
             plan.eval_peak_memory_bytes = chosen[-1].peak_memory_bytes
     finally:
         prober.close()
+        if cache:
+            cache.close()
+    _report_cache(plan, cache, cached)
+    if stopped_at_need:
+        plan.stopped_at_need = True
+        plan.notes.append(f"max micro-batch ≥ {max_micro}, not searched past what the plan needs "
+                          "(--find-max searches on)")
     plan.memory_budget_bytes = backend.budget_bytes
     plan.usable_memory_bytes = usable
     plan.headroom = headroom
@@ -419,6 +438,35 @@ def make_plan(
     return plan
 
 
+def _open_cache(config: Config, prober: Prober, backend: MemoryBackend):
+    """The probe cache for this workload, or None with --no-cache."""
+    if config.no_cache:
+        return None
+    from autobatch.cache import ProbeCache, cache_path, workload_description
+
+    description = workload_description(
+        fingerprint(config), prober.trainer.model, prober.args, prober.max_length, prober.padded,
+        backend.identity(), config.world_size,
+    )
+    return ProbeCache(cache_path(config.cache), description, backend.budget_bytes)
+
+
+def _report_cache(plan: Plan, cache, cached: list[Trial]) -> None:
+    """`trials` keeps the trials actually run; answers the cache gave go to `cached_trials`, with a note."""
+    if cache is None:
+        return
+    plan.cache_path = str(cache.path)
+    from_cache = {id(t) for t in cached}  # eval answers stay in eval_trials, whichever way they came
+    plan.cached_trials = [t for t in plan.trials if id(t) in from_cache]
+    plan.trials = [t for t in plan.trials if id(t) not in from_cache]
+    if cache.broken:
+        plan.notes.append(f"probe cache {cache.path} ignored ({cache.broken}); every trial ran")
+    elif cached:
+        run = "no trial run" if not plan.trials else f"{len(plan.trials)} trial(s) run"
+        plan.notes.append(f"{len(cached)} answer(s) from the probe cache {cache.path}, {run} "
+                          "(--no-cache measures again)")
+
+
 def evaluates(config: Config) -> bool:
     """Whether the run evaluates: an eval split or fraction, and an eval strategy other than "no"."""
     args = config.training_args
@@ -426,14 +474,20 @@ def evaluates(config: Config) -> bool:
     return bool(config.dataset_test_split or config.eval_fraction) and strategy not in ("no", None)
 
 
-def _plan_eval(config: Config, prober: Prober, plan: Plan, usable: int) -> tuple[int, list[Trial]]:
-    """Largest eval batch that fits beside training at the planned micro-batch (forward only, no grads)."""
+def _plan_eval(
+    config: Config, prober: Prober, plan: Plan, usable: int, run_trial: Callable[..., Trial] | None = None
+) -> tuple[int, list[Trial]]:
+    """Largest eval batch that fits beside training at the planned micro-batch (forward only, no grads).
+
+    `run_trial`: the prober's, or the probe cache's wrapper around it.
+    """
     fixed = config.training_args.get("per_device_eval_batch_size")
     micro = plan.per_device_train_batch_size
     trials: list[Trial] = []
+    run_trial = run_trial or prober.run_trial
 
     def probe(size: int) -> Trial:
-        trial = ranks.agree(prober.run_trial(micro, eval_batch_size=size))
+        trial = ranks.agree(run_trial(micro, eval_batch_size=size))
         trials.append(trial)
         return trial
 

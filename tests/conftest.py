@@ -25,6 +25,20 @@ def _builtin_model_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_probe_cache(tmp_path_factory):
+    """Module-scoped fixtures that plan get a probe cache of their module's, never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache-module")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_probe_cache(tmp_path_factory, monkeypatch):
+    """Each test its own probe cache (XDG_CACHE_HOME), so no test answers another's trials from it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 # Named variants: (architecture, config overrides). "llama-wide" has enough weight memory (~2.2M parameters)
 # that LoRA's savings on gradients and AdamW moments show against the activations.
 VARIANTS = {"llama-wide": ("llama", {"hidden_size": 256, "intermediate_size": 1024})}

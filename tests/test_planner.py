@@ -1,5 +1,7 @@
 """Planner tests: a fake probe with known memory curves; exact sequences of sizes tried. No torch."""
 
+import itertools
+
 import pytest
 
 from autobatch.errors import BudgetTooSmallError, ConfigError
@@ -140,3 +142,92 @@ def test_options_within_timing_noise_prefer_the_larger_micro_batch():
 def test_unknown_step_times_tie_and_the_largest_micro_batch_wins():
     trials = trials_with_times({1: 0.0, 2: 0.0, 13: 0.0})
     assert plan_options(48, 13, trials)[0].micro_batch_size == 12
+
+
+# Trial peaks measured on opt-350m's shape (facebook/opt-350m's config, no weights) at 512 tokens, TRL's
+# defaults, `--device estimate`, effective batch 32 (benchmarks/search_cost.py prints them again). Below 32
+# a trial accumulates (two micro-batches per step), at 32 and above it does not: the curve drops at 32.
+OPT350M_PEAKS = {
+    1: 6010926632, 2: 6619354644, 3: 7227796992, 4: 7836214764, 6: 9053124036, 8: 10269935004,
+    12: 10502088012, 16: 10725491964, 22: 11060819076, 24: 11172594780, 31: 11563809744, 32: 10294518716,
+    33: 10350394280, 48: 11188527740, 64: 12082536764, 96: 13870554812, 128: 16218265148,
+    136: 16975894076, 137: 17070597692, 138: 17165301308, 139: 17260004924,
+}
+GiB = 2**30
+
+
+def opt350m(b: int) -> int:
+    """The measured peaks, linear between measured sizes and past the last one."""
+    sizes = sorted(OPT350M_PEAKS)
+    if b in OPT350M_PEAKS:
+        return OPT350M_PEAKS[b]
+    if b > sizes[-1]:
+        return OPT350M_PEAKS[139] + (b - 139) * (OPT350M_PEAKS[139] - OPT350M_PEAKS[138])
+    x0 = max(s for s in sizes if s < b)
+    x1 = min(s for s in sizes if s > b)
+    return OPT350M_PEAKS[x0] + (OPT350M_PEAKS[x1] - OPT350M_PEAKS[x0]) * (b - x0) // (x1 - x0)
+
+
+def test_opt350m_target_32_takes_three_trials():
+    """The issue's case: 16 GiB, 32 per device. The line through 1 and 2 says 19; the need itself is tried."""
+    probe, tried = make_probe(opt350m, 16 * GiB, oom_at=16 * GiB)
+    result = search_max_micro_batch(probe, 16 * GiB, max_micro_batch_size=512, needed=32)
+    assert tried == [1, 2, 32]
+    assert result.max_micro_batch_size == 32 and result.stopped_at_need and not result.capped
+
+
+@pytest.mark.parametrize("budget_gib, expected_max", [(16, 138), (14.4, 117), (17.6, 156)])
+def test_opt350m_find_max_is_exact_in_eight_trials(budget_gib, expected_max):
+    """--find-max on the estimate backend (a failing size's peak is measured in full): exact, ≤ 8 trials."""
+    limit = int(budget_gib * GiB)
+    probe, tried = make_probe(opt350m, limit)
+    result = search_max_micro_batch(probe, limit, max_micro_batch_size=512, needed=32, find_max=True)
+    assert result.max_micro_batch_size == expected_max == truth(opt350m, limit, 512)
+    assert tried[:3] == [1, 2, 32] and expected_max + 1 in tried
+    assert len(tried) <= 8, tried
+    assert not result.stopped_at_need
+
+
+@pytest.mark.parametrize(
+    "limit, needed, expected_sequence, expected_max, stopped",
+    [
+        (3850 * MB, 8, [1, 2, 8], 8, True),  # the line says far more fits: the need is tried at once
+        (200 * MB, 16, [1, 2, 4, 5], 4, False),  # the need does not fit: exact below it, as without one
+        (520 * MB, 20, [1, 2, 20, 12, 13], 12, False),  # line says 12 ≥ 20 / 2: the need is tried, fails
+        (3850 * MB, 1, [1], 1, True),
+    ],
+)
+def test_search_stops_at_what_the_plan_needs(limit, needed, expected_sequence, expected_max, stopped):
+    probe, tried = make_probe(affine, limit)
+    result = search_max_micro_batch(probe, limit, max_micro_batch_size=4096, needed=needed)
+    assert tried == expected_sequence
+    assert result.max_micro_batch_size == expected_max and result.stopped_at_need is stopped
+
+
+def tilted_floor(b: int) -> int:
+    """The optimizer step out-peaks small batches but rises a little with them: flat, not level."""
+    return max(17_600 * MB + 20_000 * b, 16_700 * MB + 440 * MB * b)
+
+
+def test_flat_segment_is_not_extrapolated_to_the_cap():
+    probe, tried = make_probe(tilted_floor, 30_000 * MB, oom_at=30_000 * MB)
+    result = search_max_micro_batch(probe, 30_000 * MB, max_micro_batch_size=4096)
+    assert result.max_micro_batch_size == truth(tilted_floor, 30_000 * MB) == 30
+    assert max(tried) < 64, "the line through 1 and 2 (20 kB per sample) pointed at the cap"
+    assert tried == [1, 2, 8, 30, 31]
+
+
+def convex(b: int) -> int:
+    return 40 * MB + 10 * MB * b + MB * b * b // 4
+
+
+@pytest.mark.parametrize("limit", [int(x * MB) for x in (900, 2000, 5000, 20_000)])
+def test_failed_prediction_halves_the_bracket_instead_of_stepping_down(limit):
+    """On a convex curve the line overshoots and each OOM hides the peak: no run of one-size steps down."""
+    probe, tried = make_probe(convex, limit, oom_at=limit)
+    result = search_max_micro_batch(probe, limit, max_micro_batch_size=4096)
+    assert result.max_micro_batch_size == truth(convex, limit)
+    failures = [b for b in tried if convex(b) > limit]
+    steps_down = [(a, b) for a, b in itertools.pairwise(failures) if a - b == 1]
+    assert not steps_down, tried
+    assert len(tried) <= 10, tried  # the old step-down search took 7, 11, 12 and 13

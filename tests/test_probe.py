@@ -192,7 +192,22 @@ def test_estimate_backend_plans_a_1b_llama_from_its_config_alone(tmp_path, capsy
     plan = plan_json(["--model", str(tmp_path), "--device", "estimate", "--memory-budget", "40GiB",
                       "--max-length", "1024", "--effective-batch-size", "64"], capsys)
     trials = {t["micro_batch_size"]: t for t in plan["trials"]}
-    best = plan["max_micro_batch_size"]
-    assert trials[best]["fits"] and not trials[best + 1]["fits"]
+    # 64 per device fits 40 GiB: the search stops at what the plan needs.
+    assert plan["stopped_at_need"] and plan["max_micro_batch_size"] == 64 and trials[64]["fits"]
+    assert len(plan["trials"]) <= 4
     assert trials[1]["peak_memory_bytes"] > 16 * 10**9  # weights, gradients and two AdamW moments in fp32
     assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == 64
+
+
+@pytest.mark.slow
+def test_opt350m_shape_target_32_is_planned_in_three_trials(tmp_path, capsys):
+    """The issue's case (17 trials, 8 OOM before): 512 tokens, 16 GiB, effective batch 32 -> 1, 2, 32."""
+    from autobatch.builtin import save_model_shape
+
+    model = save_model_shape(tmp_path / "opt-350m", "opt-350m")
+    plan = plan_json(["--model", str(model), "--device", "estimate", "--memory-budget", "16GiB", "--max-length",
+                      "512", "--effective-batch-size", "32", "--no-cache"], capsys)
+    assert [t["micro_batch_size"] for t in plan["trials"]] == [1, 2, 32]
+    assert plan["stopped_at_need"] and plan["max_micro_batch_size"] == 32
+    assert (plan["per_device_train_batch_size"], plan["gradient_accumulation_steps"]) == (32, 1)
+    assert plan["trials"][-1]["fits"] and plan["trials"][-1]["peak_memory_bytes"] < 16 * 2**30

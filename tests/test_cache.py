@@ -1,0 +1,156 @@
+"""Probe cache tests: what a stored trial answers under another budget, the `cache` command, and whole plans
+answered from the cache (same plan, no trial), re-probed when the workload changes, safe when corrupt or shared.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from autobatch import cache
+from autobatch.cli import main
+from autobatch.planner import Trial
+
+MiB = 2**20
+DESCRIPTION = {"config": {"model_name_or_path": "m", "max_length": 64}, "device": {"device": "cpu"}}
+
+
+def stored(path, budget, trials: dict[int, Trial]) -> cache.ProbeCache:
+    probes = cache.ProbeCache(path, DESCRIPTION, budget)
+    for size, trial in trials.items():
+        probes.store(size, 1, None, trial)
+    return probes
+
+
+def test_a_stored_peak_answers_under_any_budget_and_an_oom_only_under_a_smaller_one(tmp_path):
+    path = tmp_path / "c.sqlite3"
+    stored(path, 100 * MiB, {4: Trial(4, 60 * MiB, True, 0.5), 8: Trial(8, 100 * MiB + 1, False, 0.0, oom=True)}).close()
+    smaller = cache.ProbeCache(path, DESCRIPTION, 50 * MiB)
+    assert smaller.lookup(4, 1, None, 50 * MiB) == Trial(4, 60 * MiB, False, 0.5)  # measured: now too big
+    assert smaller.lookup(8, 1, None, 50 * MiB).oom  # ran out of 100 MiB: out of 50 MiB too
+    assert smaller.lookup(4, 2, None, 50 * MiB) is None  # another accumulation is another trial
+    larger = cache.ProbeCache(path, DESCRIPTION, 200 * MiB)
+    assert larger.lookup(4, 1, None, 200 * MiB).fits
+    assert larger.lookup(8, 1, None, 200 * MiB) is None  # out of 100 MiB says nothing about 200 MiB
+    other = cache.ProbeCache(path, {**DESCRIPTION, "world_size": 2}, 100 * MiB)
+    assert other.lookup(4, 1, None, 100 * MiB) is None
+
+
+def test_the_fingerprint_ignores_key_order():
+    assert cache.workload_key({"a": 1, "b": {"c": 2, "d": 3}}) == cache.workload_key({"b": {"d": 3, "c": 2}, "a": 1})
+    assert cache.workload_key({"a": 1}) != cache.workload_key({"a": 2})
+
+
+def test_cache_command_lists_locates_and_clears(tmp_path, capsys):
+    path = tmp_path / "c.sqlite3"
+    stored(path, 100 * MiB, {1: Trial(1, MiB, True, 0.1), 2: Trial(2, 2 * MiB, True, 0.1)}).close()
+    assert main(["cache", "path", "--cache", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == str(path)
+    assert main(["cache", "list", "--cache", str(path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [e["trials"] for e in listed["entries"]] == [2]
+    assert listed["entries"][0]["description"] == DESCRIPTION
+    assert main(["cache", "clear", "--cache", str(path)]) == 0
+    assert "cleared 2 trial(s)" in capsys.readouterr().out
+    assert main(["cache", "--cache", str(path)]) == 0
+    assert "0 workload(s)" in capsys.readouterr().out
+
+
+def test_cache_path_defaults_to_the_user_cache_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert main(["cache", "path"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "autobatch" / "probes.sqlite3")
+
+
+def test_cache_command_on_a_corrupt_file_is_one_line_and_exit_1(tmp_path, capsys):
+    path = tmp_path / "c.sqlite3"
+    path.write_bytes(b"not a database" * 100)
+    assert main(["cache", "list", "--cache", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"--cache {path}: cannot read it" in err and "Traceback" not in err
+
+
+def plan(args: list[str], capsys) -> tuple[dict, str]:
+    code = main(["plan", *args, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out), captured.err
+
+
+def sizes(trials: list[dict]) -> list[int]:
+    return [t["micro_batch_size"] for t in trials]
+
+
+def batch(report: dict) -> tuple[int, int, int]:
+    return (report["per_device_train_batch_size"], report["gradient_accumulation_steps"],
+            report["max_micro_batch_size"])
+
+
+# The tiny Llama at 64 tokens, effective batch 16: peaks of about 11.8 MiB at micro-batch 1 and 9.3 MiB more
+# per sample, so 64 MiB holds 6 and 57.6 MiB (10% less) holds 5.
+def tiny_args(model, cache_file, budget: int = 64 * MiB, max_length: int = 64, effective: int = 16) -> list[str]:
+    return ["--model", str(model), "--device", "cpu", "--memory-budget", str(budget), "--headroom", "0",
+            "--max-length", str(max_length), "--gradient-checkpointing", "false",
+            "--effective-batch-size", str(effective), "--cache", str(cache_file)]
+
+
+def test_second_plan_runs_no_trial_and_a_changed_workload_or_budget_reprobes(tiny_model_dir, tmp_path, capsys):
+    model, cache_file = tiny_model_dir("llama"), tmp_path / "probes.sqlite3"
+    first, _ = plan(tiny_args(model, cache_file), capsys)
+    assert first["cached_trials"] == [] and first["max_micro_batch_size"] == 6
+    second, _ = plan(tiny_args(model, cache_file), capsys)
+    assert second["trials"] == []
+    assert sorted(sizes(second["cached_trials"])) == sorted(sizes(first["trials"]))
+    assert batch(second) == batch(first)
+    assert any("from the probe cache" in note for note in second["notes"])
+
+    smaller, _ = plan(tiny_args(model, cache_file, budget=int(64 * MiB * 0.9)), capsys)
+    assert len(smaller["trials"]) <= 2
+    answers = {t["micro_batch_size"]: t for t in smaller["cached_trials"] + smaller["trials"]}
+    best = smaller["max_micro_batch_size"]
+    assert best == 5 and answers[best]["fits"] and not answers[best + 1]["fits"]
+
+    shorter, _ = plan(tiny_args(model, cache_file, max_length=48) + ["--micro-batch-size", "2"], capsys)
+    assert sizes(shorter["trials"]) == [2] and shorter["cached_trials"] == []
+
+
+def test_no_cache_neither_reads_nor_writes(tiny_model_dir, tmp_path, capsys):
+    cache_file = tmp_path / "probes.sqlite3"
+    args = tiny_args(tiny_model_dir("llama"), cache_file) + ["--micro-batch-size", "2", "--no-cache"]
+    report, _ = plan(args, capsys)
+    assert sizes(report["trials"]) == [2] and report["cache_path"] is None
+    assert not cache_file.exists()
+
+
+def test_a_corrupt_cache_is_one_warning_and_a_correct_plan(tiny_model_dir, tmp_path, capsys):
+    cache_file = tmp_path / "probes.sqlite3"
+    cache_file.write_bytes(b"\x00garbage" * 512)
+    args = tiny_args(tiny_model_dir("llama"), cache_file, budget=10**9, effective=4)
+    report, err = plan(args, capsys)
+    assert err.count("probe cache") == 1 and "ignored" in err
+    assert report["max_micro_batch_size"] == 4 and report["stopped_at_need"]
+    assert report["per_device_train_batch_size"] * report["gradient_accumulation_steps"] == 4
+    assert sizes(report["trials"]) == [1, 2, 4] and report["cached_trials"] == []
+
+
+@pytest.mark.slow
+def test_two_plans_at_once_on_one_cache_are_both_correct(tiny_model_dir, tmp_path):
+    cache_file = tmp_path / "probes.sqlite3"
+    args = [sys.executable, "-m", "autobatch", "plan", "--json",
+            *tiny_args(tiny_model_dir("llama"), cache_file, budget=10**9, effective=4)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    reports = []
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err
+        assert "probe cache" not in err
+        reports.append(json.loads(out))
+    for report in reports:  # which divisor wins is a matter of measured step times; the maximum is not
+        assert report["max_micro_batch_size"] == 4 and report["stopped_at_need"]
+        assert report["per_device_train_batch_size"] * report["gradient_accumulation_steps"] == 4
+    entries = cache.list_entries(cache_file)
+    assert len(entries) == 1 and entries[0].trials >= len(reports[0]["trials"])
