@@ -689,7 +689,7 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         raise AutobatchError(f"micro-batch {plan.per_device_train_batch_size} does not fit the memory "
                              "budget: no plan to write")
     model = config.model_name_or_path or (str(model_path) if model_path is not None else None)
-    written = _as_written(config, plan.device)
+    written = _as_written(config, plan.device, plan.precision)
     body: dict[str, Any] = {}
     if model is not None:
         body["model_name_or_path"] = model
@@ -701,10 +701,6 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
     body.update({k: v for k, v in written.training_args.items() if k not in TRAINER_KEYS})
     if plan.per_device_eval_batch_size:
         body["per_device_eval_batch_size"] = plan.per_device_eval_batch_size
-    if plan.precision:  # the precision the trials measured, so `trl sft` trains what was planned
-        precision = {"bf16": plan.precision == "bf16", "fp16": plan.precision == "fp16"}
-        body.update(precision)
-        config = dataclasses.replace(config, training_args={**config.training_args, **precision})
     not_written = []
     if config.lora is not None:
         body["use_peft"] = True
@@ -776,15 +772,18 @@ def modern_names(training_args: Mapping[str, Any]) -> dict[str, Any]:
     return args
 
 
-def _as_written(config: Config, device: str) -> Config:
+def _as_written(config: Config, device: str, precision: str | None = None) -> Config:
     """The config as plan.yaml states it: the precision the plan was measured with, current key names.
 
-    On the cpu backend bf16/fp16 are off (the probe turned them off), so `trl sft` on that machine does
-    not fall back to TRL's bf16 default, which the CPU refuses.
+    `precision` ("bf16", "fp16", "fp32") is what the trials measured, written as bf16/fp16 so `trl sft`
+    trains what was planned. Without it, on the cpu backend bf16/fp16 are off (the probe turned them off),
+    so `trl sft` on that machine does not fall back to TRL's bf16 default, which the CPU refuses.
     """
     args = modern_names(config.training_args)
     args.setdefault("activation_checkpointing", SFT_CHECKPOINTING_DEFAULT)  # said, not left to TRL's default
-    if device == "cpu":
+    if precision:
+        args.update(bf16=precision == "bf16", fp16=precision == "fp16")
+    elif device == "cpu":
         args["bf16"] = False
         if args.get("fp16"):
             args["fp16"] = False
