@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autobatch import __version__
@@ -107,7 +109,11 @@ def _make_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     run.set_defaults(func=_cmd_run)
     sweep = commands.add_parser("sweep", parents=[common], allow_abbrev=False, epilog=_EPILOG,
-                                help="plan several effective batch sizes (not implemented yet)")
+                                help="probe once, plan a ladder of effective batch sizes, recommend one",
+                                description="Probe once, plan every effective batch size of a ladder exactly, "
+                                            "show what each costs here and (with a noise scale) what the "
+                                            "large-batch model predicts; --output writes the recommended rung.")
+    _add_sweep_flags(sweep)
     sweep.set_defaults(func=_cmd_sweep)
     return parser
 
@@ -343,11 +349,125 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     return 0
 
 
+def _add_sweep_flags(sweep: argparse.ArgumentParser) -> None:
+    sweep.add_argument("--effective-batch-sizes", metavar="B,B,...",
+                       help="rungs to plan (default: m·W·2^k for k = 0..4 plus the config's target; "
+                            "m = the largest micro-batch that fits)")
+    sweep.add_argument("--lr-scaling", choices=["sqrt", "linear", "none"],
+                       help="learning rate per rung from the config's rate at its effective batch "
+                            "(default: sqrt for Adam-family optimizers, linear for SGD)")
+    sweep.add_argument("--gns-file", metavar="FILE",
+                       help="gns.json written by `autobatch run --gns`: its B_noise drives the verdict")
+
+
 def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
-    _config_from_args(args, extras)
-    raise AutobatchError(
-        "autobatch sweep is not implemented yet; use autobatch plan per effective batch size"
-    )
+    from autobatch import sweep
+
+    config = _config_from_args(args, extras)
+    sizes = sweep.parse_sizes(args.effective_batch_sizes) if args.effective_batch_sizes else None
+    gns_report = _read_gns_file(args.gns_file) if args.gns_file else None
+    _print_setup(config, "sweep")
+    _quiet_third_party(args.verbose)
+    from autobatch.probe import plan_ladder
+
+    with contextlib.redirect_stdout(sys.stderr):
+        plans, trials, examples = plan_ladder(config, sizes, on_trial=_trial_printer(config.memory_budget_bytes))
+    rungs, recommended, reason, notes = _verdict(config, plans, examples, args.lr_scaling, gns_report)
+    chosen = next(r for r in rungs if r.effective_batch_size == recommended)
+    if args.json:
+        report = {
+            "plans": [{**r.plan.to_dict(), "prediction": r.prediction()} for r in rungs],
+            "trials": [t.to_dict() for t in trials],
+            "gradient_noise_scale": gns_report,
+            "recommended_effective_batch_size": recommended,
+            "recommendation_reason": reason,
+            "notes": notes,
+            "study": None,
+        }
+        print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
+    else:
+        print(format_sweep(rungs, trials, gns_report, recommended, reason, notes), flush=True)
+    if args.output:
+        rung_config = dataclasses.replace(
+            config, effective_batch_size=recommended,
+            training_args={**config.training_args, "learning_rate": chosen.learning_rate})
+        _write_output(rung_config, chosen.plan, args.output)
+    return 0
+
+
+def _read_gns_file(path: str) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--gns-file {path}: cannot read it ({exc}); write one with autobatch run --gns") from None
+    if not isinstance(report, dict) or "low" not in report or "b_simple" not in report:
+        raise ConfigError(f"--gns-file {path}: not a gns.json written by autobatch run --gns")
+    return report
+
+
+def _verdict(config: Config, plans: list, examples: int, rule: str | None, gns_report: dict | None):
+    """Rungs with their learning rates and predictions, the recommended effective batch, its reason, notes."""
+    from trl import SFTConfig
+
+    from autobatch import sweep
+
+    args = config.training_args
+    base_lr = args.get("learning_rate", SFTConfig.__dataclass_fields__["learning_rate"].default)
+    optim = str(args.get("optim", "adamw_torch"))
+    rule = rule or sweep.default_lr_rule(optim)
+    base_batch = config.effective_batch_size or plans[0].effective_batch_size
+    b_noise = gns_report.get("b_simple") if gns_report and gns_report.get("resolved") else None
+    rungs = sweep.make_rungs(plans, examples, base_lr=base_lr, base_batch=base_batch, lr_rule=rule, b_noise=b_noise)
+    recommended, reason = sweep.recommend(rungs, b_noise, lora=config.lora is not None)
+    notes = sweep.notes(rungs, config.lora is not None)
+    if gns_report and not gns_report.get("resolved"):
+        notes.append(f"gradient noise scale unresolved (B_noise > {gns_report.get('low') or 0:.0f}): no verdict on loss")
+    notes.append(f"learning rate: {rule} scaling from {base_lr:g} at effective batch {base_batch}"
+                 + (f", not raised past B_noise {b_noise:.0f}" if b_noise else ""))
+    return rungs, recommended, reason, notes
+
+
+def format_sweep(rungs: list, trials: list, gns_report: dict | None, recommended: int, reason: str,
+                 notes: list[str]) -> str:
+    """The sweep table: measured cost per rung, then the model's predictions when B_noise is known."""
+    predicted = any(r.sample_efficiency is not None for r in rungs)
+    head = (f"  {'B':>5}  {'micro×acc×W':>12}  {'peak':>9}  {'tokens/s':>9}  {'s/step':>7}  {'epoch s':>8}  "
+            f"{'lr':>9}")
+    if predicted:
+        head += f"  {'efficiency':>10}  {'steps×':>6}  {'time×S_min':>10}"
+    lines = [f"{len(trials)} trials, one probe; every plan exact (micro × accumulation × world = B)", "", head]
+    for rung in rungs:
+        plan = rung.plan
+        mark = "*" if rung.effective_batch_size == recommended else " "
+        split = f"{plan.per_device_train_batch_size}×{plan.gradient_accumulation_steps}×{plan.world_size}"
+        row = (f"{mark} {rung.effective_batch_size:>5}  {split:>12}  {format_bytes(plan.peak_memory_bytes):>9}  "
+               f"{rung.tokens_per_s:>9.0f}  {rung.seconds_per_optimizer_step:>7.3f}  {rung.epoch_seconds:>8.1f}  "
+               f"{rung.learning_rate:>9.3g}")
+        if predicted:
+            row += (f"  {rung.sample_efficiency:>10.0%}  {rung.relative_steps:>6.2f}  "
+                    f"{rung.time_to_target_s:>10.3f}")
+        lines.append(row)
+    lines += ["", "measured: peak, tokens/s, s/step (per optimizer step), epoch s (at the worst-case length)"]
+    if predicted:
+        lines.append("predicted (McCandlish et al. 2018, not measured): efficiency 1/(1 + B/B_noise), steps× = "
+                     "steps to the same loss / S_min, time×S_min = steps× · s/step")
+    if gns_report:
+        lines.append("gradient noise scale: " + gns_text(gns_report))
+    lines += ["", f"recommended effective batch {recommended}: {reason}"]
+    lines += [f"note: {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def gns_text(report: dict) -> str:
+    """`B_noise 41 sequences (90% interval 30–60), 612 loss tokens, 48 steps` or `B_noise > 30 ...`."""
+    steps = f"{report.get('steps', 0)} steps"
+    if report.get("reason"):
+        return f"not measured: {report['reason']}"
+    if not report.get("resolved"):
+        return f"B_noise > {report.get('low') or 0:.0f} {report.get('unit', 'sequences')} (interval open-ended), {steps}"
+    tokens = f", {report['b_simple_tokens']:.0f} loss tokens" if report.get("b_simple_tokens") else ""
+    return (f"B_noise {report['b_simple']:.0f} {report.get('unit', 'sequences')} (90% interval "
+            f"{report['low']:.0f}–{report['high']:.0f}){tokens}, {steps}")
 
 
 def _err(text: str) -> None:
