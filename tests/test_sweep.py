@@ -1,0 +1,154 @@
+"""`autobatch sweep`: one probe for a ladder of effective batch sizes, exact plans, the verdict arithmetic.
+
+The ladder tests replace the Prober with a fake whose peak is affine in the micro-batch, so the exact
+sequence of trials is known; one test drives the real probe through the CLI on a tiny model.
+"""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from autobatch import probe as probe_module
+from autobatch import sweep
+from autobatch.cli import main
+from autobatch.config import build_config
+from autobatch.errors import ConfigError
+from autobatch.planner import Plan
+
+MiB = 2**20
+
+
+class FakeProber:
+    """Peak = 10 MiB + 3 MiB per sample; time per micro-batch 0.02 s + 0.01 s per sample."""
+
+    instances: list = []
+
+    def __init__(self, config, backend, usable_bytes, per_device=None):
+        self.usable_bytes, self.per_device, self.notes, self.max_length = usable_bytes, per_device, [], 128
+        self.sizes: list[int] = []
+        self.trainer = type("T", (), {"train_dataset": list(range(300))})()
+        FakeProber.instances.append(self)
+
+    def run_trial(self, micro_batch_size, eval_batch_size=None):
+        self.sizes.append(micro_batch_size)
+        peak = 10 * MiB + 3 * MiB * micro_batch_size
+        return probe_module.Trial(micro_batch_size, peak, peak <= self.usable_bytes, 0.02 + 0.01 * micro_batch_size)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def fake_prober(monkeypatch):
+    FakeProber.instances = []
+    monkeypatch.setattr(probe_module, "Prober", FakeProber)
+    return FakeProber.instances
+
+
+def ladder_config(model_dir, **overrides):
+    values = {"model_name_or_path": str(model_dir), "device": "cpu", "memory_budget": "40MiB", "headroom": 0}
+    values.update(overrides)
+    return build_config(overrides=values)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_ladder_probes_once_and_every_plan_is_exact(fake_prober, tiny_model_dir, world):
+    sizes = [8 * world, 24 * world, 40 * world, 96 * world]
+    plans, trials, examples = probe_module.plan_ladder(ladder_config(tiny_model_dir(), world_size=world), sizes)
+    (prober,) = fake_prober  # one probe
+    assert examples == 300
+    assert prober.per_device == 96  # trials carry the ladder's largest accumulation
+    assert [t.micro_batch_size for t in trials] == prober.sizes  # one trials list, every trial in it
+    assert len(set(prober.sizes)) == len(prober.sizes)  # no size measured twice
+    assert all(plan.trials is trials for plan in plans)
+    assert [p.effective_batch_size for p in plans] == sizes
+    for plan, size in zip(plans, sizes):
+        assert plan.per_device_train_batch_size * plan.gradient_accumulation_steps * world == size
+        assert plan.per_device_train_batch_size <= 10 == plan.max_micro_batch_size  # 10·3+10 = 40 MiB fits
+        assert plan.fits and plan.memory_budget_bytes == 40 * MiB
+    assert 11 in prober.sizes and not next(t for t in trials if t.micro_batch_size == 11).fits
+
+
+def test_the_default_ladder_is_m_times_powers_of_two_plus_the_target(fake_prober, tiny_model_dir):
+    config = ladder_config(tiny_model_dir(), effective_batch_size=12)
+    plans, trials, _ = probe_module.plan_ladder(config)
+    assert [p.effective_batch_size for p in plans] == [10, 12, 20, 40, 80, 160]
+    (prober,) = fake_prober
+    assert prober.per_device == 160 and prober.sizes.count(10) == 2  # m confirmed at accumulation 16
+    assert all(p.per_device_train_batch_size * p.gradient_accumulation_steps == p.effective_batch_size
+               for p in plans)
+
+
+def test_unreachable_rungs_are_refused_before_probing(fake_prober, tiny_model_dir):
+    with pytest.raises(ConfigError, match="use --effective-batch-size 8 or 10"):
+        probe_module.plan_ladder(ladder_config(tiny_model_dir(), world_size=2), [9])
+    assert not fake_prober
+
+
+def plan_at(batch, micro, seconds=0.1):
+    return Plan(per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
+                effective_batch_size=batch, world_size=1, max_micro_batch_size=micro, memory_budget_bytes=1,
+                usable_memory_bytes=1, headroom=0.0, peak_memory_bytes=1, device="cpu", max_length=100,
+                trials=[], seconds_per_step=seconds)
+
+
+def test_rung_cost_and_predictions_follow_mccandlish():
+    plans = [plan_at(8, 8, 0.1), plan_at(32, 8, 0.1), plan_at(128, 8, 0.1)]
+    rungs = sweep.make_rungs(plans, 1000, base_lr=1e-4, base_batch=8, lr_rule="sqrt", b_noise=32)
+    assert [r.tokens_per_s for r in rungs] == pytest.approx([8000] * 3)
+    assert [r.seconds_per_optimizer_step for r in rungs] == pytest.approx([0.1, 0.4, 1.6])
+    assert [r.steps_per_epoch for r in rungs] == [125, 32, 8]
+    assert [r.sample_efficiency for r in rungs] == pytest.approx([0.8, 0.5, 0.2])
+    assert [r.relative_steps for r in rungs] == pytest.approx([5, 2, 1.25])
+    assert [r.time_to_target_s for r in rungs] == pytest.approx([0.5, 0.8, 2.0])
+    # sqrt rule from 1e-4 at 8, capped at B_noise 32: 1e-4, 2e-4, 2e-4
+    assert [r.learning_rate for r in rungs] == pytest.approx([1e-4, 2e-4, 2e-4])
+    best, reason = sweep.recommend(rungs, 32)
+    assert best == 8 and "B <= B_noise 32" in reason
+
+
+def test_learning_rate_rules():
+    assert sweep.scaled_learning_rate(1e-3, 16, 64, "linear") == pytest.approx(4e-3)
+    assert sweep.scaled_learning_rate(1e-3, 16, 64, "sqrt") == pytest.approx(2e-3)
+    assert sweep.scaled_learning_rate(1e-3, 16, 4, "sqrt") == pytest.approx(5e-4)
+    assert sweep.scaled_learning_rate(1e-3, 16, 64, "none") == 1e-3
+    assert sweep.scaled_learning_rate(1e-3, 16, 64, "linear", b_noise=32) == pytest.approx(2e-3)
+    assert sweep.default_lr_rule("adamw_torch") == "sqrt" and sweep.default_lr_rule("sgd") == "linear"
+
+
+def test_lora_recommendation_stays_at_or_below_32():
+    plans = [plan_at(16, 16, 0.1), plan_at(64, 16, 0.1)]
+    rungs = sweep.make_rungs(plans, 100, base_lr=1e-4, base_batch=16, lr_rule="sqrt")
+    rungs[1].tokens_per_s = 10**9
+    assert sweep.recommend(rungs, None, lora=True)[0] == 16
+    assert sweep.recommend(rungs, None, lora=False)[0] == 64
+    assert "LoRA" in sweep.notes(rungs, lora=True)[0]
+
+
+@pytest.mark.parametrize("text", ["8,x", "0,8", ""])
+def test_bad_sizes_name_the_flag(text):
+    with pytest.raises(ConfigError, match="--effective-batch-sizes"):
+        sweep.parse_sizes(text)
+
+
+def test_sweep_cli_plans_every_rung_and_writes_the_recommended_one(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "rung.yaml"
+    code = main(["sweep", "--model", str(tiny_model_dir()), "--device", "cpu", "--memory-budget", "40MiB",
+                 "--max-length", "64", "--effective-batch-sizes", "4,6,16", "--json", "--output", str(out),
+                 "--gradient-checkpointing", "false", "--learning-rate", "1e-4"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert [p["effective_batch_size"] for p in report["plans"]] == [4, 6, 16]
+    for plan in report["plans"]:
+        assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == plan["effective_batch_size"]
+        assert plan["trials"] == report["trials"]
+    rung = report["recommended_effective_batch_size"]
+    chosen = next(p for p in report["plans"] if p["effective_batch_size"] == rung)
+    saved = yaml.safe_load(out.read_text())
+    assert saved["per_device_train_batch_size"] == chosen["per_device_train_batch_size"]
+    assert saved["gradient_accumulation_steps"] == chosen["gradient_accumulation_steps"]
+    assert saved["learning_rate"] == pytest.approx(1e-4 * math.sqrt(rung / 4))
+    assert report["gradient_noise_scale"] is None
