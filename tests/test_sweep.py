@@ -6,6 +6,7 @@ sequence of trials is known; one test drives the real probe through the CLI on a
 
 import json
 import math
+import typing
 
 import pytest
 import yaml
@@ -23,7 +24,7 @@ MiB = 2**20
 class FakeProber:
     """Peak = 10 MiB + 3 MiB per sample; time per micro-batch 0.02 s + 0.01 s per sample."""
 
-    instances: list = []
+    instances: typing.ClassVar[list] = []
 
     def __init__(self, config, backend, usable_bytes, per_device=None):
         self.usable_bytes, self.per_device, self.notes, self.max_length = usable_bytes, per_device, [], 128
@@ -73,7 +74,7 @@ def test_a_ladder_probes_once_and_every_plan_is_exact(fake_prober, tiny_model_di
 
 def test_the_default_ladder_is_m_times_powers_of_two_plus_the_target(fake_prober, tiny_model_dir):
     config = ladder_config(tiny_model_dir(), effective_batch_size=12)
-    plans, trials, _ = probe_module.plan_ladder(config)
+    plans, _, _ = probe_module.plan_ladder(config)
     assert [p.effective_batch_size for p in plans] == [10, 12, 20, 40, 80, 160]
     (prober,) = fake_prober
     assert prober.per_device == 160 and prober.sizes.count(10) == 2  # m confirmed at accumulation 16
