@@ -1,0 +1,111 @@
+"""The gradient noise scale: the estimator against synthetic ground truth, the hooks against explicit gradients.
+
+Synthetic: per-example gradients drawn from N(G, Σ) with known |G|² and tr Σ, averaged over micro-batches of
+unequal sizes, then fed to the pure estimator. Hooks: a tiny Llama trains one step at learning rate 0 and
+the callback's per-micro-batch and accumulated norms are compared with gradients computed explicitly.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+from autobatch import gns
+from autobatch.config import build_config
+from autobatch.workload import build_trainer, load_train_dataset, sft_config
+
+
+def synthetic_steps(steps, sizes, g, sigma, seed=0):
+    """Steps whose micro-batches of `sizes` average per-example gradients ~ N(g, diag(sigma²))."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(steps):
+        means, totals = [], [0.0] * len(g)
+        for n in sizes:
+            mean = [sum(rng.gauss(gi, si) for _ in range(n)) / n for gi, si in zip(g, sigma)]
+            means.append(mean)
+            totals = [t + m * n for t, m in zip(totals, mean)]
+        big = [t / sum(sizes) for t in totals]  # weighted by size, as num_items_in_batch does
+        out.append(gns.StepNorms([sum(x * x for x in m) for m in means], list(sizes), sum(x * x for x in big),
+                                 1 / sum(sizes)))
+    return out
+
+
+def test_estimates_recover_known_signal_and_noise_with_unequal_micro_batches():
+    g = [0.3, -0.2, 0.1, 0.4] * 4  # |G|² = 0.3² + 0.2² + 0.1² + 0.4² times 4 = 1.2
+    sigma = [1.0] * 16  # tr Σ = 16
+    steps = synthetic_steps(2000, [2, 3, 7], g, sigma)
+    estimates = [gns.step_estimates(s) for s in steps]
+    g2 = sum(e[0] for e in estimates) / len(estimates)
+    trace = sum(e[1] for e in estimates) / len(estimates)
+    assert g2 == pytest.approx(1.2, rel=0.1)
+    assert trace == pytest.approx(16, rel=0.05)
+    report = gns.summarize(estimates)
+    assert report["resolved"] and report["low"] < 16 / 1.2 < report["high"]
+    assert report["b_simple"] == pytest.approx(16 / 1.2, rel=0.1)
+
+
+def test_no_pair_at_accumulation_one_and_open_interval_when_signal_is_unresolved():
+    assert gns.step_estimates(gns.StepNorms([1.0], [4], 1.0, 1 / 4)) is None
+    noise_only = [gns.step_estimates(s) for s in synthetic_steps(20, [1, 1], [0.0] * 8, [1.0] * 8)]
+    report = gns.summarize(noise_only)
+    assert not report["resolved"] and report["b_simple"] is None and report["high"] is None
+    assert report["low"] > 0
+
+
+def test_ema_is_bias_corrected():
+    assert gns.ema_history([(2.0, 10.0)]) == [pytest.approx(5.0)]
+    assert gns.ema_history([(2.0, 10.0), (2.0, 10.0)])[-1] == pytest.approx(5.0)
+
+
+def test_report_is_written_atomically(tmp_path):
+    path = gns.write_report(tmp_path, {"b_simple": 3.0})
+    assert path.name == "gns.json" and path.read_text().startswith("{")
+    assert [p.name for p in tmp_path.iterdir()] == ["gns.json"]
+
+
+def trainer_with_gns(model_dir, data, out, accumulation, token_normalised):
+    config = build_config(overrides={
+        "model_name_or_path": str(model_dir), "dataset_name": str(data), "device": "cpu", "max_length": 48,
+        "learning_rate": 0.0, "max_steps": 1, "gradient_checkpointing": False, "train_sampling_strategy": "sequential",
+        "report_to": "none", "disable_tqdm": True, "save_strategy": "no", "max_grad_norm": 1e-3,
+    })
+    args, _ = sft_config(config, "cpu", str(out), per_device_train_batch_size=2,
+                         gradient_accumulation_steps=accumulation)
+    trainer = build_trainer(config, args, train_dataset=load_train_dataset(config))
+    if not token_normalised:
+        trainer.model_accepts_loss_kwargs = False  # the Trainer then divides each mean loss by accumulation
+    callback = gns.gns_callback().attach(trainer)
+    trainer.add_callback(callback)
+    return trainer, callback
+
+
+def flat_grad(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}).loss
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]).double()
+
+
+@pytest.mark.parametrize("token_normalised", [True, False], ids=["num_items", "divide"])
+@pytest.mark.parametrize("accumulation", [1, 2, 4])
+def test_hooked_norms_equal_explicit_per_micro_batch_gradients(
+    tiny_model_dir, tiny_dataset_file, tmp_path, accumulation, token_normalised
+):
+    trainer, callback = trainer_with_gns(tiny_model_dir(), tiny_dataset_file, tmp_path, accumulation, token_normalised)
+    trainer.train()
+    assert callback.token_normalised() is token_normalised
+    (step,) = callback.raw
+    batches = [b for _, b in zip(range(accumulation), trainer.get_train_dataloader())]
+    grads = [flat_grad(trainer.model, b) for b in batches]  # lr 0: the weights are those the step saw
+    tokens = [float((b["labels"][..., 1:] != -100).sum()) for b in batches]
+    assert len(set(tokens)) == min(accumulation, 2)  # unequal micro-batches, so the weighting matters
+    assert step.small_sq == pytest.approx([float(g @ g) for g in grads], rel=1e-4)
+    weights = [n / sum(tokens) for n in tokens] if token_normalised else [1 / accumulation] * accumulation
+    big = sum(w * g for w, g in zip(weights, grads))
+    assert step.big_sq == pytest.approx(float(big @ big), rel=1e-4)  # pre-clip: max_grad_norm is tiny
+    expected_pairs = 0 if accumulation == 1 else 1
+    assert len(callback.recorder.tokens) == expected_pairs
+    assert step.inv_big == pytest.approx(sum(w * w / n for w, n in zip(weights, tokens)))
+    assert math.isfinite(callback.report()["overhead"])
