@@ -107,6 +107,9 @@ def _make_parser() -> argparse.ArgumentParser:
                               description="Plan as `autobatch plan` does (or reuse --plan), then train.")
     run.add_argument("--plan", metavar="FILE", help="reuse a saved plan.yaml instead of probing")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    run.add_argument("--gns", action="store_true",
+                     help="measure the gradient noise scale during the run (needs accumulation >= 2); "
+                          "writes OUTPUT_DIR/gns.json")
     run.set_defaults(func=_cmd_run)
     sweep = commands.add_parser("sweep", parents=[common], allow_abbrev=False, epilog=_EPILOG,
                                 help="probe once, plan a ladder of effective batch sizes, recommend one",
@@ -339,14 +342,48 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
         print(format_plan(plan), flush=True)
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
+    callbacks = _gns_callbacks(args.gns, config, plan)
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = train.run(config, plan, resume=args.resume)
+        result = train.run(config, plan, resume=args.resume, callbacks=callbacks)
+    noise = _gns_report(callbacks, result.output_dir)
     if args.json:
         report = {"plan": plan.to_dict(), "run": result.to_dict()}
+        if args.gns:
+            report["gradient_noise_scale"] = noise
         print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
     else:
-        print("\n".join(train.summary_lines(result)), flush=True)
+        lines = train.summary_lines(result)
+        if noise is not None:
+            lines.insert(-1, "gradient noise scale: " + gns_text(noise))
+        print("\n".join(lines), flush=True)
     return 0
+
+
+def _gns_callbacks(wanted: bool, config: Config, plan: Plan) -> list:
+    """The gradient-noise-scale callback when --gns is given; says up front when it cannot measure."""
+    if not wanted:
+        return []
+    from autobatch.gns import gns_callback
+
+    if plan.gradient_accumulation_steps == 1:
+        _err("note: --gns with accumulation 1: no small/big gradient pair on one device, nothing to measure "
+             "(set --effective-batch-size to twice the micro-batch or more)")
+    if config.world_size > 1:
+        _err("note: --gns under several processes measures rank 0's micro-batches against its local sum only")
+    return [gns_callback()]
+
+
+def _gns_report(callbacks: list, output_dir: str) -> dict | None:
+    """gns.json written atomically into the output dir; its overhead is printed."""
+    if not callbacks:
+        return None
+    from autobatch.gns import write_report
+
+    report = callbacks[0].report()
+    path = write_report(output_dir, report)
+    overhead = report.get("overhead")
+    _err(f"wrote {path}" + (f" (gns overhead {overhead:.1%} of step time)" if overhead is not None else ""))
+    return report
 
 
 def _add_sweep_flags(sweep: argparse.ArgumentParser) -> None:

@@ -90,7 +90,7 @@ def bootstrap_interval(
         ratios.append(_ratio(sample[:n]))
     ratios.sort()
     low = ratios[int(INTERVAL[0] * (resamples - 1))]
-    high = ratios[int(math.ceil(INTERVAL[1] * (resamples - 1)))]
+    high = ratios[math.ceil(INTERVAL[1] * (resamples - 1))]
     return max(low, 0.0), high
 
 
@@ -182,7 +182,6 @@ def gns_callback():
                 value = grad.detach().float().pow(2).sum()
                 self._current = value if self._current is None else self._current + value
                 self.hook_seconds += time.perf_counter() - started
-                return None
 
             def on_accumulated(param):
                 if not self._last_micro():
@@ -277,6 +276,8 @@ def gns_callback():
             smoothed = ema_history(self.recorder.sequences)[-1]
             if smoothed is not None:
                 logs["gns_b_simple"] = smoothed
+                if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                    state.log_history[-1]["gns_b_simple"] = smoothed  # the Trainer stored a copy already
             self.history.append({"step": state.global_step, "b_simple_ema": smoothed})
 
         def report(self, resamples: int = RESAMPLES) -> dict:

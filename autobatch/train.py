@@ -318,6 +318,9 @@ def run(
         config, args, train_dataset=train, eval_dataset=evaluation, trainer_cls=trainer_class(), callbacks=callbacks
     )
     trainer.fallbacks, trainer.on_fallback = [], on_fallback
+    for callback in callbacks or []:
+        if hasattr(callback, "attach"):  # callbacks that hook the model (gns) need the trainer itself
+            callback.attach(trainer)
     Path(output_dir, PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=2))
     logger.info("plan: %s", json.dumps({k: v for k, v in plan.to_dict().items() if k not in ("trials", "options")}))
     checkpoint = resume and _last_checkpoint(output_dir)

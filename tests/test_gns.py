@@ -65,11 +65,11 @@ def test_report_is_written_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["gns.json"]
 
 
-def trainer_with_gns(model_dir, data, out, accumulation, token_normalised):
+def trainer_with_gns(model_dir, data, out, accumulation, token_normalised, **overrides):
     config = build_config(overrides={
         "model_name_or_path": str(model_dir), "dataset_name": str(data), "device": "cpu", "max_length": 48,
         "learning_rate": 0.0, "max_steps": 1, "gradient_checkpointing": False, "train_sampling_strategy": "sequential",
-        "report_to": "none", "disable_tqdm": True, "save_strategy": "no", "max_grad_norm": 1e-3,
+        "report_to": "none", "disable_tqdm": True, "save_strategy": "no", "max_grad_norm": 1e-3, **overrides,
     })
     args, _ = sft_config(config, "cpu", str(out), per_device_train_batch_size=2,
                          gradient_accumulation_steps=accumulation)
@@ -109,3 +109,73 @@ def test_hooked_norms_equal_explicit_per_micro_batch_gradients(
     assert len(callback.recorder.tokens) == expected_pairs
     assert step.inv_big == pytest.approx(sum(w * w / n for w, n in zip(weights, tokens)))
     assert math.isfinite(callback.report()["overhead"])
+
+
+def exact_b_simple(model_dir, data, max_length):
+    """tr Σ / |G|² from every per-sequence gradient of the dataset (sample covariance), at the saved weights."""
+    import json as _json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    grads = []
+    for line in data.read_text().splitlines():
+        ids = tokenizer(_json.loads(line)["text"] + tokenizer.eos_token, return_tensors="pt").input_ids[:, :max_length]
+        grads.append(flat_grad(model, {"input_ids": ids, "labels": ids}))
+    stacked = torch.stack(grads)
+    mean = stacked.mean(0)
+    trace = ((stacked - mean) ** 2).sum(1).sum() / (len(grads) - 1)
+    return float(trace / (mean @ mean)), ids.shape[1] - 1
+
+
+def equal_length_data(path, rows=64, chars=40):
+    """Texts of exactly `chars` characters (+ EOS): sequence and token units then differ by a constant."""
+    import json as _json
+
+    rng = random.Random(0)
+    words = ["river", "stone", "ford", "summer", "water", "children", "bank", "hedge", "evening", "farmer", "head", "field", "rain"]
+    lines = []
+    for _ in range(rows):
+        text = ""
+        while len(text) < chars:
+            text += rng.choice(words) + " "
+        lines.append(_json.dumps({"text": text[:chars]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_gns_brackets_the_exact_noise_scale_at_learning_rate_zero(tiny_model_dir, tmp_path):
+    data = equal_length_data(tmp_path / "equal.jsonl")
+    model = tiny_model_dir()
+    trainer, callback = trainer_with_gns(model, data, tmp_path / "out", 4, True, max_length=64, max_steps=-1,
+                                         num_train_epochs=4, train_sampling_strategy="random")
+    trainer.train()
+    report = callback.report()
+    exact, tokens_per_sequence = exact_b_simple(model, data, 64)
+    assert report["steps"] == 32 and report["resolved"]
+    assert report["low"] < exact < report["high"]
+    assert report["high"] < 3 * report["low"]  # not vacuous
+    assert report["b_simple_tokens"] == pytest.approx(report["b_simple"] * tokens_per_sequence, rel=1e-6)
+
+
+def test_run_gns_writes_gns_json_logs_it_and_shows_it(tiny_model_dir, tmp_path, capsys):
+    import json as _json
+
+    from autobatch.cli import main
+
+    data = equal_length_data(tmp_path / "equal.jsonl", rows=24, chars=20)
+    out = tmp_path / "out"
+    code = main(["run", "--gns", "--model", str(tiny_model_dir()), "--dataset", str(data), "--device", "cpu",
+                 "--memory-budget", "4GiB", "--micro-batch-size", "2", "--effective-batch-size", "4",
+                 "--max-length", "32", "--learning-rate", "0", "--num-train-epochs", "1", "--output-dir", str(out),
+                 "--gradient-checkpointing", "false", "--save-strategy", "'no'", "--logging-steps", "2",
+                 "--disable-tqdm", "true"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = _json.loads((out / "gns.json").read_text())
+    assert set(report) >= {"b_simple", "low", "high", "unit", "b_simple_tokens", "steps", "resolved", "overhead"}
+    assert report["steps"] == 6 and report["unit"] == "sequences"
+    assert "gradient noise scale: " in captured.out and "gns overhead" in captured.err
+    history = _json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert any("gns_b_simple" in entry for entry in history)
