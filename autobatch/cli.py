@@ -395,6 +395,19 @@ def _add_sweep_flags(sweep: argparse.ArgumentParser) -> None:
                             "(default: sqrt for Adam-family optimizers, linear for SGD)")
     sweep.add_argument("--gns-file", metavar="FILE",
                        help="gns.json written by `autobatch run --gns`: its B_noise drives the verdict")
+    sweep.add_argument("--validate-tokens", metavar="N", type=int,
+                       help="train each rung for about N tokens (fresh SFTTrainer, same seed and data order) "
+                            "and compare eval loss at equal tokens")
+    sweep.add_argument("--lr-multipliers", metavar="X,X,...",
+                       help="with --validate-tokens: also validate each rung at these multiples of its rate")
+    sweep.add_argument("--max-trials", metavar="N", type=int, help="run at most N validation trials this time")
+    sweep.add_argument("--timeout", metavar="SECONDS", type=float,
+                       help="start no validation trial after this many seconds")
+    sweep.add_argument("--storage", metavar="URL",
+                       help="optuna storage URL (default: sqlite:///OUTPUT_DIR/sweep.db)")
+    sweep.add_argument("--study-name", metavar="NAME", default="autobatch-sweep", help="default: autobatch-sweep")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the study in --storage: failed or missing trials run, done ones do not")
 
 
 def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
@@ -402,34 +415,88 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
 
     config = _config_from_args(args, extras)
     sizes = sweep.parse_sizes(args.effective_batch_sizes) if args.effective_batch_sizes else None
+    multipliers = sweep.parse_floats(args.lr_multipliers, "--lr-multipliers") if args.lr_multipliers else [1.0]
+    if args.lr_multipliers and not args.validate_tokens:
+        raise ConfigError("--lr-multipliers needs --validate-tokens N (the rates are compared by training)")
+    if args.validate_tokens is not None and args.validate_tokens < 1:
+        raise ConfigError("--validate-tokens must be a positive number of tokens, e.g. --validate-tokens 20000")
+    if args.validate_tokens and config.device == "estimate":
+        raise ConfigError("--validate-tokens trains, and --device estimate cannot: use --device cpu or cuda")
     gns_report = _read_gns_file(args.gns_file) if args.gns_file else None
     _print_setup(config, "sweep")
     _quiet_third_party(args.verbose)
     from autobatch.probe import plan_ladder
+    from autobatch.train import check_output_dir
 
+    output_dir = str(check_output_dir(config))
+    storage = args.storage or sweep.default_storage(output_dir)
+    study = sweep.open_study(storage, args.study_name, args.resume)  # refused before minutes of probing
     with contextlib.redirect_stdout(sys.stderr):
-        plans, trials, examples = plan_ladder(config, sizes, on_trial=_trial_printer(config.memory_budget_bytes))
-    rungs, recommended, reason, notes = _verdict(config, plans, examples, args.lr_scaling, gns_report)
+        ladder = plan_ladder(config, sizes, on_trial=_trial_printer(config.memory_budget_bytes))
+    rungs, recommended, reason, notes = _verdict(config, ladder.plans, ladder.examples, args.lr_scaling, gns_report)
+    points = [sweep.Point(r, r.learning_rate * m, m) for r in rungs for m in multipliers]
+    if args.validate_tokens:
+        recommended, reason, gns_report = _validate(config, args, study, points, ladder, gns_report, output_dir)
+        b_noise = gns_report.get("b_simple") if gns_report and gns_report.get("resolved") else None
+        sweep.predict(rungs, b_noise)
+    else:
+        sweep.record_predictions(study, points, "predicted time to target" if gns_report else "epoch seconds")
     chosen = next(r for r in rungs if r.effective_batch_size == recommended)
+    study_info = {"storage": storage, "name": args.study_name}
     if args.json:
         report = {
             "plans": [{**r.plan.to_dict(), "prediction": r.prediction()} for r in rungs],
-            "trials": [t.to_dict() for t in trials],
+            "trials": [t.to_dict() for t in ladder.trials],
             "gradient_noise_scale": gns_report,
             "recommended_effective_batch_size": recommended,
             "recommendation_reason": reason,
             "notes": notes,
-            "study": None,
+            "study": study_info,
         }
         print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
     else:
-        print(format_sweep(rungs, trials, gns_report, recommended, reason, notes), flush=True)
+        print(format_sweep(rungs, ladder.trials, gns_report, recommended, reason, notes), flush=True)
+        _err(f"study {args.study_name!r} in {storage} (open it with optuna.load_study or optuna-dashboard)")
     if args.output:
         rung_config = dataclasses.replace(
             config, effective_batch_size=recommended,
             training_args={**config.training_args, "learning_rate": chosen.learning_rate})
         _write_output(rung_config, chosen.plan, args.output)
     return 0
+
+
+def _validate(config: Config, args: argparse.Namespace, study, points: list, ladder, gns_report: dict | None,
+              output_dir: str):
+    """Validation runs as study trials; cost printed first. Returns (recommended B, reason, noise report)."""
+    import optuna
+
+    from autobatch import sweep
+
+    tokens = args.validate_tokens
+    device = ladder.plans[0].device
+    estimate = sum(tokens / p.rung.tokens_per_s for p in points if p.rung.tokens_per_s)
+    _err(f"validation: {len(points)} runs × about {tokens} tokens, predicted {estimate:.0f} s of training "
+         "(at the worst-case length; shorter examples train faster)")
+
+    def validate(point, trial):
+        name = f"B{point.rung.effective_batch_size}-lr{point.learning_rate:.3g}-trial{trial.number}"
+        out = str(Path(output_dir) / "validate" / name)
+        with contextlib.redirect_stdout(sys.stderr):
+            loss, attrs = sweep.validate_point(config, point, tokens, ladder.tokens_per_example, device, out)
+        _err(f"validated B={point.rung.effective_batch_size} lr={point.learning_rate:.3g}: eval loss {loss:.4f} "
+             f"after {attrs['tokens_seen']} tokens, {attrs['wall_seconds']:.1f} s")
+        return loss, attrs
+
+    sweep.run_validation_study(study, points, validate, args.max_trials, args.timeout)
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    noise = gns_report or sweep.best_noise_scale(
+        [t.user_attrs["gradient_noise_scale"] for t in done if t.user_attrs.get("gradient_noise_scale")])
+    if not done:
+        raise AutobatchError("no validation trial finished: raise --timeout or --max-trials, then --resume")
+    best = min(done, key=lambda t: t.value)
+    reason = (f"lowest eval loss after about {tokens} tokens (measured: {best.value:.4f} at learning rate "
+              f"{best.params['learning_rate']:.3g})")
+    return best.params["effective_batch_size"], reason, noise
 
 
 def _read_gns_file(path: str) -> dict:

@@ -13,6 +13,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from autobatch.config import Config, format_bytes
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
@@ -383,11 +384,22 @@ def ladder_rungs(effective_batch_sizes: list[int] | None, max_micro: int, world:
     return sorted(rungs)
 
 
+@dataclass
+class Ladder:
+    """A sweep's plans (rung order), the one trials list they share, and the dataset's size in examples and
+    mean tokens per example (for time per epoch and validation budgets)."""
+
+    plans: list[Plan]
+    trials: list[Trial]
+    examples: int
+    tokens_per_example: float
+
+
 def plan_ladder(
     config: Config,
     effective_batch_sizes: list[int] | None = None,
     on_trial: Callable[[Trial], None] | None = None,
-) -> tuple[list[Plan], list[Trial], int]:
+) -> Ladder:
     """Probe once and plan every rung of a ladder of effective batch sizes exactly.
 
     One Prober and one trials list: the largest micro-batch is searched once, then each rung is planned by
@@ -395,7 +407,6 @@ def plan_ladder(
     not yet measured. Trials are measured at the ladder's largest accumulation (the most micro-batches held
     at once: the worst case for every rung). Without explicit sizes the ladder is m·W·2^k, k = 0..4, plus
     the config's target; its largest micro-batch m is confirmed again at that accumulation.
-    Returns (plans in rung order, the shared trials, training examples in the dataset).
     """
     import dataclasses
 
@@ -410,7 +421,7 @@ def plan_ladder(
     world = config.world_size
     known = ladder_rungs(effective_batch_sizes, 1, world, config.effective_batch_size) if effective_batch_sizes else []
     prober = Prober(config, backend, usable, max(known) // world if known else None)
-    examples = len(prober.trainer.train_dataset)
+    lengths = [len(ids) for ids in prober.trainer.train_dataset["input_ids"]]
     trials: list[Trial] = []
 
     def probe(size: int) -> Trial:
@@ -444,4 +455,4 @@ def plan_ladder(
         plan.device, plan.capped, plan.search_seconds = backend.device, capped, seconds
         plan.notes = prober.notes + plan.notes
         plan.memory_fingerprint = fingerprint(config)
-    return plans, trials, examples
+    return Ladder(plans, trials, len(lengths), sum(lengths) / len(lengths))

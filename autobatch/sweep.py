@@ -10,6 +10,7 @@ as such; only validation runs (`--validate-tokens`) measure loss.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -111,11 +112,20 @@ def make_rungs(
             learning_rate=scaled_learning_rate(base_lr, base_batch, batch, lr_rule, b_noise),
             lr_rule=lr_rule,
         )
+        rungs.append(rung)
+    return predict(rungs, b_noise)
+
+
+def predict(rungs: list[Rung], b_noise: float | None) -> list[Rung]:
+    """Fill each rung's predicted efficiency, relative steps and time to the same loss from B_noise."""
+    for rung in rungs:
+        batch = rung.effective_batch_size
         if b_noise:
             rung.sample_efficiency = 1 / (1 + batch / b_noise)
             rung.relative_steps = 1 + b_noise / batch
-            rung.time_to_target_s = rung.relative_steps * step
-        rungs.append(rung)
+            rung.time_to_target_s = rung.relative_steps * rung.seconds_per_optimizer_step
+        else:
+            rung.sample_efficiency = rung.relative_steps = rung.time_to_target_s = None
     return rungs
 
 
@@ -152,3 +162,206 @@ def notes(rungs: list[Rung], lora: bool) -> list[str]:
         out.append(f"LoRA: effective batches past {LORA_LARGE_BATCH} are reported to train worse than small ones "
                    "at the same tokens; validate before choosing one")
     return out
+
+
+# ------------------------------------------------------------------------------------------- the study
+
+STUDY_NAME = "autobatch-sweep"
+HEARTBEAT_S = 2  # a trial whose process died is seen as failed after 2 heartbeats (optuna's grace period)
+PARAMS = ("effective_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate")
+
+
+@dataclass
+class Point:
+    """One trial of the study: a rung at a learning rate (× a multiplier when validating)."""
+
+    rung: Rung
+    learning_rate: float
+    multiplier: float = 1.0
+
+    def params(self) -> dict:
+        plan = self.rung.plan
+        return {"effective_batch_size": plan.effective_batch_size,
+                "per_device_train_batch_size": plan.per_device_train_batch_size,
+                "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+                "learning_rate": self.learning_rate}
+
+
+def default_storage(output_dir: str) -> str:
+    """sqlite:///OUTPUT_DIR/sweep.db, the directory created."""
+    import os
+
+    os.makedirs(output_dir, exist_ok=True)
+    return f"sqlite:///{os.path.abspath(os.path.join(output_dir, 'sweep.db'))}"
+
+
+def open_study(storage_url: str, name: str, resume: bool):
+    """The study, its schema created once here before any trial runs; heartbeats mark a killed trial failed and
+    RetryFailedTrialCallback queues it again. Without `resume`, an existing study with trials is refused."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import SQLAlchemyError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with _quiet_optuna():
+            storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+    except (ValueError, ImportError, SQLAlchemyError) as exc:  # a bad URL, an unreachable database
+        raise ConfigError(f"--storage {storage_url}: cannot open it ({type(exc).__name__}: {exc})") from None
+    study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
+    if study.trials and not resume:
+        raise ConfigError(f"--storage {storage_url} already holds study {name!r} with {len(study.trials)} trials: "
+                          "pass --resume to continue it, or another --output-dir / --storage")
+    return study
+
+
+@contextlib.contextmanager
+def _quiet_optuna():
+    """Heartbeats and their retry callback are marked experimental by optuna; that is not the user's news."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def _key(params: dict) -> tuple:
+    """A point is its effective batch and rate; its micro-batch split may differ between probes (timing)."""
+    return params.get("effective_batch_size"), round(params.get("learning_rate", 0.0), 12)
+
+
+def _distributions() -> dict:
+    """Fixed ranges, so a resumed study with another ladder or split stays compatible with the stored one."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    ints = IntDistribution(1, 2**24)
+    return {"effective_batch_size": ints, "per_device_train_batch_size": ints, "gradient_accumulation_steps": ints,
+            "learning_rate": FloatDistribution(0.0, 10.0)}
+
+
+def record_predictions(study, points: list[Point], objective_name: str) -> int:
+    """Each point not in the study yet, as a complete trial: its measured cost and predicted objective."""
+    import optuna
+
+    done = {_key(t.params) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    added = 0
+    for point in points:
+        if _key(point.params()) in done:
+            continue
+        rung = point.rung
+        value = rung.time_to_target_s if rung.time_to_target_s is not None else rung.epoch_seconds
+        study.add_trial(optuna.trial.create_trial(
+            params=point.params(), distributions=_distributions(), value=value,
+            user_attrs={**_measured(rung), "objective": objective_name},
+        ))
+        added += 1
+    return added
+
+
+def _measured(rung: Rung) -> dict:
+    plan = rung.plan
+    return {"peak_memory_bytes": plan.peak_memory_bytes, "tokens_per_s": rung.tokens_per_s,
+            "seconds_per_optimizer_step": rung.seconds_per_optimizer_step, "epoch_seconds": rung.epoch_seconds,
+            "predicted_time_to_target": rung.time_to_target_s, "sample_efficiency": rung.sample_efficiency,
+            "lr_rule": rung.lr_rule}
+
+
+def run_validation_study(study, points: list[Point], validate, max_trials: int | None, timeout_s: float | None):
+    """Every point without a complete trial is queued once, then run by `study.optimize` (validate(point,
+    trial) -> (eval loss, user attrs)). Trials left running by a killed sweep are failed first (stale
+    heartbeat) and queued again by the retry callback, so each point ends with exactly one complete trial."""
+    import optuna
+    from optuna.storages import fail_stale_trials
+
+    states = optuna.trial.TrialState
+    with _quiet_optuna():
+        fail_stale_trials(study)
+    by_key = {_key(p.params()): p for p in points}
+    seen = {_key(t.params) for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.WAITING))}
+    for key, point in by_key.items():
+        if key not in seen:
+            study.enqueue_trial(point.params(), skip_if_exists=False)
+    waiting = len(study.get_trials(deepcopy=False, states=(states.WAITING,)))
+    if max_trials is not None:
+        waiting = min(waiting, max_trials)
+    def objective(trial) -> float:
+        params = {k: trial.suggest_float(k, 0.0, 10.0) if k == "learning_rate" else trial.suggest_int(k, 1, 2**24)
+                  for k in PARAMS}
+        point = by_key[_key(params)]
+        loss, attrs = validate(point, trial)
+        for name, value in {**_measured(point.rung), **attrs, "lr_multiplier": point.multiplier}.items():
+            trial.set_user_attr(name, value)
+        return loss
+
+    if waiting:
+        study.optimize(objective, n_trials=waiting, timeout=timeout_s, catch=())
+    return study
+
+
+# ---------------------------------------------------------------------------------------- validation runs
+
+
+def validation_steps(tokens: int, rung: Rung, tokens_per_example: float) -> int:
+    """Optimizer steps for a rung to see about `tokens` loss tokens: the same budget for every rung."""
+    return max(1, round(tokens / (rung.effective_batch_size * tokens_per_example)))
+
+
+def validate_point(config, point: Point, tokens: int, tokens_per_example: float, device: str, output_dir: str,
+                   on_gns=None) -> tuple[float, dict]:
+    """A fresh SFTTrainer at the point's plan and rate, same seed and data order, trained for about `tokens`
+    tokens; returns (eval loss, what was measured: tokens seen, wall time, loss curve keyed by tokens, gns)."""
+    import time as _time
+
+    from autobatch import gns as gns_module
+    from autobatch.train import _datasets
+    from autobatch.workload import build_trainer, sft_config
+
+    plan = point.rung.plan
+    steps = validation_steps(tokens, point.rung, tokens_per_example)
+    args, _ = sft_config(
+        config, device, output_dir, per_device_train_batch_size=plan.per_device_train_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps, learning_rate=point.learning_rate,
+        max_steps=steps, save_strategy="no", eval_strategy="no", logging_steps=1, disable_tqdm=True,
+        report_to="none", include_num_input_tokens_seen="non_padding",
+    )
+    train, evaluation = _datasets(config)
+    if evaluation is None:  # a held-out tenth, the same for every point
+        parts = train.train_test_split(test_size=0.1, seed=0)
+        train, evaluation = parts["train"], parts["test"]
+    trainer = build_trainer(config, args, train_dataset=train, eval_dataset=evaluation)
+    from transformers import PrinterCallback, ProgressCallback
+
+    for quiet in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(quiet)
+    callback = gns_module.gns_callback().attach(trainer)
+    trainer.add_callback(callback)
+    started = _time.perf_counter()
+    trainer.train()
+    seconds = _time.perf_counter() - started
+    eval_loss = trainer.evaluate()["eval_loss"]
+    curve = [{"tokens": e.get("num_input_tokens_seen"), "loss": e["loss"]}
+             for e in trainer.state.log_history if "loss" in e]
+    noise = callback.report(resamples=200)
+    callback.detach()
+    if on_gns:
+        on_gns(point, noise)
+    seen = trainer.state.num_input_tokens_seen
+    return eval_loss, {"eval_loss": eval_loss, "tokens_seen": int(seen), "steps": steps, "wall_seconds": seconds,
+                       "loss_curve": curve, "gradient_noise_scale": _plain(noise)}
+
+
+def _plain(report: dict) -> dict:
+    """A gns report without its per-step history, with infinities as None (optuna stores JSON)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in report.items() if k != "history"}
+
+
+def best_noise_scale(reports: list[dict]) -> dict | None:
+    """Of the validation runs' gns reports, the resolved one with the narrowest relative interval."""
+    resolved = [r for r in reports if r.get("resolved")]
+    if not resolved:
+        return max(reports, key=lambda r: r.get("low") or 0, default=None)
+    return min(resolved, key=lambda r: (r["high"] - r["low"]) / r["b_simple"])

@@ -29,7 +29,7 @@ class FakeProber:
     def __init__(self, config, backend, usable_bytes, per_device=None):
         self.usable_bytes, self.per_device, self.notes, self.max_length = usable_bytes, per_device, [], 128
         self.sizes: list[int] = []
-        self.trainer = type("T", (), {"train_dataset": list(range(300))})()
+        self.trainer = type("T", (), {"train_dataset": {"input_ids": [[1] * 50] * 300}})()
         FakeProber.instances.append(self)
 
     def run_trial(self, micro_batch_size, eval_batch_size=None):
@@ -57,9 +57,10 @@ def ladder_config(model_dir, **overrides):
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_ladder_probes_once_and_every_plan_is_exact(fake_prober, tiny_model_dir, world):
     sizes = [8 * world, 24 * world, 40 * world, 96 * world]
-    plans, trials, examples = probe_module.plan_ladder(ladder_config(tiny_model_dir(), world_size=world), sizes)
+    ladder = probe_module.plan_ladder(ladder_config(tiny_model_dir(), world_size=world), sizes)
+    plans, trials = ladder.plans, ladder.trials
     (prober,) = fake_prober  # one probe
-    assert examples == 300
+    assert ladder.examples == 300 and ladder.tokens_per_example == 50
     assert prober.per_device == 96  # trials carry the ladder's largest accumulation
     assert [t.micro_batch_size for t in trials] == prober.sizes  # one trials list, every trial in it
     assert len(set(prober.sizes)) == len(prober.sizes)  # no size measured twice
@@ -74,7 +75,7 @@ def test_a_ladder_probes_once_and_every_plan_is_exact(fake_prober, tiny_model_di
 
 def test_the_default_ladder_is_m_times_powers_of_two_plus_the_target(fake_prober, tiny_model_dir):
     config = ladder_config(tiny_model_dir(), effective_batch_size=12)
-    plans, _, _ = probe_module.plan_ladder(config)
+    plans = probe_module.plan_ladder(config).plans
     assert [p.effective_batch_size for p in plans] == [10, 12, 20, 40, 80, 160]
     (prober,) = fake_prober
     assert prober.per_device == 160 and prober.sizes.count(10) == 2  # m confirmed at accumulation 16
