@@ -280,7 +280,8 @@ def run_validation_study(study, points: list[Point], validate, max_trials: int |
     with _quiet_optuna():
         fail_stale_trials(study)
     by_key = {_key(p.params()): p for p in points}
-    seen = {_key(t.params) for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.WAITING))}
+    seen = {_key(t.params or t.system_attrs.get("fixed_params", {}))  # a queued trial's params are still fixed ones
+            for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.WAITING))}
     for key, point in by_key.items():
         if key not in seen:
             study.enqueue_trial(point.params(), skip_if_exists=False)

@@ -7,6 +7,7 @@ sequence of trials is known; one test drives the real probe through the CLI on a
 import json
 import math
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -154,3 +155,57 @@ def test_sweep_cli_plans_every_rung_and_writes_the_recommended_one(tiny_model_di
     assert saved["gradient_accumulation_steps"] == chosen["gradient_accumulation_steps"]
     assert saved["learning_rate"] == pytest.approx(1e-4 * math.sqrt(rung / 4))
     assert report["gradient_noise_scale"] is None
+
+
+def sweep_args(model_dir, data, out):
+    return ["sweep", "--model", str(model_dir), "--dataset", str(data), "--device", "cpu", "--memory-budget", "30MiB",
+            "--max-length", "32", "--effective-batch-sizes", "2,4,8", "--validate-tokens", "600",
+            "--output-dir", str(out), "--gradient-checkpointing", "false", "--max-micro-batch-size", "2", "--json"]
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tiny_model_dir, tiny_dataset_file,
+                                                                            tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    out = tmp_path / "out"
+    storage = f"sqlite:///{out / 'sweep.db'}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen([sys.executable, "-m", "autobatch", *sweep_args(tiny_model_dir(), tiny_dataset_file, out)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    states = optuna.trial.TrialState
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # kill once one trial is done and the next is running
+            time.sleep(0.2)
+            if not (out / "sweep.db").exists():
+                continue
+            try:
+                trials = optuna.load_study(study_name="autobatch-sweep", storage=storage).trials
+            except KeyError:  # the schema is there, the study not yet
+                trials = []
+            if [t.state for t in trials].count(states.COMPLETE) >= 1 and any(t.state == states.RUNNING for t in trials):
+                child.send_signal(signal.SIGKILL)
+                break
+        else:
+            pytest.fail("the sweep never had a running trial after a complete one")
+    finally:
+        child.wait(timeout=60)
+    time.sleep(5)  # past the heartbeat grace period: the killed trial is stale
+    assert main(sweep_args(tiny_model_dir(), tiny_dataset_file, out)) == 2  # a study exists: --resume needed
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*sweep_args(tiny_model_dir(), tiny_dataset_file, out), "--resume"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["study"] == {"storage": storage, "name": "autobatch-sweep"}
+    trials = optuna.load_study(study_name="autobatch-sweep", storage=storage).trials
+    done = [t for t in trials if t.state == states.COMPLETE]
+    assert sorted(t.params["effective_batch_size"] for t in done) == [2, 4, 8]  # every rung once
+    assert [t.state for t in trials].count(states.FAIL) == 1  # the killed one
+    assert all(math.isfinite(t.value) and t.user_attrs["tokens_seen"] > 0 for t in done)
+    assert report["recommended_effective_batch_size"] == min(done, key=lambda t: t.value).params["effective_batch_size"]
