@@ -88,6 +88,9 @@ def _make_parser() -> argparse.ArgumentParser:
     common.add_argument("--output", metavar="FILE",
                         help="write plan.yaml: the config with the planned batch, for `trl sft --config` "
                              "or `autobatch run --config`")
+    common.add_argument("--plot", metavar="DIR",
+                        help="write PNG pictures into DIR (memory per micro-batch; with run --gns and sweep, "
+                             "the noise scale, loss per rung, time per rung); needs autobatch[plot]")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress and third-party warnings")
 
@@ -312,19 +315,41 @@ def _write_output(config: Config, plan: Plan, output: str | None) -> None:
 
 def _cmd_plan(args: argparse.Namespace, extras: list[str]) -> int:
     config = _config_from_args(args, extras)
+    plots = _plot_dir(args)
     _print_setup(config, "plan")
     _quiet_third_party(args.verbose)
     plan = _probe(config)
     print(_plan_json(plan) if args.json else format_plan(plan), flush=True)
+    _plot_memory(plots, plan)
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
     return 0
+
+
+def _plot_dir(args: argparse.Namespace):
+    """The --plot directory, matplotlib checked before any work; None without --plot."""
+    if not args.plot:
+        return None
+    from autobatch import plots
+
+    plots.require()
+    return plots.plot_dir(args.plot)
+
+
+def _plot_memory(directory, plan: Plan) -> None:
+    if directory is not None and plan.trials:
+        from autobatch import plots
+
+        path = plots.plot_memory(plan.trials, plan.usable_memory_bytes, plan.memory_budget_bytes,
+                                 plan.per_device_train_batch_size, directory)
+        _err(f"wrote {path}")
 
 
 def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     if args.plan and not args.config:
         args.config = args.plan  # a plan.yaml is a whole config: run it as it was planned
     config = _config_from_args(args, extras)
+    plots = _plot_dir(args)
     _print_setup(config, "run")
     _quiet_third_party(args.verbose)
     try:
@@ -346,6 +371,11 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         result = train.run(config, plan, resume=args.resume, callbacks=callbacks)
     noise = _gns_report(callbacks, result.output_dir)
+    _plot_memory(plots, plan)
+    if plots is not None and noise is not None:
+        from autobatch.plots import plot_noise_scale
+
+        _err(f"wrote {plot_noise_scale(noise, plots)}")
     if args.json:
         report = {"plan": plan.to_dict(), "run": result.to_dict()}
         if args.gns:
@@ -423,6 +453,7 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     if args.validate_tokens and config.device == "estimate":
         raise ConfigError("--validate-tokens trains, and --device estimate cannot: use --device cpu or cuda")
     gns_report = _read_gns_file(args.gns_file) if args.gns_file else None
+    plots = _plot_dir(args)
     _print_setup(config, "sweep")
     _quiet_third_party(args.verbose)
     from autobatch.probe import plan_ladder
@@ -457,6 +488,8 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     else:
         print(format_sweep(rungs, ladder.trials, gns_report, recommended, reason, notes), flush=True)
         _err(f"study {args.study_name!r} in {storage} (open it with optuna.load_study or optuna-dashboard)")
+    if plots is not None:
+        _plot_sweep(plots, study, rungs, chosen, gns_report)
     if args.output:
         rung_config = dataclasses.replace(
             config, effective_batch_size=recommended,
@@ -497,6 +530,23 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
     reason = (f"lowest eval loss after about {tokens} tokens (measured: {best.value:.4f} at learning rate "
               f"{best.params['learning_rate']:.3g})")
     return best.params["effective_batch_size"], reason, noise
+
+
+def _plot_sweep(directory, study, rungs: list, chosen, gns_report: dict | None) -> None:
+    """memory.png, time_to_target.png, and from validation runs loss_vs_tokens.png and noise_scale.png."""
+    import optuna
+
+    from autobatch import plots
+
+    _plot_memory(directory, chosen.plan)
+    _err(f"wrote {plots.plot_time_to_target(rungs, chosen.effective_batch_size, directory)}")
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    curves = {f"B={t.params['effective_batch_size']} lr={t.params['learning_rate']:.3g}": t.user_attrs["loss_curve"]
+              for t in done if t.user_attrs.get("loss_curve")}
+    if curves:
+        _err(f"wrote {plots.plot_loss_curves(curves, directory)}")
+    if gns_report and gns_report.get("history"):
+        _err(f"wrote {plots.plot_noise_scale(gns_report, directory)}")
 
 
 def _read_gns_file(path: str) -> dict:
@@ -568,10 +618,10 @@ def gns_text(report: dict) -> str:
     if report.get("reason"):
         return f"not measured: {report['reason']}"
     if not report.get("resolved"):
-        return f"B_noise > {report.get('low') or 0:.0f} {report.get('unit', 'sequences')} (interval open-ended), {steps}"
+        return f"B_noise > {report.get('low') or 0:.3g} {report.get('unit', 'sequences')} (interval open-ended), {steps}"
     tokens = f", {report['b_simple_tokens']:.0f} loss tokens" if report.get("b_simple_tokens") else ""
-    return (f"B_noise {report['b_simple']:.0f} {report.get('unit', 'sequences')} (90% interval "
-            f"{report['low']:.0f}–{report['high']:.0f}){tokens}, {steps}")
+    return (f"B_noise {report['b_simple']:.3g} {report.get('unit', 'sequences')} (90% interval "
+            f"{report['low']:.3g}–{report['high']:.3g}){tokens}, {steps}")
 
 
 def _err(text: str) -> None:

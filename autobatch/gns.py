@@ -26,6 +26,7 @@ GNS_FILE = "gns.json"
 EMA_DECAY = 0.95
 INTERVAL = (0.05, 0.95)  # a 90% bootstrap interval
 RESAMPLES = 1000
+MIN_STEPS = 6
 
 
 @dataclass
@@ -102,9 +103,9 @@ def summarize(
     `resolved` is False when the interval is open-ended (|G|² not shown positive): then only `low` is
     reported, as "B_noise > low", and `b_simple` and `high` are None, never a made-up point value.
     """
-    if len(estimates) < 2:
+    if len(estimates) < MIN_STEPS:  # a bootstrap over a handful of steps says nothing
         return {"b_simple": None, "low": None, "high": None, "unit": unit, "steps": len(estimates),
-                "resolved": False}
+                "resolved": False, "reason": f"{len(estimates)} steps with a small/big pair, fewer than {MIN_STEPS}"}
     low, high = bootstrap_interval(estimates, resamples)
     point = _ratio(estimates)
     resolved = math.isfinite(high) and math.isfinite(point) and point > 0

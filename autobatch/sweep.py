@@ -355,9 +355,8 @@ def validate_point(config, point: Point, tokens: int, tokens_per_example: float,
 
 
 def _plain(report: dict) -> dict:
-    """A gns report without its per-step history, with infinities as None (optuna stores JSON)."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in report.items() if k != "history"}
+    """A gns report with infinities as None (optuna stores JSON)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
 
 
 def best_noise_scale(reports: list[dict]) -> dict | None:
