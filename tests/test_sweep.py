@@ -209,3 +209,28 @@ def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tin
     assert [t.state for t in trials].count(states.FAIL) == 1  # the killed one
     assert all(math.isfinite(t.value) and t.user_attrs["tokens_seen"] > 0 for t in done)
     assert report["recommended_effective_batch_size"] == min(done, key=lambda t: t.value).params["effective_batch_size"]
+
+
+def test_plots_are_written_and_a_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from autobatch import plots
+    from autobatch.errors import AutobatchError
+    from autobatch.planner import Trial
+
+    trials = [Trial(1, 20 * MiB, True, 0.1), Trial(4, 60 * MiB, True, 0.3), Trial(5, 90 * MiB, False, 0.0, oom=True)]
+    rungs = sweep.make_rungs([plan_at(8, 4), plan_at(16, 4)], 100, base_lr=1e-4, base_batch=8, lr_rule="sqrt",
+                             b_noise=12)
+    directory = plots.plot_dir(str(tmp_path / "png"))
+    written = [
+        plots.plot_memory(trials, 80 * MiB, 80 * MiB, 4, directory),
+        plots.plot_loss_curves({"B=8": [{"tokens": 100, "loss": 3.0}, {"tokens": 200, "loss": 2.5}]}, directory),
+        plots.plot_noise_scale({"history": [{"step": 1, "b_simple_ema": 10.0}, {"step": 2, "b_simple_ema": 12.0}],
+                                "low": 8.0, "high": 15.0, "b_simple": 11.0}, directory),
+        plots.plot_time_to_target(rungs, 8, directory),
+    ]
+    assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in written)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(AutobatchError, match=r"pip install 'autobatch\[plot\]'"):
+        plots.require()
