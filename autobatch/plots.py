@@ -41,6 +41,17 @@ def plot_dir(path: str) -> Path:
     return directory
 
 
+def _finish(fig, ax, labels: tuple[str, str, str], path: Path, grid_axis: str = "both", legend: bool = True) -> Path:
+    """Axis labels and title, legend and grid, then the PNG."""
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(labels[2])
+    if legend:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis=grid_axis)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -68,12 +79,8 @@ def plot_memory(trials: list, usable_bytes: int, budget_bytes: int, chosen_micro
     if chosen:
         ax.scatter([chosen_micro], [chosen[-1].peak_memory_bytes / MiB], marker="*", s=260, color="tab:green",
                    label=f"chosen micro-batch {chosen_micro}", zorder=4)
-    ax.set_xlabel("micro-batch size")
-    ax.set_ylabel("peak memory (MiB)")
-    ax.set_title("Trial peak memory against micro-batch")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, directory / "memory.png")
+    return _finish(fig, ax, ("micro-batch size", "peak memory (MiB)", "Trial peak memory against micro-batch"),
+                   directory / "memory.png")
 
 
 def plot_loss_curves(curves: dict[str, list[dict]], directory: Path) -> Path:
@@ -84,12 +91,8 @@ def plot_loss_curves(curves: dict[str, list[dict]], directory: Path) -> Path:
         points = [(c["tokens"], c["loss"]) for c in curve if c.get("tokens") is not None]
         if points:
             ax.plot(*zip(*points), marker=".", label=label)
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("training loss")
-    ax.set_title("Loss against tokens, per rung")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, directory / "loss_vs_tokens.png")
+    return _finish(fig, ax, ("tokens seen", "training loss", "Loss against tokens, per rung"),
+                   directory / "loss_vs_tokens.png")
 
 
 def plot_noise_scale(report: dict, directory: Path) -> Path:
@@ -107,12 +110,8 @@ def plot_noise_scale(report: dict, directory: Path) -> Path:
         ax.axhline(low, color="tab:red", linestyle="--", label=f"B_noise > {low:.0f} (open-ended)")
     if report.get("b_simple"):
         ax.axhline(report["b_simple"], color="black", linewidth=0.8, label=f"B_simple {report['b_simple']:.1f}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"B_noise ({report.get('unit', 'sequences')})")
-    ax.set_title("Gradient noise scale over training")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, directory / "noise_scale.png")
+    return _finish(fig, ax, ("optimizer step", f"B_noise ({report.get('unit', 'sequences')})",
+                             "Gradient noise scale over training"), directory / "noise_scale.png")
 
 
 def plot_time_to_target(rungs: list, recommended: int, directory: Path) -> Path:
@@ -120,12 +119,11 @@ def plot_time_to_target(rungs: list, recommended: int, directory: Path) -> Path:
     plt = _pyplot()
     predicted = all(r.time_to_target_s is not None for r in rungs)
     values = [r.time_to_target_s if predicted else r.epoch_seconds for r in rungs]
-    labels = [str(r.effective_batch_size) for r in rungs]
+    names = [str(r.effective_batch_size) for r in rungs]
     colors = ["tab:green" if r.effective_batch_size == recommended else "tab:gray" for r in rungs]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.bar(labels, values, color=colors)
-    ax.set_xlabel("effective batch size (green: recommended)")
-    ax.set_ylabel("predicted s × S_min to the same loss" if predicted else "measured s per epoch")
-    ax.set_title("Time to target per rung (a model's prediction)" if predicted else "Time per epoch per rung")
-    ax.grid(alpha=0.3, axis="y")
-    return _save(fig, directory / "time_to_target.png")
+    ax.bar(names, values, color=colors)
+    labels = ("effective batch size (green: recommended)",
+              "predicted s × S_min to the same loss" if predicted else "measured s per epoch",
+              "Time to target per rung (a model's prediction)" if predicted else "Time per epoch per rung")
+    return _finish(fig, ax, labels, directory / "time_to_target.png", grid_axis="y", legend=False)
