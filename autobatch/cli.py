@@ -507,6 +507,15 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
 
     tokens = args.validate_tokens
     device = ladder.plans[0].device
+    too_big = sorted({p.rung.effective_batch_size for p in points
+                      if p.rung.effective_batch_size * ladder.tokens_per_example > tokens})
+    points = [p for p in points if p.rung.effective_batch_size not in too_big]
+    if too_big:
+        _err(f"validation: not run at B = {', '.join(map(str, too_big))}: one optimizer step there is more than "
+             f"--validate-tokens {tokens} (about {ladder.tokens_per_example:.0f} tokens per example), so they "
+             "could not be compared at equal tokens; raise --validate-tokens to include them")
+    if not points:
+        raise ConfigError(f"--validate-tokens {tokens} is less than one optimizer step at every rung: raise it")
     estimate = sum(tokens / p.rung.tokens_per_s for p in points if p.rung.tokens_per_s)
     _err(f"validation: {len(points)} runs × about {tokens} tokens, predicted {estimate:.0f} s of training "
          "(at the worst-case length; shorter examples train faster)")
