@@ -530,7 +530,9 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
         return loss, attrs
 
     sweep.run_validation_study(study, points, validate, args.max_trials, args.timeout)
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    ladder_sizes = {p.rung.effective_batch_size for p in points}
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.params.get("effective_batch_size") in ladder_sizes]  # a resumed study may hold other rungs
     noise = gns_report or sweep.best_noise_scale(
         [t.user_attrs["gradient_noise_scale"] for t in done if t.user_attrs.get("gradient_noise_scale")])
     if not done:
