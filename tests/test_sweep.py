@@ -138,9 +138,12 @@ def test_bad_sizes_name_the_flag(text):
 
 def test_sweep_cli_plans_every_rung_and_writes_the_recommended_one(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "rung.yaml"
+    noise = tmp_path / "gns.json"
+    noise.write_text(json.dumps({"b_simple": 5.0, "low": 4.0, "high": 7.0, "resolved": True, "steps": 30}))
     code = main(["sweep", "--model", str(tiny_model_dir()), "--device", "cpu", "--memory-budget", "40MiB",
                  "--max-length", "64", "--effective-batch-sizes", "4,6,16", "--json", "--output", str(out),
-                 "--gradient-checkpointing", "false", "--learning-rate", "1e-4"])
+                 "--gradient-checkpointing", "false", "--learning-rate", "1e-4", "--gns-file", str(noise),
+                 "--output-dir", str(tmp_path / "out")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     report = json.loads(captured.out)
@@ -153,8 +156,16 @@ def test_sweep_cli_plans_every_rung_and_writes_the_recommended_one(tiny_model_di
     saved = yaml.safe_load(out.read_text())
     assert saved["per_device_train_batch_size"] == chosen["per_device_train_batch_size"]
     assert saved["gradient_accumulation_steps"] == chosen["gradient_accumulation_steps"]
-    assert saved["learning_rate"] == pytest.approx(1e-4 * math.sqrt(rung / 4))
-    assert report["gradient_noise_scale"] is None
+    assert rung == 4  # the only rung with B <= B_noise 5
+    assert saved["learning_rate"] == pytest.approx(1e-4 * math.sqrt(min(rung, 5) / 4))  # not raised past B_noise
+    assert report["gradient_noise_scale"]["b_simple"] == 5.0
+    efficiencies = [p["prediction"]["sample_efficiency"] for p in report["plans"]]
+    assert efficiencies == pytest.approx([1 / (1 + 4 / 5), 1 / (1 + 6 / 5), 1 / (1 + 16 / 5)])
+    import optuna
+
+    study = optuna.load_study(study_name="autobatch-sweep", storage=report["study"]["storage"])
+    assert sorted((t.params["effective_batch_size"], t.value) for t in study.trials) == sorted(
+        (p["effective_batch_size"], p["prediction"]["time_to_target_s"]) for p in report["plans"])
 
 
 def sweep_args(model_dir, data, out):
