@@ -146,7 +146,6 @@ class GnsRecorder:
 
     sequences: list[tuple[float, float]] = field(default_factory=list)
     tokens: list[tuple[float, float]] = field(default_factory=list)
-    steps_seen: int = 0
 
 
 def gns_callback():
@@ -167,7 +166,6 @@ def gns_callback():
             self.hook_seconds = 0.0
             self.step_seconds = 0.0
             self._step_started = 0.0
-            self.history: list[dict] = []
             self.raw: list[StepNorms] = []  # token-unit norms of every step, for tests and plots
 
         def attach(self, trainer) -> GnsCallback:
@@ -269,7 +267,6 @@ def gns_callback():
                 estimate = step_estimates(step)
                 if estimate is not None:
                     out.append(estimate)
-            self.recorder.steps_seen += 1
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs is None or "loss" not in logs or len(self.recorder.sequences) < 1:
@@ -279,7 +276,6 @@ def gns_callback():
                 logs["gns_b_simple"] = smoothed
                 if state.log_history and state.log_history[-1].get("step") == state.global_step:
                     state.log_history[-1]["gns_b_simple"] = smoothed  # the Trainer stored a copy already
-            self.history.append({"step": state.global_step, "b_simple_ema": smoothed})
 
         def report(self, resamples: int = RESAMPLES) -> dict:
             """The gns.json object; `reason` says why nothing was measured when accumulation was 1."""
