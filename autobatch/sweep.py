@@ -310,6 +310,14 @@ def validation_steps(tokens: int, rung: Rung, tokens_per_example: float) -> int:
     return max(1, round(tokens / (rung.effective_batch_size * tokens_per_example)))
 
 
+def gns_split(micro: int, accumulation: int) -> tuple[int, int]:
+    """The plan's split, or half the micro-batch × 2 when it does not accumulate: the same effective batch (the
+    smaller micro-batch fits too), with the small/big gradient pair the noise scale needs."""
+    if accumulation == 1 and micro % 2 == 0:
+        return micro // 2, 2
+    return micro, accumulation
+
+
 def validate_point(config, point: Point, tokens: int, tokens_per_example: float, device: str, output_dir: str,
                    on_gns=None) -> tuple[float, dict]:
     """A fresh SFTTrainer at the point's plan and rate, same seed and data order, trained for about `tokens`
@@ -322,9 +330,10 @@ def validate_point(config, point: Point, tokens: int, tokens_per_example: float,
 
     plan = point.rung.plan
     steps = validation_steps(tokens, point.rung, tokens_per_example)
+    micro, accumulation = gns_split(plan.per_device_train_batch_size, plan.gradient_accumulation_steps)
     args, _ = sft_config(
-        config, device, output_dir, per_device_train_batch_size=plan.per_device_train_batch_size,
-        gradient_accumulation_steps=plan.gradient_accumulation_steps, learning_rate=point.learning_rate,
+        config, device, output_dir, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation, learning_rate=point.learning_rate,
         max_steps=steps, save_strategy="no", eval_strategy="no", logging_steps=1, disable_tqdm=True,
         report_to="none", include_num_input_tokens_seen="non_padding",
     )
@@ -351,6 +360,7 @@ def validate_point(config, point: Point, tokens: int, tokens_per_example: float,
         on_gns(point, noise)
     seen = trainer.state.num_input_tokens_seen
     return eval_loss, {"eval_loss": eval_loss, "tokens_seen": int(seen), "steps": steps, "wall_seconds": seconds,
+                       "trained_micro_batch_size": micro, "trained_gradient_accumulation_steps": accumulation,
                        "loss_curve": curve, "gradient_noise_scale": _plain(noise)}
 
 

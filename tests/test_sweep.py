@@ -112,6 +112,12 @@ def test_rung_cost_and_predictions_follow_mccandlish():
     assert best == 8 and "B <= B_noise 32" in reason
 
 
+def test_validation_runs_accumulate_so_the_noise_scale_has_a_pair():
+    assert sweep.gns_split(16, 1) == (8, 2)
+    assert sweep.gns_split(4, 3) == (4, 3)
+    assert sweep.gns_split(3, 1) == (3, 1)  # odd: left alone (the report then says why there is no estimate)
+
+
 def test_learning_rate_rules():
     assert sweep.scaled_learning_rate(1e-3, 16, 64, "linear") == pytest.approx(4e-3)
     assert sweep.scaled_learning_rate(1e-3, 16, 64, "sqrt") == pytest.approx(2e-3)
