@@ -109,7 +109,7 @@ def plot_noise_scale(report: dict, directory: Path) -> Path:
     elif low is not None:
         ax.axhline(low, color="tab:red", linestyle="--", label=f"B_noise > {low:.0f} (open-ended)")
     if report.get("b_simple"):
-        ax.axhline(report["b_simple"], color="black", linewidth=0.8, label=f"B_simple {report['b_simple']:.1f}")
+        ax.axhline(report["b_simple"], color="black", linewidth=0.8, label=f"B_simple {report['b_simple']:.3g}")
     return _finish(fig, ax, ("optimizer step", f"B_noise ({report.get('unit', 'sequences')})",
                              "Gradient noise scale over training"), directory / "noise_scale.png")
 
