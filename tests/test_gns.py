@@ -145,6 +145,7 @@ def equal_length_data(path, rows=64, chars=40):
     return path
 
 
+@pytest.mark.slow
 def test_gns_brackets_the_exact_noise_scale_at_learning_rate_zero(tiny_model_dir, tmp_path):
     data = equal_length_data(tmp_path / "equal.jsonl")
     model = tiny_model_dir()
