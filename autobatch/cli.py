@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autobatch import __version__
@@ -110,6 +112,9 @@ def _make_parser() -> argparse.ArgumentParser:
     common.add_argument("--output", metavar="FILE",
                         help="write plan.yaml: the config with the planned batch, for `trl sft --config` "
                              "or `autobatch run --config`")
+    common.add_argument("--plot", metavar="DIR",
+                        help="write PNG pictures into DIR (memory per micro-batch; with run --gns and sweep, "
+                             "the noise scale, loss per rung, time per rung); needs autobatch[plot]")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress and third-party warnings")
 
@@ -133,9 +138,16 @@ def _make_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite-output-dir", action="store_true",
                      help="train into an output_dir that holds an earlier run (its checkpoints are removed "
                           "when training starts); without it or --resume such a dir is refused")
+    run.add_argument("--gns", action="store_true",
+                     help="measure the gradient noise scale during the run (needs accumulation >= 2); "
+                          "writes OUTPUT_DIR/gns.json")
     run.set_defaults(func=_cmd_run)
     sweep = commands.add_parser("sweep", parents=[common], allow_abbrev=False, epilog=_EPILOG,
-                                help="plan several effective batch sizes (not implemented yet)")
+                                help="probe once, plan a ladder of effective batch sizes, recommend one",
+                                description="Probe once, plan every effective batch size of a ladder exactly, "
+                                            "show what each costs here and (with a noise scale) what the "
+                                            "large-batch model predicts; --output writes the recommended rung.")
+    _add_sweep_flags(sweep)
     sweep.set_defaults(func=_cmd_sweep)
     cache = commands.add_parser("cache", allow_abbrev=False, help="list, locate or clear the probe cache",
                                 description="The probe cache stores every trial, keyed by everything that "
@@ -400,19 +412,41 @@ def _write_output(config: Config, plan: Plan, output: str | None) -> None:
 
 def _cmd_plan(args: argparse.Namespace, extras: list[str]) -> int:
     config = _config_from_args(args, extras)
+    plots = _plot_dir(args)
     _print_setup(config, "plan")
     _quiet_third_party(args.verbose)
     plan = _probe(config, _progress_wanted(args))
     print(_plan_json(plan) if args.json else format_plan(plan), flush=True)
+    _plot_memory(plots, plan)
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
     return 0
+
+
+def _plot_dir(args: argparse.Namespace):
+    """The --plot directory, matplotlib checked before any work; None without --plot."""
+    if not args.plot:
+        return None
+    from autobatch import plots
+
+    plots.require()
+    return plots.plot_dir(args.plot)
+
+
+def _plot_memory(directory, plan: Plan) -> None:
+    if directory is not None and plan.trials:
+        from autobatch import plots
+
+        path = plots.plot_memory(plan.trials, plan.usable_memory_bytes, plan.memory_budget_bytes,
+                                 plan.per_device_train_batch_size, directory)
+        _err(f"wrote {path}")
 
 
 def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     if args.plan and not args.config:
         args.config = args.plan  # a plan.yaml is a whole config: run it as it was planned
     config = _config_from_args(args, extras)
+    plots = _plot_dir(args)
     _print_setup(config, "run")
     _quiet_third_party(args.verbose)
     from autobatch import api, rundir
@@ -429,20 +463,32 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
     _show_training_progress(config, _progress_wanted(args))
+    callbacks = _gns_callbacks(args.gns, config, plan)
     try:
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             result = api.run(config, plan=plan, resume=args.resume, overwrite=args.overwrite_output_dir,
-                             stop=getattr(args, "stop", None))
+                             callbacks=callbacks, stop=getattr(args, "stop", None))
     except Interrupted as exc:
         if exc.checkpoint is None:
             raise
         raise Interrupted(f"{exc}; continue with: {_resume_command(getattr(args, 'argv', None))}",
                           exc.signum, exc.checkpoint) from None
+    noise = _gns_report(callbacks, result.output_dir)
+    _plot_memory(plots, plan)
+    if plots is not None and noise is not None:
+        from autobatch.plots import plot_noise_scale
+
+        _err(f"wrote {plot_noise_scale(noise, plots)}")
     if args.json:
         report = {"plan": plan.to_dict(), "run": result.to_dict()}
+        if args.gns:
+            report["gradient_noise_scale"] = noise
         print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
     else:
-        print("\n".join(train.summary_lines(result)), flush=True)
+        lines = train.summary_lines(result)
+        if noise is not None:
+            lines.insert(-1, "gradient noise scale: " + gns_text(noise))
+        print("\n".join(lines), flush=True)
     return 0
 
 
@@ -464,11 +510,250 @@ def _show_training_progress(config: Config, progress: bool) -> None:
         _err(f"loading {config.model_name_or_path or 'the built-in model'} and its data for training …")
 
 
+def _gns_callbacks(wanted: bool, config: Config, plan: Plan) -> list:
+    """The gradient-noise-scale callback when --gns is given; says up front when it cannot measure."""
+    if not wanted:
+        return []
+    from autobatch.gns import gns_callback
+
+    if plan.gradient_accumulation_steps == 1:
+        _err("note: --gns with accumulation 1: no small/big gradient pair on one device, nothing to measure "
+             "(set --effective-batch-size to twice the micro-batch or more)")
+    if config.world_size > 1:
+        _err("note: --gns under several processes measures rank 0's micro-batches against its local sum only")
+    return [gns_callback()]
+
+
+def _gns_report(callbacks: list, output_dir: str) -> dict | None:
+    """gns.json written atomically into the output dir; its overhead is printed."""
+    if not callbacks:
+        return None
+    from autobatch.gns import write_report
+
+    report = callbacks[0].report()
+    path = write_report(output_dir, report)
+    overhead = report.get("overhead")
+    _err(f"wrote {path}" + (f" (gns overhead {overhead:.1%} of step time)" if overhead is not None else ""))
+    return report
+
+
+def _add_sweep_flags(sweep: argparse.ArgumentParser) -> None:
+    sweep.add_argument("--effective-batch-sizes", metavar="B,B,...",
+                       help="rungs to plan (default: m·W·2^k for k = 0..4 plus the config's target; "
+                            "m = the largest micro-batch that fits)")
+    sweep.add_argument("--lr-scaling", choices=["sqrt", "linear", "none"],
+                       help="learning rate per rung from the config's rate at its effective batch "
+                            "(default: sqrt for Adam-family optimizers, linear for SGD)")
+    sweep.add_argument("--gns-file", metavar="FILE",
+                       help="gns.json written by `autobatch run --gns`: its B_noise drives the verdict")
+    sweep.add_argument("--validate-tokens", metavar="N", type=int,
+                       help="train each rung for about N tokens (fresh SFTTrainer, same seed and data order) "
+                            "and compare eval loss at equal tokens")
+    sweep.add_argument("--lr-multipliers", metavar="X,X,...",
+                       help="with --validate-tokens: also validate each rung at these multiples of its rate")
+    sweep.add_argument("--max-trials", metavar="N", type=int, help="run at most N validation trials this time")
+    sweep.add_argument("--timeout", metavar="SECONDS", type=float,
+                       help="start no validation trial after this many seconds")
+    sweep.add_argument("--storage", metavar="URL",
+                       help="optuna storage URL (default: sqlite:///OUTPUT_DIR/sweep.db)")
+    sweep.add_argument("--study-name", metavar="NAME", default="autobatch-sweep", help="default: autobatch-sweep")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the study in --storage: failed or missing trials run, done ones do not")
+
+
 def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
-    _config_from_args(args, extras)
-    raise AutobatchError(
-        "autobatch sweep is not implemented yet; use autobatch plan per effective batch size"
-    )
+    from autobatch import sweep
+
+    config = _config_from_args(args, extras)
+    sizes = sweep.parse_sizes(args.effective_batch_sizes) if args.effective_batch_sizes else None
+    multipliers = sweep.parse_floats(args.lr_multipliers, "--lr-multipliers") if args.lr_multipliers else [1.0]
+    if args.lr_multipliers and not args.validate_tokens:
+        raise ConfigError("--lr-multipliers needs --validate-tokens N (the rates are compared by training)")
+    if args.validate_tokens is not None and args.validate_tokens < 1:
+        raise ConfigError("--validate-tokens must be a positive number of tokens, e.g. --validate-tokens 20000")
+    if args.validate_tokens and config.device == "estimate":
+        raise ConfigError("--validate-tokens trains, and --device estimate cannot: use --device cpu or cuda")
+    gns_report = _read_gns_file(args.gns_file) if args.gns_file else None
+    plots = _plot_dir(args)
+    _print_setup(config, "sweep")
+    _quiet_third_party(args.verbose)
+    from autobatch.probe import plan_ladder
+    from autobatch.train import check_output_dir
+
+    output_dir = str(check_output_dir(config))
+    storage = args.storage or sweep.default_storage(output_dir)
+    study = sweep.open_study(storage, args.study_name, args.resume)  # refused before minutes of probing
+    with contextlib.redirect_stdout(sys.stderr):
+        ladder = plan_ladder(config, sizes, on_trial=_trial_printer(config.memory_budget_bytes))
+    rungs, recommended, reason, notes = _verdict(config, ladder.plans, ladder.examples, args.lr_scaling, gns_report)
+    points = [sweep.Point(r, r.learning_rate * m, m) for r in rungs for m in multipliers]
+    if args.validate_tokens:
+        recommended, reason, gns_report = _validate(config, args, study, points, ladder, gns_report, output_dir)
+        b_noise = gns_report.get("b_simple") if gns_report and gns_report.get("resolved") else None
+        sweep.predict(rungs, b_noise)
+    else:
+        sweep.record_predictions(study, points, "predicted time to target" if gns_report else "epoch seconds")
+    chosen = next(r for r in rungs if r.effective_batch_size == recommended)
+    study_info = {"storage": storage, "name": args.study_name}
+    if args.json:
+        report = {
+            "plans": [{**r.plan.to_dict(), "prediction": r.prediction()} for r in rungs],
+            "trials": [t.to_dict() for t in ladder.trials],
+            "gradient_noise_scale": gns_report,
+            "recommended_effective_batch_size": recommended,
+            "recommendation_reason": reason,
+            "notes": notes,
+            "study": study_info,
+        }
+        print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
+    else:
+        print(format_sweep(rungs, ladder.trials, gns_report, recommended, reason, notes), flush=True)
+        _err(f"study {args.study_name!r} in {storage} (open it with optuna.load_study or optuna-dashboard)")
+    if plots is not None:
+        _plot_sweep(plots, study, rungs, chosen, gns_report)
+    if args.output:
+        rung_config = dataclasses.replace(
+            config, effective_batch_size=recommended,
+            training_args={**config.training_args, "learning_rate": chosen.learning_rate})
+        _write_output(rung_config, chosen.plan, args.output)
+    return 0
+
+
+def _validate(config: Config, args: argparse.Namespace, study, points: list, ladder, gns_report: dict | None,
+              output_dir: str):
+    """Validation runs as study trials; cost printed first. Returns (recommended B, reason, noise report)."""
+    import optuna
+
+    from autobatch import sweep
+
+    tokens = args.validate_tokens
+    device = ladder.plans[0].device
+    too_big = sorted({p.rung.effective_batch_size for p in points
+                      if p.rung.effective_batch_size * ladder.tokens_per_example > tokens})
+    points = [p for p in points if p.rung.effective_batch_size not in too_big]
+    if too_big:
+        _err(f"validation: not run at B = {', '.join(map(str, too_big))}: one optimizer step there is more than "
+             f"--validate-tokens {tokens} (about {ladder.tokens_per_example:.0f} tokens per example), so they "
+             "could not be compared at equal tokens; raise --validate-tokens to include them")
+    if not points:
+        raise ConfigError(f"--validate-tokens {tokens} is less than one optimizer step at every rung: raise it")
+    estimate = sum(tokens / p.rung.tokens_per_s for p in points if p.rung.tokens_per_s)
+    _err(f"validation: {len(points)} runs × about {tokens} tokens, predicted {estimate:.0f} s of training "
+         "(at the worst-case length; shorter examples train faster)")
+
+    def validate(point, trial):
+        name = f"B{point.rung.effective_batch_size}-lr{point.learning_rate:.3g}-trial{trial.number}"
+        out = str(Path(output_dir) / "validate" / name)
+        with contextlib.redirect_stdout(sys.stderr):
+            loss, attrs = sweep.validate_point(config, point, tokens, ladder.tokens_per_example, device, out)
+        _err(f"validated B={point.rung.effective_batch_size} lr={point.learning_rate:.3g}: eval loss {loss:.4f} "
+             f"after {attrs['tokens_seen']} tokens, {attrs['wall_seconds']:.1f} s")
+        return loss, attrs
+
+    sweep.run_validation_study(study, points, validate, args.max_trials, args.timeout)
+    ladder_sizes = {p.rung.effective_batch_size for p in points}
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.params.get("effective_batch_size") in ladder_sizes]  # a resumed study may hold other rungs
+    noise = gns_report or sweep.best_noise_scale(
+        [t.user_attrs["gradient_noise_scale"] for t in done if t.user_attrs.get("gradient_noise_scale")])
+    if not done:
+        raise AutobatchError("no validation trial finished: raise --timeout or --max-trials, then --resume")
+    best = min(done, key=lambda t: t.value)
+    reason = (f"lowest eval loss after about {tokens} tokens (measured: {best.value:.4f} at learning rate "
+              f"{best.params['learning_rate']:.3g})")
+    return best.params["effective_batch_size"], reason, noise
+
+
+def _plot_sweep(directory, study, rungs: list, chosen, gns_report: dict | None) -> None:
+    """memory.png, time_to_target.png, and from validation runs loss_vs_tokens.png and noise_scale.png."""
+    import optuna
+
+    from autobatch import plots
+
+    _plot_memory(directory, chosen.plan)
+    _err(f"wrote {plots.plot_time_to_target(rungs, chosen.effective_batch_size, directory)}")
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    curves = {f"B={t.params['effective_batch_size']} lr={t.params['learning_rate']:.3g}": t.user_attrs["loss_curve"]
+              for t in done if t.user_attrs.get("loss_curve")}
+    if curves:
+        _err(f"wrote {plots.plot_loss_curves(curves, directory)}")
+    if gns_report and gns_report.get("history"):
+        _err(f"wrote {plots.plot_noise_scale(gns_report, directory)}")
+
+
+def _read_gns_file(path: str) -> dict:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--gns-file {path}: cannot read it ({exc}); write one with autobatch run --gns") from None
+    if not isinstance(report, dict) or "low" not in report or "b_simple" not in report:
+        raise ConfigError(f"--gns-file {path}: not a gns.json written by autobatch run --gns")
+    return report
+
+
+def _verdict(config: Config, plans: list, examples: int, rule: str | None, gns_report: dict | None):
+    """Rungs with their learning rates and predictions, the recommended effective batch, its reason, notes."""
+    from trl import SFTConfig
+
+    from autobatch import sweep
+
+    args = config.training_args
+    base_lr = args.get("learning_rate", SFTConfig.__dataclass_fields__["learning_rate"].default)
+    optim = str(args.get("optim", "adamw_torch"))
+    rule = rule or sweep.default_lr_rule(optim)
+    base_batch = config.effective_batch_size or plans[0].effective_batch_size
+    b_noise = gns_report.get("b_simple") if gns_report and gns_report.get("resolved") else None
+    rungs = sweep.make_rungs(plans, examples, base_lr=base_lr, base_batch=base_batch, lr_rule=rule, b_noise=b_noise)
+    recommended, reason = sweep.recommend(rungs, b_noise, lora=config.lora is not None)
+    notes = sweep.notes(rungs, config.lora is not None)
+    if gns_report and not gns_report.get("resolved"):
+        notes.append(f"gradient noise scale unresolved (B_noise > {gns_report.get('low') or 0:.0f}): no verdict on loss")
+    notes.append(f"learning rate: {rule} scaling from {base_lr:g} at effective batch {base_batch}"
+                 + (f", not raised past B_noise {b_noise:.0f}" if b_noise else ""))
+    return rungs, recommended, reason, notes
+
+
+def format_sweep(rungs: list, trials: list, gns_report: dict | None, recommended: int, reason: str,
+                 notes: list[str]) -> str:
+    """The sweep table: measured cost per rung, then the model's predictions when B_noise is known."""
+    predicted = any(r.sample_efficiency is not None for r in rungs)
+    head = (f"  {'B':>5}  {'micro×acc×W':>12}  {'peak':>9}  {'tokens/s':>9}  {'s/step':>7}  {'epoch s':>8}  "
+            f"{'lr':>9}")
+    if predicted:
+        head += f"  {'efficiency':>10}  {'steps×':>6}  {'time×S_min':>10}"
+    lines = [f"{len(trials)} trials, one probe; every plan exact (micro × accumulation × world = B)", "", head]
+    for rung in rungs:
+        plan = rung.plan
+        mark = "*" if rung.effective_batch_size == recommended else " "
+        split = f"{plan.per_device_train_batch_size}×{plan.gradient_accumulation_steps}×{plan.world_size}"
+        row = (f"{mark} {rung.effective_batch_size:>5}  {split:>12}  {format_bytes(plan.peak_memory_bytes):>9}  "
+               f"{rung.tokens_per_s:>9.0f}  {rung.seconds_per_optimizer_step:>7.3f}  {rung.epoch_seconds:>8.1f}  "
+               f"{rung.learning_rate:>9.3g}")
+        if predicted:
+            row += (f"  {rung.sample_efficiency:>10.0%}  {rung.relative_steps:>6.2f}  "
+                    f"{rung.time_to_target_s:>10.3f}")
+        lines.append(row)
+    lines += ["", "measured: peak, tokens/s, s/step (per optimizer step), epoch s (at the worst-case length)"]
+    if predicted:
+        lines.append("predicted (McCandlish et al. 2018, not measured): efficiency 1/(1 + B/B_noise), steps× = "
+                     "steps to the same loss / S_min, time×S_min = steps× · s/step")
+    if gns_report:
+        lines.append("gradient noise scale: " + gns_text(gns_report))
+    lines += ["", f"recommended effective batch {recommended}: {reason}"]
+    lines += [f"note: {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def gns_text(report: dict) -> str:
+    """`B_noise 41 sequences (90% interval 30–60), 612 loss tokens, 48 steps` or `B_noise > 30 ...`."""
+    steps = f"{report.get('steps', 0)} steps"
+    if report.get("reason"):
+        return f"not measured: {report['reason']}"
+    if not report.get("resolved"):
+        return f"B_noise > {report.get('low') or 0:.3g} {report.get('unit', 'sequences')} (interval open-ended), {steps}"
+    tokens = f", {report['b_simple_tokens']:.0f} loss tokens" if report.get("b_simple_tokens") else ""
+    return (f"B_noise {report['b_simple']:.3g} {report.get('unit', 'sequences')} (90% interval "
+            f"{report['low']:.3g}–{report['high']:.3g}){tokens}, {steps}")
 
 
 def _cmd_cache(args: argparse.Namespace, extras: list[str]) -> int:

@@ -14,6 +14,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from autobatch import ranks
 from autobatch.config import Config, format_bytes, modern_names
@@ -568,3 +569,85 @@ def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: i
         seconds_per_step=trial.seconds,
         options=options,
     )
+
+
+def ladder_rungs(effective_batch_sizes: list[int] | None, max_micro: int, world: int, target: int | None) -> list[int]:
+    """The effective batch sizes a sweep plans: the given ones, or m·W·2^k for k = 0..4 plus the config's target."""
+    rungs = set(effective_batch_sizes or [max_micro * world * 2**k for k in range(5)])
+    if target is not None:
+        rungs.add(target)
+    return sorted(rungs)
+
+
+@dataclass
+class Ladder:
+    """A sweep's plans (rung order), the one trials list they share, and the dataset's size in examples and
+    mean tokens per example (for time per epoch and validation budgets)."""
+
+    plans: list[Plan]
+    trials: list[Trial]
+    examples: int
+    tokens_per_example: float
+
+
+def plan_ladder(
+    config: Config,
+    effective_batch_sizes: list[int] | None = None,
+    on_trial: Callable[[Trial], None] | None = None,
+) -> Ladder:
+    """Probe once and plan every rung of a ladder of effective batch sizes exactly.
+
+    One Prober and one trials list: the largest micro-batch is searched once, then each rung is planned by
+    `_choose` over the shared trials, so a trial runs only where a rung's fastest split needs a micro-batch
+    not yet measured. Trials are measured at the ladder's largest accumulation (the most micro-batches held
+    at once: the worst case for every rung). Without explicit sizes the ladder is m·W·2^k, k = 0..4, plus
+    the config's target; its largest micro-batch m is confirmed again at that accumulation.
+    """
+    import dataclasses
+
+    started = time.perf_counter()
+    for size in effective_batch_sizes or []:
+        check_effective_batch(size, config.world_size)
+    if config.effective_batch_size is not None:
+        check_effective_batch(config.effective_batch_size, config.world_size)
+    backend = make_backend(config.device, config.memory_budget_bytes)
+    headroom = resolve_headroom(config, backend.device)
+    usable = int(backend.budget_bytes * (1 - headroom))
+    world = config.world_size
+    known = ladder_rungs(effective_batch_sizes, 1, world, config.effective_batch_size) if effective_batch_sizes else []
+    prober = Prober(config, backend, usable, max(known) // world if known else None)
+    lengths = [len(ids) for ids in prober.trainer.train_dataset["input_ids"]]
+    trials: list[Trial] = []
+
+    def probe(size: int) -> Trial:
+        trial = prober.run_trial(size)
+        trials.append(trial)
+        if on_trial:
+            on_trial(trial)
+        return trial
+
+    sweep_config = dataclasses.replace(config, per_device_train_batch_size="auto", gradient_accumulation_steps="auto")
+    plans: list[Plan] = []
+    try:
+        try:
+            result = search_max_micro_batch(probe, usable, config.max_micro_batch_size)
+        except BudgetTooSmallError as exc:
+            raise _budget_error(exc.trial, usable, config) from None
+        max_micro, capped = result.max_micro_batch_size, result.capped
+        rungs = ladder_rungs(effective_batch_sizes, max_micro, world, config.effective_batch_size)
+        if not known:  # the default ladder accumulates up to 16 micro-batches: confirm m holds beside them
+            prober.per_device = max(rungs) // world
+            while max_micro > 1 and not probe(max_micro).fits:
+                max_micro -= 1
+        for rung in rungs:
+            rung_config = dataclasses.replace(sweep_config, effective_batch_size=rung)
+            plans.append(_choose(rung_config, prober, rung // world, max_micro, trials, probe))
+    finally:
+        prober.close()
+    seconds = time.perf_counter() - started
+    for plan in plans:
+        plan.memory_budget_bytes, plan.usable_memory_bytes, plan.headroom = backend.budget_bytes, usable, headroom
+        plan.device, plan.capped, plan.search_seconds = backend.device, capped, seconds
+        plan.notes = prober.notes + plan.notes
+        plan.memory_fingerprint = fingerprint(config)
+    return Ladder(plans, trials, len(lengths), sum(lengths) / len(lengths))

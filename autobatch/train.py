@@ -502,6 +502,9 @@ def run(
         config, args, train_dataset=train, eval_dataset=evaluation, trainer_cls=trainer_class(), callbacks=callbacks
     )
     trainer.fallbacks, trainer.eval_fallbacks, trainer.on_fallback = [], [], on_fallback
+    for callback in callbacks or []:
+        if hasattr(callback, "attach"):  # callbacks that hook the model (gns) need the trainer itself
+            callback.attach(trainer)
     checkpoint = resume_checkpoint(config, warn=False) if resume else None
     if overwrite and not resume and ranks.is_main():
         _remove_earlier_checkpoints(output_dir)

@@ -271,8 +271,8 @@ def test_debug_reraises_unexpected_errors(probe):
         cli.main(["plan", "--debug"])
 
 
-def test_sweep_is_not_implemented(capsys):
-    assert cli.main(["sweep"]) == 1
+def test_sweep_refuses_bad_sizes_before_probing(probe, capsys):
+    assert cli.main(["sweep", "--effective-batch-sizes", "8,x"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "autobatch: error: autobatch sweep is not implemented yet; "
-        "use autobatch plan per effective batch size")
+        "autobatch: error: --effective-batch-sizes '8,x': write positive integers separated by commas, e.g. 8,16,32")
+    assert probe["calls"] == 0

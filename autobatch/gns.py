@@ -1,0 +1,286 @@
+"""The gradient noise scale (McCandlish et al. 2018): the estimator, pure arithmetic, and the Trainer hooks.
+
+Each optimizer step that accumulates gives two gradient norms at two batch sizes: each micro-batch's own
+gradient (B_small) and the accumulated one (B_big). For a mean gradient over B examples,
+E|G_B|² = |G|² + tr(Σ)/B, so two sizes give unbiased estimates of |G|² and tr(Σ); their ratio is
+B_simple = tr(Σ)/|G|², the batch size past which a larger batch mostly adds compute, not progress.
+The arithmetic (`step_estimates`, `summarize`) is separate from the hooks (`GnsCallback`) so it is tested
+on synthetic ground truth; the hooks are tested against explicitly computed per-micro-batch gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+GNS_FILE = "gns.json"
+EMA_DECAY = 0.95
+INTERVAL = (0.05, 0.95)  # a 90% bootstrap interval
+RESAMPLES = 1000
+MIN_STEPS = 6
+
+
+@dataclass
+class StepNorms:
+    """One optimizer step: each micro-batch's squared gradient norm (as a mean over its own items) and size,
+    the accumulated gradient's squared norm, and 1/B_big for the accumulated gradient's weighting."""
+
+    small_sq: list[float]
+    small_sizes: list[float]
+    big_sq: float
+    inv_big: float  # Σ w_i²/n_i for G_big = Σ w_i·g_i: 1/(Σ n_i) when weighted by size, 1/(A²)·Σ 1/n_i if equal
+
+
+def step_estimates(step: StepNorms) -> tuple[float, float] | None:
+    """Unbiased (|G|², tr Σ) from one step, None without two distinct batch sizes (accumulation 1).
+
+    With unequal micro-batches E[mean_i |g_i|²] = |G|² + tr(Σ)·mean(1/n_i), so B_small = 1/mean(1/n_i).
+    """
+    inv_small = sum(1 / n for n in step.small_sizes) / len(step.small_sizes)
+    if inv_small - step.inv_big <= 1e-12 * inv_small:
+        return None
+    small = sum(step.small_sq) / len(step.small_sq)
+    b_small, b_big = 1 / inv_small, 1 / step.inv_big
+    g2 = (b_big * step.big_sq - b_small * small) / (b_big - b_small)
+    trace = (small - step.big_sq) / (inv_small - step.inv_big)
+    return g2, trace
+
+
+def ema_history(estimates: list[tuple[float, float]], decay: float = EMA_DECAY) -> list[float | None]:
+    """B_simple after each step from bias-corrected moving averages of |G|² and tr Σ, smoothed separately."""
+    g2 = trace = 0.0
+    history: list[float | None] = []
+    for i, (g, t) in enumerate(estimates, start=1):
+        g2, trace = decay * g2 + (1 - decay) * g, decay * trace + (1 - decay) * t
+        correction = 1 - decay**i
+        history.append((trace / correction) / (g2 / correction) if g2 > 0 else None)
+    return history
+
+
+def _ratio(estimates: list[tuple[float, float]]) -> float:
+    g2 = sum(g for g, _ in estimates)
+    return sum(t for _, t in estimates) / g2 if g2 > 0 else math.inf
+
+
+def bootstrap_interval(
+    estimates: list[tuple[float, float]], resamples: int = RESAMPLES, seed: int = 0
+) -> tuple[float, float]:
+    """A moving-block bootstrap over steps of tr Σ / |G|² (ratio of means): (low, high); high may be inf.
+
+    Blocks of about n^(1/3) consecutive steps keep the correlation of neighbouring steps in each resample.
+    """
+    n = len(estimates)
+    block = max(1, round(n ** (1 / 3)))
+    starts = range(n - block + 1)
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(resamples):
+        sample: list[tuple[float, float]] = []
+        while len(sample) < n:
+            start = rng.choice(starts)
+            sample += estimates[start:start + block]
+        ratios.append(_ratio(sample[:n]))
+    ratios.sort()
+    low = ratios[int(INTERVAL[0] * (resamples - 1))]
+    high = ratios[math.ceil(INTERVAL[1] * (resamples - 1))]
+    return max(low, 0.0), high
+
+
+def summarize(
+    estimates: list[tuple[float, float]], unit: str = "sequences", resamples: int = RESAMPLES
+) -> dict:
+    """B_simple over the steps (ratio of mean tr Σ to mean |G|²) with a bootstrap interval.
+
+    `resolved` is False when the interval is open-ended (|G|² not shown positive): then only `low` is
+    reported, as "B_noise > low", and `b_simple` and `high` are None, never a made-up point value.
+    """
+    if len(estimates) < MIN_STEPS:  # a bootstrap over a handful of steps says nothing
+        return {"b_simple": None, "low": None, "high": None, "unit": unit, "steps": len(estimates),
+                "resolved": False, "reason": f"{len(estimates)} steps with a small/big pair, fewer than {MIN_STEPS}"}
+    low, high = bootstrap_interval(estimates, resamples)
+    point = _ratio(estimates)
+    resolved = math.isfinite(high) and math.isfinite(point) and point > 0
+    return {
+        "b_simple": point if resolved else None,
+        "low": low,
+        "high": high if resolved else None,
+        "unit": unit,
+        "steps": len(estimates),
+        "resolved": resolved,
+    }
+
+
+def write_report(output_dir: str | os.PathLike, report: dict) -> Path:
+    """gns.json in `output_dir`, written atomically (`config.write_atomic`): never half-written."""
+    from autobatch.config import write_atomic
+
+    return write_atomic(Path(output_dir) / GNS_FILE, json.dumps(report, indent=2))
+
+
+@dataclass
+class _Micro:
+    sq: object  # a 0-dim tensor on the device: no sync until the step ends
+    sequences: int
+    tokens: object
+
+
+@dataclass
+class GnsRecorder:
+    """Per-step norms in both units, as collected by the callback."""
+
+    sequences: list[tuple[float, float]] = field(default_factory=list)
+    tokens: list[tuple[float, float]] = field(default_factory=list)
+
+
+def gns_callback():
+    """A TrainerCallback measuring the gradient noise scale during `train()`; call `.attach(trainer)` first."""
+    from transformers import TrainerCallback
+
+    class GnsCallback(TrainerCallback):
+        """Per-parameter gradient hooks sum each micro-batch's squared gradient; post-accumulate hooks on the
+        last micro-batch of a step sum the accumulated (pre-clip) gradient's. Both are rescaled for how the
+        Trainer normalised the loss: by the step's token count (`num_items_in_batch`) or by accumulation."""
+
+        def __init__(self) -> None:
+            self.recorder = GnsRecorder()
+            self.trainer = None
+            self.handles: list = []
+            self.micro: list[_Micro] = []
+            self.big_sq = None
+            self.hook_seconds = 0.0
+            self.step_seconds = 0.0
+            self._step_started = 0.0
+            self.raw: list[StepNorms] = []  # token-unit norms of every step, for tests and plots
+
+        def attach(self, trainer) -> GnsCallback:
+            import torch
+
+            self.trainer = trainer
+            model = trainer.model
+            params = [p for p in model.parameters() if p.requires_grad]
+            self._current = None
+
+            def on_grad(grad):
+                started = time.perf_counter()
+                value = grad.detach().float().pow(2).sum()
+                self._current = value if self._current is None else self._current + value
+                self.hook_seconds += time.perf_counter() - started
+
+            def on_accumulated(param):
+                if not self._last_micro():
+                    return
+                started = time.perf_counter()
+                value = param.grad.detach().float().pow(2).sum()
+                self.big_sq = value if self.big_sq is None else self.big_sq + value
+                self.hook_seconds += time.perf_counter() - started
+
+            def on_forward(module, args, kwargs):
+                if not module.training or not torch.is_grad_enabled():
+                    return
+                started = time.perf_counter()
+                self._close_micro()
+                labels = kwargs.get("labels")
+                if labels is None:
+                    labels = kwargs.get("input_ids", args[0] if args else None)
+                    tokens = labels[..., 1:].numel()
+                else:
+                    tokens = (labels[..., 1:] != -100).sum()
+                self._pending = (labels.shape[0], tokens)
+                self.hook_seconds += time.perf_counter() - started
+
+            for param in params:
+                self.handles.append(param.register_hook(on_grad))
+                self.handles.append(param.register_post_accumulate_grad_hook(on_accumulated))
+            self.handles.append(model.register_forward_pre_hook(on_forward, with_kwargs=True))
+            self._pending = None
+            return self
+
+        def _last_micro(self) -> bool:
+            return len(self.micro) + 1 >= self.trainer.current_gradient_accumulation_steps
+
+        def _close_micro(self) -> None:
+            if self._pending is not None and self._current is not None:
+                self.micro.append(_Micro(self._current, *self._pending))
+            self._pending, self._current = None, None
+
+        def detach(self) -> None:
+            for handle in self.handles:
+                handle.remove()
+            self.handles = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.micro, self.big_sq, self._current, self._pending = [], None, None, None
+            self._step_started = time.perf_counter()
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            started = time.perf_counter()
+            self._close_micro()
+            if self.big_sq is not None and self.micro:
+                self._record(args)
+            self.micro, self.big_sq = [], None
+            self.hook_seconds += time.perf_counter() - started
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_seconds += time.perf_counter() - self._step_started
+
+        def token_normalised(self) -> bool:
+            """Whether the Trainer divides each micro-batch's summed loss by the step's token count."""
+            trainer = self.trainer
+            if trainer.loss_is_scaled_for_ga is not None:
+                return bool(trainer.loss_is_scaled_for_ga)
+            return bool(trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None)
+
+        def _record(self, args) -> None:
+            raw = [m.sq.item() for m in self.micro]
+            tokens = [float(m.tokens) for m in self.micro]
+            sequences = [float(m.sequences) for m in self.micro]
+            big = self.big_sq.item()
+            total = sum(tokens)
+            count = len(raw)
+            if self.token_normalised():  # r_i = S_i/N: the micro-batch's mean gradient is r_i·N/n_i
+                means = [r * (total / n) ** 2 for r, n in zip(raw, tokens)]
+                weights = [n / total for n in tokens]
+            else:  # r_i = m_i/A: the mean gradient is r_i·A, and G_big the plain mean of the m_i
+                means = [r * count**2 for r in raw]
+                weights = [1 / count] * count
+            for unit, sizes, out in (("tokens", tokens, self.recorder.tokens),
+                                     ("sequences", sequences, self.recorder.sequences)):
+                step = StepNorms(means, sizes, big, sum(w * w / n for w, n in zip(weights, sizes)))
+                if unit == "tokens":
+                    self.raw.append(step)
+                estimate = step_estimates(step)
+                if estimate is not None:
+                    out.append(estimate)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is None or "loss" not in logs or len(self.recorder.sequences) < 1:
+                return
+            smoothed = ema_history(self.recorder.sequences)[-1]
+            if smoothed is not None:
+                logs["gns_b_simple"] = smoothed
+                if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                    state.log_history[-1]["gns_b_simple"] = smoothed  # the Trainer stored a copy already
+
+        def report(self, resamples: int = RESAMPLES) -> dict:
+            """The gns.json object; `reason` says why nothing was measured when accumulation was 1."""
+            report = summarize(self.recorder.sequences, "sequences", resamples)
+            tokens = summarize(self.recorder.tokens, "tokens", resamples)
+            report.update(
+                b_simple_tokens=tokens["b_simple"], low_tokens=tokens["low"], high_tokens=tokens["high"],
+                overhead=self.hook_seconds / self.step_seconds if self.step_seconds else None,
+                history=[{"step": i + 1, "b_simple_ema": v} for i, v in enumerate(ema_history(self.recorder.sequences))],
+            )
+            if not self.recorder.sequences:
+                report["reason"] = ("accumulation 1 on one device: no small/big gradient pair to compare "
+                                    "(set gradient_accumulation_steps >= 2; sweep measures at >= 2)")
+            return report
+
+    return GnsCallback()

@@ -1,0 +1,377 @@
+"""`autobatch sweep`: a ladder of effective batch sizes, what each costs here, a verdict, and an optuna study.
+
+The cost of a rung is measured (one probe, `probe.plan_ladder`): seconds per micro-batch at the worst-case
+length, hence tokens/s, seconds per optimizer step and time per epoch. What a rung buys is a model's
+prediction (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"): with the gradient noise
+scale B_noise, reaching a given loss takes S = S_min·(1 + B_noise/B) optimizer steps, so a rung's sample
+efficiency is 1/(1 + B/B_noise) and its time to that loss is S·(seconds per step). Predictions are labelled
+as such; only validation runs (`--validate-tokens`) measure loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+
+from autobatch.errors import ConfigError
+from autobatch.planner import Plan
+
+LORA_LARGE_BATCH = 32  # LoRA fine-tunes are reported to degrade past this effective batch (warned, not refused)
+LR_RULES = ("sqrt", "linear", "none")
+
+
+@dataclass
+class Rung:
+    """One effective batch size: its exact plan, its measured cost, and (with B_noise) the model's verdict."""
+
+    plan: Plan
+    tokens_per_s: float  # at the worst-case length, all devices
+    seconds_per_optimizer_step: float
+    steps_per_epoch: int
+    epoch_seconds: float
+    learning_rate: float
+    lr_rule: str
+    sample_efficiency: float | None = None  # 1/(1 + B/B_noise): predicted, not measured
+    relative_steps: float | None = None  # S/S_min = 1 + B_noise/B: predicted
+    time_to_target_s: float | None = None  # S_min·(1 + B_noise/B)·s/step, in units of S_min = 1 step: predicted
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.plan.effective_batch_size
+
+    def prediction(self) -> dict:
+        data = asdict(self)
+        del data["plan"]
+        return data
+
+
+def parse_sizes(text: str, flag: str = "--effective-batch-sizes") -> list[int]:
+    """`8,16,32` -> [8, 16, 32]; every size a positive integer."""
+    try:
+        sizes = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: write positive integers separated by commas, e.g. 8,16,32") from None
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"{flag} {text!r}: write positive integers separated by commas, e.g. 8,16,32")
+    return sizes
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    """`0.5,1,2` -> [0.5, 1.0, 2.0]; every value positive."""
+    try:
+        values = [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: write positive numbers separated by commas, e.g. 0.5,1,2") from None
+    if not values or min(values) <= 0:
+        raise ConfigError(f"{flag} {text!r}: write positive numbers separated by commas, e.g. 0.5,1,2")
+    return values
+
+
+def default_lr_rule(optim: str) -> str:
+    """sqrt for Adam-family optimizers (Malladi et al. 2022, the SDE scaling rule), linear for SGD."""
+    return "linear" if "sgd" in optim.lower() else "sqrt"
+
+
+def scaled_learning_rate(
+    base_lr: float, base_batch: int, batch: int, rule: str, b_noise: float | None = None
+) -> float:
+    """The rate for `batch` from the config's rate at `base_batch`, by `rule`; never raised past B_noise.
+
+    Past the noise scale larger batches stop reducing gradient noise, so the rate stops growing there.
+    """
+    if rule == "none":
+        return base_lr
+    ceiling = max(base_batch, b_noise) if b_noise else math.inf
+    ratio = min(batch, ceiling) / base_batch if batch > base_batch else batch / base_batch
+    return base_lr * (math.sqrt(ratio) if rule == "sqrt" else ratio)
+
+
+def make_rungs(
+    plans: list[Plan],
+    examples: int,
+    *,
+    base_lr: float,
+    base_batch: int,
+    lr_rule: str,
+    b_noise: float | None = None,
+) -> list[Rung]:
+    """Measured cost and, given B_noise, predicted efficiency and time to the same loss, per rung."""
+    rungs = []
+    for plan in plans:
+        batch = plan.effective_batch_size
+        step = plan.seconds_per_step * plan.gradient_accumulation_steps
+        tokens = plan.per_device_train_batch_size * plan.world_size * plan.max_length
+        steps = math.ceil(examples / batch) if examples else 0
+        rung = Rung(
+            plan=plan,
+            tokens_per_s=tokens / plan.seconds_per_step if plan.seconds_per_step > 0 else 0.0,
+            seconds_per_optimizer_step=step,
+            steps_per_epoch=steps,
+            epoch_seconds=steps * step,
+            learning_rate=scaled_learning_rate(base_lr, base_batch, batch, lr_rule, b_noise),
+            lr_rule=lr_rule,
+        )
+        rungs.append(rung)
+    return predict(rungs, b_noise)
+
+
+def predict(rungs: list[Rung], b_noise: float | None) -> list[Rung]:
+    """Fill each rung's predicted efficiency, relative steps and time to the same loss from B_noise."""
+    for rung in rungs:
+        batch = rung.effective_batch_size
+        if b_noise:
+            rung.sample_efficiency = 1 / (1 + batch / b_noise)
+            rung.relative_steps = 1 + b_noise / batch
+            rung.time_to_target_s = rung.relative_steps * rung.seconds_per_optimizer_step
+        else:
+            rung.sample_efficiency = rung.relative_steps = rung.time_to_target_s = None
+    return rungs
+
+
+def recommend(rungs: list[Rung], b_noise: float | None, lora: bool = False) -> tuple[int, str]:
+    """The recommended effective batch and why.
+
+    With B_noise: the fastest predicted time to the same loss among rungs at most B_noise (sample efficiency
+    ≥ 50%, McCandlish's critical batch); past it extra batch mostly buys compute, not time. Without it: the
+    rung with the most tokens/s, with no claim about loss.
+    """
+    pool = [r for r in rungs if not lora or r.effective_batch_size <= LORA_LARGE_BATCH] or rungs
+    if b_noise:
+        efficient = [r for r in pool if r.effective_batch_size <= b_noise] or [min(pool, key=_batch)]
+        best = min(efficient, key=lambda r: (r.time_to_target_s, r.effective_batch_size))
+        return best.effective_batch_size, (
+            f"fastest predicted time to the same loss among rungs with B <= B_noise {b_noise:.0f} "
+            f"(sample efficiency {best.sample_efficiency:.0%}); a model's prediction until validated"
+        )
+    best = max(pool, key=lambda r: (round(r.tokens_per_s, 6), -r.effective_batch_size))
+    return best.effective_batch_size, (
+        "most tokens/s measured; no gradient noise scale, so nothing is predicted about loss "
+        "(pass --gns-file from `autobatch run --gns`, or --validate-tokens)"
+    )
+
+
+def _batch(rung: Rung) -> int:
+    return rung.effective_batch_size
+
+
+def notes(rungs: list[Rung], lora: bool) -> list[str]:
+    """Warnings a sweep's reader needs beside the table."""
+    out = []
+    if lora and any(r.effective_batch_size > LORA_LARGE_BATCH for r in rungs):
+        out.append(f"LoRA: effective batches past {LORA_LARGE_BATCH} are reported to train worse than small ones "
+                   "at the same tokens; validate before choosing one")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the study
+
+STUDY_NAME = "autobatch-sweep"
+HEARTBEAT_S = 2  # a trial whose process died is seen as failed after 2 heartbeats (optuna's grace period)
+PARAMS = ("effective_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate")
+
+
+@dataclass
+class Point:
+    """One trial of the study: a rung at a learning rate (× a multiplier when validating)."""
+
+    rung: Rung
+    learning_rate: float
+    multiplier: float = 1.0
+
+    def params(self) -> dict:
+        plan = self.rung.plan
+        return {"effective_batch_size": plan.effective_batch_size,
+                "per_device_train_batch_size": plan.per_device_train_batch_size,
+                "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+                "learning_rate": self.learning_rate}
+
+
+def default_storage(output_dir: str) -> str:
+    """sqlite:///OUTPUT_DIR/sweep.db, the directory created."""
+    import os
+
+    os.makedirs(output_dir, exist_ok=True)
+    return f"sqlite:///{os.path.abspath(os.path.join(output_dir, 'sweep.db'))}"
+
+
+def open_study(storage_url: str, name: str, resume: bool):
+    """The study, its schema created once here before any trial runs; heartbeats mark a killed trial failed and
+    RetryFailedTrialCallback queues it again. Without `resume`, an existing study with trials is refused."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from sqlalchemy.exc import SQLAlchemyError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with _quiet_optuna():
+            storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
+                                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+    except (ValueError, ImportError, SQLAlchemyError) as exc:  # a bad URL, an unreachable database
+        raise ConfigError(f"--storage {storage_url}: cannot open it ({type(exc).__name__}: {exc})") from None
+    study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
+    if study.trials and not resume:
+        raise ConfigError(f"--storage {storage_url} already holds study {name!r} with {len(study.trials)} trials: "
+                          "pass --resume to continue it, or another --output-dir / --storage")
+    return study
+
+
+@contextlib.contextmanager
+def _quiet_optuna():
+    """Heartbeats and their retry callback are marked experimental by optuna; that is not the user's news."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def _key(params: dict) -> tuple:
+    """A point is its effective batch and rate; its micro-batch split may differ between probes (timing)."""
+    return params.get("effective_batch_size"), round(params.get("learning_rate", 0.0), 12)
+
+
+def _distributions() -> dict:
+    """Fixed ranges, so a resumed study with another ladder or split stays compatible with the stored one."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    ints = IntDistribution(1, 2**24)
+    return {"effective_batch_size": ints, "per_device_train_batch_size": ints, "gradient_accumulation_steps": ints,
+            "learning_rate": FloatDistribution(0.0, 10.0)}
+
+
+def record_predictions(study, points: list[Point], objective_name: str) -> int:
+    """Each point not in the study yet, as a complete trial: its measured cost and predicted objective."""
+    import optuna
+
+    done = {_key(t.params) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    added = 0
+    for point in points:
+        if _key(point.params()) in done:
+            continue
+        rung = point.rung
+        value = rung.time_to_target_s if rung.time_to_target_s is not None else rung.epoch_seconds
+        study.add_trial(optuna.trial.create_trial(
+            params=point.params(), distributions=_distributions(), value=value,
+            user_attrs={**_measured(rung), "objective": objective_name},
+        ))
+        added += 1
+    return added
+
+
+def _measured(rung: Rung) -> dict:
+    plan = rung.plan
+    return {"peak_memory_bytes": plan.peak_memory_bytes, "tokens_per_s": rung.tokens_per_s,
+            "seconds_per_optimizer_step": rung.seconds_per_optimizer_step, "epoch_seconds": rung.epoch_seconds,
+            "predicted_time_to_target": rung.time_to_target_s, "sample_efficiency": rung.sample_efficiency,
+            "lr_rule": rung.lr_rule}
+
+
+def run_validation_study(study, points: list[Point], validate, max_trials: int | None, timeout_s: float | None):
+    """Every point without a complete trial is queued once, then run by `study.optimize` (validate(point,
+    trial) -> (eval loss, user attrs)). Trials left running by a killed sweep are failed first (stale
+    heartbeat) and queued again by the retry callback, so each point ends with exactly one complete trial."""
+    import optuna
+    from optuna.storages import fail_stale_trials
+
+    states = optuna.trial.TrialState
+    with _quiet_optuna():
+        fail_stale_trials(study)
+    by_key = {_key(p.params()): p for p in points}
+    seen = {_key(t.params or t.system_attrs.get("fixed_params", {}))  # a queued trial's params are still fixed ones
+            for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.WAITING))}
+    for key, point in by_key.items():
+        if key not in seen:
+            study.enqueue_trial(point.params(), skip_if_exists=False)
+    waiting = len(study.get_trials(deepcopy=False, states=(states.WAITING,)))
+    if max_trials is not None:
+        waiting = min(waiting, max_trials)
+    def objective(trial) -> float:
+        params = {k: trial.suggest_float(k, 0.0, 10.0) if k == "learning_rate" else trial.suggest_int(k, 1, 2**24)
+                  for k in PARAMS}
+        point = by_key[_key(params)]
+        loss, attrs = validate(point, trial)
+        for name, value in {**_measured(point.rung), **attrs, "lr_multiplier": point.multiplier}.items():
+            trial.set_user_attr(name, value)
+        return loss
+
+    if waiting:
+        study.optimize(objective, n_trials=waiting, timeout=timeout_s, catch=())
+    return study
+
+
+# ---------------------------------------------------------------------------------------- validation runs
+
+
+def validation_steps(tokens: int, rung: Rung, tokens_per_example: float) -> int:
+    """Optimizer steps for a rung to see about `tokens` loss tokens: the same budget for every rung."""
+    return max(1, round(tokens / (rung.effective_batch_size * tokens_per_example)))
+
+
+def gns_split(micro: int, accumulation: int) -> tuple[int, int]:
+    """The plan's split, or half the micro-batch × 2 when it does not accumulate: the same effective batch (the
+    smaller micro-batch fits too), with the small/big gradient pair the noise scale needs."""
+    if accumulation == 1 and micro % 2 == 0:
+        return micro // 2, 2
+    return micro, accumulation
+
+
+def validate_point(config, point: Point, tokens: int, tokens_per_example: float, device: str, output_dir: str,
+                   on_gns=None) -> tuple[float, dict]:
+    """A fresh SFTTrainer at the point's plan and rate, same seed and data order, trained for about `tokens`
+    tokens; returns (eval loss, what was measured: tokens seen, wall time, loss curve keyed by tokens, gns)."""
+    import time as _time
+
+    from autobatch import gns as gns_module
+    from autobatch.train import _datasets
+    from autobatch.workload import build_trainer, sft_config
+
+    plan = point.rung.plan
+    steps = validation_steps(tokens, point.rung, tokens_per_example)
+    micro, accumulation = gns_split(plan.per_device_train_batch_size, plan.gradient_accumulation_steps)
+    args, _ = sft_config(
+        config, device, output_dir, per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation, learning_rate=point.learning_rate,
+        max_steps=steps, save_strategy="no", eval_strategy="no", logging_steps=1, disable_tqdm=True,
+        report_to="none", include_num_input_tokens_seen="non_padding",
+    )
+    train, evaluation = _datasets(config)
+    if evaluation is None:  # a held-out tenth, the same for every point
+        parts = train.train_test_split(test_size=0.1, seed=0)
+        train, evaluation = parts["train"], parts["test"]
+    trainer = build_trainer(config, args, train_dataset=train, eval_dataset=evaluation)
+    from transformers import PrinterCallback, ProgressCallback
+
+    for quiet in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(quiet)
+    callback = gns_module.gns_callback().attach(trainer)
+    trainer.add_callback(callback)
+    started = _time.perf_counter()
+    trainer.train()
+    seconds = _time.perf_counter() - started
+    eval_loss = trainer.evaluate()["eval_loss"]
+    curve = [{"tokens": e.get("num_input_tokens_seen"), "loss": e["loss"]}
+             for e in trainer.state.log_history if "loss" in e]
+    noise = callback.report(resamples=200)
+    callback.detach()
+    if on_gns:
+        on_gns(point, noise)
+    seen = trainer.state.num_input_tokens_seen
+    return eval_loss, {"eval_loss": eval_loss, "tokens_seen": int(seen), "steps": steps, "wall_seconds": seconds,
+                       "trained_micro_batch_size": micro, "trained_gradient_accumulation_steps": accumulation,
+                       "loss_curve": curve, "gradient_noise_scale": _plain(noise)}
+
+
+def _plain(report: dict) -> dict:
+    """A gns report with infinities as None (optuna stores JSON)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
+
+
+def best_noise_scale(reports: list[dict]) -> dict | None:
+    """Of the validation runs' gns reports, the resolved one with the narrowest relative interval."""
+    resolved = [r for r in reports if r.get("resolved")]
+    if not resolved:
+        return max(reports, key=lambda r: r.get("low") or 0, default=None)
+    return min(resolved, key=lambda r: (r["high"] - r["low"]) / r["b_simple"])

@@ -1,0 +1,182 @@
+"""The gradient noise scale: the estimator against synthetic ground truth, the hooks against explicit gradients.
+
+Synthetic: per-example gradients drawn from N(G, Σ) with known |G|² and tr Σ, averaged over micro-batches of
+unequal sizes, then fed to the pure estimator. Hooks: a tiny Llama trains one step at learning rate 0 and
+the callback's per-micro-batch and accumulated norms are compared with gradients computed explicitly.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+from autobatch import gns
+from autobatch.config import build_config
+from autobatch.workload import build_trainer, load_train_dataset, sft_config
+
+
+def synthetic_steps(steps, sizes, g, sigma, seed=0):
+    """Steps whose micro-batches of `sizes` average per-example gradients ~ N(g, diag(sigma²))."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(steps):
+        means, totals = [], [0.0] * len(g)
+        for n in sizes:
+            mean = [sum(rng.gauss(gi, si) for _ in range(n)) / n for gi, si in zip(g, sigma)]
+            means.append(mean)
+            totals = [t + m * n for t, m in zip(totals, mean)]
+        big = [t / sum(sizes) for t in totals]  # weighted by size, as num_items_in_batch does
+        out.append(gns.StepNorms([sum(x * x for x in m) for m in means], list(sizes), sum(x * x for x in big),
+                                 1 / sum(sizes)))
+    return out
+
+
+def test_estimates_recover_known_signal_and_noise_with_unequal_micro_batches():
+    g = [0.3, -0.2, 0.1, 0.4] * 4  # |G|² = 0.3² + 0.2² + 0.1² + 0.4² times 4 = 1.2
+    sigma = [1.0] * 16  # tr Σ = 16
+    steps = synthetic_steps(2000, [2, 3, 7], g, sigma)
+    estimates = [gns.step_estimates(s) for s in steps]
+    g2 = sum(e[0] for e in estimates) / len(estimates)
+    trace = sum(e[1] for e in estimates) / len(estimates)
+    assert g2 == pytest.approx(1.2, rel=0.1)
+    assert trace == pytest.approx(16, rel=0.05)
+    report = gns.summarize(estimates)
+    assert report["resolved"] and report["low"] < 16 / 1.2 < report["high"]
+    assert report["b_simple"] == pytest.approx(16 / 1.2, rel=0.1)
+
+
+def test_no_pair_at_accumulation_one_and_open_interval_when_signal_is_unresolved():
+    assert gns.step_estimates(gns.StepNorms([1.0], [4], 1.0, 1 / 4)) is None
+    noise_only = [gns.step_estimates(s) for s in synthetic_steps(20, [1, 1], [0.0] * 8, [1.0] * 8)]
+    report = gns.summarize(noise_only)
+    assert not report["resolved"] and report["b_simple"] is None and report["high"] is None
+    assert report["low"] > 0
+
+
+def test_ema_is_bias_corrected():
+    assert gns.ema_history([(2.0, 10.0)]) == [pytest.approx(5.0)]
+    assert gns.ema_history([(2.0, 10.0), (2.0, 10.0)])[-1] == pytest.approx(5.0)
+
+
+def test_report_is_written_atomically(tmp_path):
+    path = gns.write_report(tmp_path, {"b_simple": 3.0})
+    assert path.name == "gns.json" and path.read_text().startswith("{")
+    assert [p.name for p in tmp_path.iterdir()] == ["gns.json"]
+
+
+def trainer_with_gns(model_dir, data, out, accumulation, token_normalised, **overrides):
+    config = build_config(overrides={
+        "model_name_or_path": str(model_dir), "dataset_name": str(data), "device": "cpu", "max_length": 48,
+        "learning_rate": 0.0, "max_steps": 1, "gradient_checkpointing": False, "train_sampling_strategy": "sequential",
+        "report_to": "none", "disable_tqdm": True, "save_strategy": "no", "max_grad_norm": 1e-3, **overrides,
+    })
+    args, _ = sft_config(config, "cpu", str(out), per_device_train_batch_size=2,
+                         gradient_accumulation_steps=accumulation)
+    trainer = build_trainer(config, args, train_dataset=load_train_dataset(config))
+    if not token_normalised:
+        trainer.model_accepts_loss_kwargs = False  # the Trainer then divides each mean loss by accumulation
+    callback = gns.gns_callback().attach(trainer)
+    trainer.add_callback(callback)
+    return trainer, callback
+
+
+def flat_grad(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}).loss
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]).double()
+
+
+@pytest.mark.parametrize("token_normalised", [True, False], ids=["num_items", "divide"])
+@pytest.mark.parametrize("accumulation", [1, 2, 4])
+def test_hooked_norms_equal_explicit_per_micro_batch_gradients(
+    tiny_model_dir, tiny_dataset_file, tmp_path, accumulation, token_normalised
+):
+    trainer, callback = trainer_with_gns(tiny_model_dir(), tiny_dataset_file, tmp_path, accumulation, token_normalised)
+    trainer.train()
+    assert callback.token_normalised() is token_normalised
+    (step,) = callback.raw
+    batches = [b for _, b in zip(range(accumulation), trainer.get_train_dataloader())]
+    grads = [flat_grad(trainer.model, b) for b in batches]  # lr 0: the weights are those the step saw
+    tokens = [float((b["labels"][..., 1:] != -100).sum()) for b in batches]
+    assert len(set(tokens)) == min(accumulation, 2)  # unequal micro-batches, so the weighting matters
+    assert step.small_sq == pytest.approx([float(g @ g) for g in grads], rel=1e-4)
+    weights = [n / sum(tokens) for n in tokens] if token_normalised else [1 / accumulation] * accumulation
+    big = sum(w * g for w, g in zip(weights, grads))
+    assert step.big_sq == pytest.approx(float(big @ big), rel=1e-4)  # pre-clip: max_grad_norm is tiny
+    expected_pairs = 0 if accumulation == 1 else 1
+    assert len(callback.recorder.tokens) == expected_pairs
+    assert step.inv_big == pytest.approx(sum(w * w / n for w, n in zip(weights, tokens)))
+    assert math.isfinite(callback.report()["overhead"])
+
+
+def exact_b_simple(model_dir, data, max_length):
+    """tr Σ / |G|² from every per-sequence gradient of the dataset (sample covariance), at the saved weights."""
+    import json as _json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    grads = []
+    for line in data.read_text().splitlines():
+        ids = tokenizer(_json.loads(line)["text"] + tokenizer.eos_token, return_tensors="pt").input_ids[:, :max_length]
+        grads.append(flat_grad(model, {"input_ids": ids, "labels": ids}))
+    stacked = torch.stack(grads)
+    mean = stacked.mean(0)
+    trace = ((stacked - mean) ** 2).sum(1).sum() / (len(grads) - 1)
+    return float(trace / (mean @ mean)), ids.shape[1] - 1
+
+
+def equal_length_data(path, rows=64, chars=40):
+    """Texts of exactly `chars` characters (+ EOS): sequence and token units then differ by a constant."""
+    import json as _json
+
+    rng = random.Random(0)
+    words = ["river", "stone", "ford", "summer", "water", "children", "bank", "hedge", "evening", "farmer", "head", "field", "rain"]
+    lines = []
+    for _ in range(rows):
+        text = ""
+        while len(text) < chars:
+            text += rng.choice(words) + " "
+        lines.append(_json.dumps({"text": text[:chars]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_gns_brackets_the_exact_noise_scale_at_learning_rate_zero(tiny_model_dir, tmp_path):
+    data = equal_length_data(tmp_path / "equal.jsonl")
+    model = tiny_model_dir()
+    trainer, callback = trainer_with_gns(model, data, tmp_path / "out", 4, True, max_length=64, max_steps=-1,
+                                         num_train_epochs=4, train_sampling_strategy="random")
+    trainer.train()
+    report = callback.report()
+    exact, tokens_per_sequence = exact_b_simple(model, data, 64)
+    assert report["steps"] == 32 and report["resolved"]
+    assert report["low"] < exact < report["high"]
+    assert report["high"] < 3 * report["low"]  # not vacuous
+    assert report["b_simple_tokens"] == pytest.approx(report["b_simple"] * tokens_per_sequence, rel=1e-6)
+
+
+def test_run_gns_writes_gns_json_logs_it_and_shows_it(tiny_model_dir, tmp_path, capsys):
+    import json as _json
+
+    from autobatch.cli import main
+
+    data = equal_length_data(tmp_path / "equal.jsonl", rows=24, chars=20)
+    out = tmp_path / "out"
+    code = main(["run", "--gns", "--model", str(tiny_model_dir()), "--dataset", str(data), "--device", "cpu",
+                 "--memory-budget", "4GiB", "--micro-batch-size", "2", "--effective-batch-size", "4",
+                 "--max-length", "32", "--learning-rate", "0", "--num-train-epochs", "1", "--output-dir", str(out),
+                 "--gradient-checkpointing", "false", "--save-strategy", "'no'", "--logging-steps", "2",
+                 "--disable-tqdm", "true"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = _json.loads((out / "gns.json").read_text())
+    assert set(report) >= {"b_simple", "low", "high", "unit", "b_simple_tokens", "steps", "resolved", "overhead"}
+    assert report["steps"] == 6 and report["unit"] == "sequences"
+    assert "gradient noise scale: " in captured.out and "gns overhead" in captured.err
+    history = _json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert any("gns_b_simple" in entry for entry in history)

@@ -1,0 +1,253 @@
+"""`autobatch sweep`: one probe for a ladder of effective batch sizes, exact plans, the verdict arithmetic.
+
+The ladder tests replace the Prober with a fake whose peak is affine in the micro-batch, so the exact
+sequence of trials is known; one test drives the real probe through the CLI on a tiny model.
+"""
+
+import json
+import math
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autobatch import probe as probe_module
+from autobatch import sweep
+from autobatch.cli import main
+from autobatch.config import build_config
+from autobatch.errors import ConfigError
+from autobatch.planner import Plan
+
+MiB = 2**20
+
+
+class FakeProber:
+    """Peak = 10 MiB + 3 MiB per sample; time per micro-batch 0.02 s + 0.01 s per sample."""
+
+    instances: typing.ClassVar[list] = []
+
+    def __init__(self, config, backend, usable_bytes, per_device=None):
+        self.usable_bytes, self.per_device, self.notes, self.max_length = usable_bytes, per_device, [], 128
+        self.sizes: list[int] = []
+        self.trainer = type("T", (), {"train_dataset": {"input_ids": [[1] * 50] * 300}})()
+        FakeProber.instances.append(self)
+
+    def run_trial(self, micro_batch_size, eval_batch_size=None):
+        self.sizes.append(micro_batch_size)
+        peak = 10 * MiB + 3 * MiB * micro_batch_size
+        return probe_module.Trial(micro_batch_size, peak, peak <= self.usable_bytes, 0.02 + 0.01 * micro_batch_size)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def fake_prober(monkeypatch):
+    FakeProber.instances = []
+    monkeypatch.setattr(probe_module, "Prober", FakeProber)
+    return FakeProber.instances
+
+
+def ladder_config(model_dir, **overrides):
+    values = {"model_name_or_path": str(model_dir), "device": "cpu", "memory_budget": "40MiB", "headroom": 0}
+    values.update(overrides)
+    return build_config(overrides=values)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_ladder_probes_once_and_every_plan_is_exact(fake_prober, tiny_model_dir, world):
+    sizes = [8 * world, 24 * world, 40 * world, 96 * world]
+    ladder = probe_module.plan_ladder(ladder_config(tiny_model_dir(), world_size=world), sizes)
+    plans, trials = ladder.plans, ladder.trials
+    (prober,) = fake_prober  # one probe
+    assert ladder.examples == 300 and ladder.tokens_per_example == 50
+    assert prober.per_device == 96  # trials carry the ladder's largest accumulation
+    assert [t.micro_batch_size for t in trials] == prober.sizes  # one trials list, every trial in it
+    assert len(set(prober.sizes)) == len(prober.sizes)  # no size measured twice
+    assert all(plan.trials is trials for plan in plans)
+    assert [p.effective_batch_size for p in plans] == sizes
+    for plan, size in zip(plans, sizes):
+        assert plan.per_device_train_batch_size * plan.gradient_accumulation_steps * world == size
+        assert plan.per_device_train_batch_size <= 10 == plan.max_micro_batch_size  # 10·3+10 = 40 MiB fits
+        assert plan.fits and plan.memory_budget_bytes == 40 * MiB
+    assert 11 in prober.sizes and not next(t for t in trials if t.micro_batch_size == 11).fits
+
+
+def test_the_default_ladder_is_m_times_powers_of_two_plus_the_target(fake_prober, tiny_model_dir):
+    config = ladder_config(tiny_model_dir(), effective_batch_size=12)
+    plans = probe_module.plan_ladder(config).plans
+    assert [p.effective_batch_size for p in plans] == [10, 12, 20, 40, 80, 160]
+    (prober,) = fake_prober
+    assert prober.per_device == 160 and prober.sizes.count(10) == 2  # m confirmed at accumulation 16
+    assert all(p.per_device_train_batch_size * p.gradient_accumulation_steps == p.effective_batch_size
+               for p in plans)
+
+
+def test_unreachable_rungs_are_refused_before_probing(fake_prober, tiny_model_dir):
+    with pytest.raises(ConfigError, match="use --effective-batch-size 8 or 10"):
+        probe_module.plan_ladder(ladder_config(tiny_model_dir(), world_size=2), [9])
+    assert not fake_prober
+
+
+def plan_at(batch, micro, seconds=0.1):
+    return Plan(per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
+                effective_batch_size=batch, world_size=1, max_micro_batch_size=micro, memory_budget_bytes=1,
+                usable_memory_bytes=1, headroom=0.0, peak_memory_bytes=1, device="cpu", max_length=100,
+                trials=[], seconds_per_step=seconds)
+
+
+def test_rung_cost_and_predictions_follow_mccandlish():
+    plans = [plan_at(8, 8, 0.1), plan_at(32, 8, 0.1), plan_at(128, 8, 0.1)]
+    rungs = sweep.make_rungs(plans, 1000, base_lr=1e-4, base_batch=8, lr_rule="sqrt", b_noise=32)
+    assert [r.tokens_per_s for r in rungs] == pytest.approx([8000] * 3)
+    assert [r.seconds_per_optimizer_step for r in rungs] == pytest.approx([0.1, 0.4, 1.6])
+    assert [r.steps_per_epoch for r in rungs] == [125, 32, 8]
+    assert [r.sample_efficiency for r in rungs] == pytest.approx([0.8, 0.5, 0.2])
+    assert [r.relative_steps for r in rungs] == pytest.approx([5, 2, 1.25])
+    assert [r.time_to_target_s for r in rungs] == pytest.approx([0.5, 0.8, 2.0])
+    # sqrt rule from 1e-4 at 8, capped at B_noise 32: 1e-4, 2e-4, 2e-4
+    assert [r.learning_rate for r in rungs] == pytest.approx([1e-4, 2e-4, 2e-4])
+    best, reason = sweep.recommend(rungs, 32)
+    assert best == 8 and "B <= B_noise 32" in reason
+
+
+def test_validation_runs_accumulate_so_the_noise_scale_has_a_pair():
+    assert sweep.gns_split(16, 1) == (8, 2)
+    assert sweep.gns_split(4, 3) == (4, 3)
+    assert sweep.gns_split(3, 1) == (3, 1)  # odd: left alone (the report then says why there is no estimate)
+
+
+def test_learning_rate_rules():
+    assert sweep.scaled_learning_rate(1e-3, 16, 64, "linear") == pytest.approx(4e-3)
+    assert sweep.scaled_learning_rate(1e-3, 16, 64, "sqrt") == pytest.approx(2e-3)
+    assert sweep.scaled_learning_rate(1e-3, 16, 4, "sqrt") == pytest.approx(5e-4)
+    assert sweep.scaled_learning_rate(1e-3, 16, 64, "none") == 1e-3
+    assert sweep.scaled_learning_rate(1e-3, 16, 64, "linear", b_noise=32) == pytest.approx(2e-3)
+    assert sweep.default_lr_rule("adamw_torch") == "sqrt" and sweep.default_lr_rule("sgd") == "linear"
+
+
+def test_lora_recommendation_stays_at_or_below_32():
+    plans = [plan_at(16, 16, 0.1), plan_at(64, 16, 0.1)]
+    rungs = sweep.make_rungs(plans, 100, base_lr=1e-4, base_batch=16, lr_rule="sqrt")
+    rungs[1].tokens_per_s = 10**9
+    assert sweep.recommend(rungs, None, lora=True)[0] == 16
+    assert sweep.recommend(rungs, None, lora=False)[0] == 64
+    assert "LoRA" in sweep.notes(rungs, lora=True)[0]
+
+
+@pytest.mark.parametrize("text", ["8,x", "0,8", ""])
+def test_bad_sizes_name_the_flag(text):
+    with pytest.raises(ConfigError, match="--effective-batch-sizes"):
+        sweep.parse_sizes(text)
+
+
+def test_sweep_cli_plans_every_rung_and_writes_the_recommended_one(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "rung.yaml"
+    noise = tmp_path / "gns.json"
+    noise.write_text(json.dumps({"b_simple": 5.0, "low": 4.0, "high": 7.0, "resolved": True, "steps": 30}))
+    code = main(["sweep", "--model", str(tiny_model_dir()), "--device", "cpu", "--memory-budget", "40MiB",
+                 "--max-length", "64", "--effective-batch-sizes", "4,6,16", "--json", "--output", str(out),
+                 "--gradient-checkpointing", "false", "--learning-rate", "1e-4", "--gns-file", str(noise),
+                 "--output-dir", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(captured.out)
+    assert [p["effective_batch_size"] for p in report["plans"]] == [4, 6, 16]
+    for plan in report["plans"]:
+        assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == plan["effective_batch_size"]
+        assert plan["trials"] == report["trials"]
+    rung = report["recommended_effective_batch_size"]
+    chosen = next(p for p in report["plans"] if p["effective_batch_size"] == rung)
+    saved = yaml.safe_load(out.read_text())
+    assert saved["per_device_train_batch_size"] == chosen["per_device_train_batch_size"]
+    assert saved["gradient_accumulation_steps"] == chosen["gradient_accumulation_steps"]
+    assert rung == 4  # the only rung with B <= B_noise 5
+    assert saved["learning_rate"] == pytest.approx(1e-4 * math.sqrt(min(rung, 5) / 4))  # not raised past B_noise
+    assert report["gradient_noise_scale"]["b_simple"] == 5.0
+    efficiencies = [p["prediction"]["sample_efficiency"] for p in report["plans"]]
+    assert efficiencies == pytest.approx([1 / (1 + 4 / 5), 1 / (1 + 6 / 5), 1 / (1 + 16 / 5)])
+    import optuna
+
+    study = optuna.load_study(study_name="autobatch-sweep", storage=report["study"]["storage"])
+    assert sorted((t.params["effective_batch_size"], t.value) for t in study.trials) == sorted(
+        (p["effective_batch_size"], p["prediction"]["time_to_target_s"]) for p in report["plans"])
+
+
+def sweep_args(model_dir, data, out):
+    return ["sweep", "--model", str(model_dir), "--dataset", str(data), "--device", "cpu", "--memory-budget", "30MiB",
+            "--max-length", "32", "--effective-batch-sizes", "2,4,8", "--validate-tokens", "600",
+            "--output-dir", str(out), "--gradient-checkpointing", "false", "--max-micro-batch-size", "2", "--json"]
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tiny_model_dir, tiny_dataset_file,
+                                                                            tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    out = tmp_path / "out"
+    storage = f"sqlite:///{out / 'sweep.db'}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen([sys.executable, "-m", "autobatch", *sweep_args(tiny_model_dir(), tiny_dataset_file, out)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    states = optuna.trial.TrialState
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # kill once one trial is done and the next is running
+            time.sleep(0.2)
+            if not (out / "sweep.db").exists():
+                continue
+            try:
+                trials = optuna.load_study(study_name="autobatch-sweep", storage=storage).trials
+            except KeyError:  # the schema is there, the study not yet
+                trials = []
+            if [t.state for t in trials].count(states.COMPLETE) >= 1 and any(t.state == states.RUNNING for t in trials):
+                child.send_signal(signal.SIGKILL)
+                break
+        else:
+            pytest.fail("the sweep never had a running trial after a complete one")
+    finally:
+        child.wait(timeout=60)
+    time.sleep(5)  # past the heartbeat grace period: the killed trial is stale
+    assert main(sweep_args(tiny_model_dir(), tiny_dataset_file, out)) == 2  # a study exists: --resume needed
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*sweep_args(tiny_model_dir(), tiny_dataset_file, out), "--resume"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["study"] == {"storage": storage, "name": "autobatch-sweep"}
+    trials = optuna.load_study(study_name="autobatch-sweep", storage=storage).trials
+    done = [t for t in trials if t.state == states.COMPLETE]
+    assert sorted(t.params["effective_batch_size"] for t in done) == [2, 4, 8]  # every rung once
+    assert [t.state for t in trials].count(states.FAIL) == 1  # the killed one
+    assert all(math.isfinite(t.value) and t.user_attrs["tokens_seen"] > 0 for t in done)
+    assert report["recommended_effective_batch_size"] == min(done, key=lambda t: t.value).params["effective_batch_size"]
+
+
+def test_plots_are_written_and_a_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from autobatch import plots
+    from autobatch.errors import AutobatchError
+    from autobatch.planner import Trial
+
+    trials = [Trial(1, 20 * MiB, True, 0.1), Trial(4, 60 * MiB, True, 0.3), Trial(5, 90 * MiB, False, 0.0, oom=True)]
+    rungs = sweep.make_rungs([plan_at(8, 4), plan_at(16, 4)], 100, base_lr=1e-4, base_batch=8, lr_rule="sqrt",
+                             b_noise=12)
+    directory = plots.plot_dir(str(tmp_path / "png"))
+    written = [
+        plots.plot_memory(trials, 80 * MiB, 80 * MiB, 4, directory),
+        plots.plot_loss_curves({"B=8": [{"tokens": 100, "loss": 3.0}, {"tokens": 200, "loss": 2.5}]}, directory),
+        plots.plot_noise_scale({"history": [{"step": 1, "b_simple_ema": 10.0}, {"step": 2, "b_simple_ema": 12.0}],
+                                "low": 8.0, "high": 15.0, "b_simple": 11.0}, directory),
+        plots.plot_time_to_target(rungs, 8, directory),
+    ]
+    assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in written)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(AutobatchError, match=r"pip install 'autobatch\[plot\]'"):
+        plots.require()
