@@ -613,14 +613,18 @@ def plan_ladder(
     backend = make_backend(config.device, config.memory_budget_bytes)
     headroom = resolve_headroom(config, backend.device)
     usable = int(backend.budget_bytes * (1 - headroom))
+    if backend.device == "cuda":
+        backend.cap_bytes = usable  # the allocator itself refuses past it, as in make_plan
     world = config.world_size
     known = ladder_rungs(effective_batch_sizes, 1, world, config.effective_batch_size) if effective_batch_sizes else []
-    prober = Prober(config, backend, usable, max(known) // world if known else None)
+    ranks.init_group(backend.device)
+    search_usable = ranks.smallest(usable)  # every rank's search aims at the same line
+    prober = Prober(config, backend, usable, max(known) // world if known else None, ddp=world > 1)
     lengths = [len(ids) for ids in prober.trainer.train_dataset["input_ids"]]
     trials: list[Trial] = []
 
     def probe(size: int) -> Trial:
-        trial = prober.run_trial(size)
+        trial = ranks.agree(prober.run_trial(size))  # one rank's OOM is everyone's
         trials.append(trial)
         if on_trial:
             on_trial(trial)
@@ -630,7 +634,7 @@ def plan_ladder(
     plans: list[Plan] = []
     try:
         try:
-            result = search_max_micro_batch(probe, usable, config.max_micro_batch_size)
+            result = search_max_micro_batch(probe, search_usable, config.max_micro_batch_size)
         except BudgetTooSmallError as exc:
             raise _budget_error(exc.trial, usable, config) from None
         max_micro, capped = result.max_micro_batch_size, result.capped
@@ -648,6 +652,7 @@ def plan_ladder(
     for plan in plans:
         plan.memory_budget_bytes, plan.usable_memory_bytes, plan.headroom = backend.budget_bytes, usable, headroom
         plan.device, plan.capped, plan.search_seconds = backend.device, capped, seconds
+        plan.precision = prober.precision
         plan.notes = prober.notes + plan.notes
         plan.memory_fingerprint = fingerprint(config)
     return Ladder(plans, trials, len(lengths), sum(lengths) / len(lengths))

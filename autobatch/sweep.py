@@ -269,6 +269,10 @@ def _measured(rung: Rung) -> dict:
             "lr_rule": rung.lr_rule}
 
 
+class ProbeMiss(Exception):
+    """A validation run ran out of memory at a point the probe said fits: a failed trial, flagged, not a crash."""
+
+
 def run_validation_study(study, points: list[Point], validate, max_trials: int | None, timeout_s: float | None):
     """Every point without a complete trial is queued once, then run by `study.optimize` (validate(point,
     trial) -> (eval loss, user attrs)). Trials left running by a killed sweep are failed first (stale
@@ -292,13 +296,22 @@ def run_validation_study(study, points: list[Point], validate, max_trials: int |
         params = {k: trial.suggest_float(k, 0.0, 10.0) if k == "learning_rate" else trial.suggest_int(k, 1, 2**24)
                   for k in PARAMS}
         point = by_key[_key(params)]
-        loss, attrs = validate(point, trial)
+        try:
+            loss, attrs = validate(point, trial)
+        except Exception as exc:  # only an OOM is a result here; anything else stops the sweep
+            from autobatch.memory import is_oom
+
+            if not is_oom(exc):
+                raise
+            trial.set_user_attr("probe_miss", True)  # the probe said this point fits; the run said otherwise
+            trial.set_user_attr("error", " ".join(str(exc).split())[:500])
+            raise ProbeMiss(f"B={point.rung.effective_batch_size}: out of memory in a validation run") from None
         for name, value in {**_measured(point.rung), **attrs, "lr_multiplier": point.multiplier}.items():
             trial.set_user_attr(name, value)
         return loss
 
     if waiting:
-        study.optimize(objective, n_trials=waiting, timeout=timeout_s, catch=())
+        study.optimize(objective, n_trials=waiting, timeout=timeout_s, catch=(ProbeMiss,))
     return study
 
 

@@ -251,3 +251,25 @@ def test_plots_are_written_and_a_missing_matplotlib_names_the_extra(tmp_path, mo
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(AutobatchError, match=r"pip install 'autobatch\[plot\]'"):
         plots.require()
+
+
+def test_an_oom_in_a_validation_run_is_a_failed_trial_flagged_as_a_probe_miss(tmp_path):
+    import optuna
+    import torch
+
+    study = sweep.open_study(f"sqlite:///{tmp_path / 'sweep.db'}", "s", resume=False)
+    rungs = sweep.make_rungs([plan_at(8, 4), plan_at(16, 4)], 1000, base_lr=1e-4, base_batch=8, lr_rule="none",
+                             b_noise=None)
+    points = [sweep.Point(r, r.learning_rate) for r in rungs]
+
+    def validate(point, trial):
+        if point.rung.effective_batch_size == 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return 1.5, {"tokens_seen": 100}
+
+    sweep.run_validation_study(study, points, validate, None, None)
+    by_batch = {t.params["effective_batch_size"]: t for t in study.trials}
+    assert by_batch[8].state == optuna.trial.TrialState.COMPLETE and by_batch[8].value == 1.5
+    assert by_batch[16].state == optuna.trial.TrialState.FAIL
+    assert by_batch[16].user_attrs["probe_miss"] is True
+    assert "probe_miss" not in by_batch[8].user_attrs
