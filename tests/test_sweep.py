@@ -27,8 +27,9 @@ class FakeProber:
 
     instances: typing.ClassVar[list] = []
 
-    def __init__(self, config, backend, usable_bytes, per_device=None):
+    def __init__(self, config, backend, usable_bytes, per_device=None, ddp=False):
         self.usable_bytes, self.per_device, self.notes, self.max_length = usable_bytes, per_device, [], 128
+        self.precision = "fp32"
         self.sizes: list[int] = []
         self.trainer = type("T", (), {"train_dataset": {"input_ids": [[1] * 50] * 300}})()
         FakeProber.instances.append(self)
