@@ -801,7 +801,8 @@ def _describe_entry(entry) -> str:
 def _err(text: str, every_rank: bool = False) -> None:
     """stderr, from rank 0 only under a launcher (errors from every rank: each exits on its own)."""
     if every_rank or is_main():
-        print(text, file=sys.stderr, flush=True)
+        sys.stderr.write(text + "\n")  # one write: lines of two ranks sharing a pipe do not interleave
+        sys.stderr.flush()
 
 
 @contextlib.contextmanager

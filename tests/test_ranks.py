@@ -4,8 +4,10 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +16,17 @@ from autobatch.config import build_config
 from autobatch.errors import ConfigError
 
 MiB = 2**20
-TORCHRUN = shutil.which("torchrun")
-AUTOBATCH = shutil.which("autobatch")
-needs_torchrun = pytest.mark.skipif(TORCHRUN is None or AUTOBATCH is None, reason="torchrun/autobatch not on PATH")
+
+
+def _script(name: str) -> str | None:
+    """A console script of this interpreter's environment (CI runs `venv/bin/python -m pytest`, bin not on PATH)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+TORCHRUN = _script("torchrun")
+AUTOBATCH = _script("autobatch")
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None or AUTOBATCH is None, reason="torchrun/autobatch not found")
 
 
 def launcher(monkeypatch, world: int, rank: int, local_rank: int | None = None) -> None:
@@ -64,7 +74,7 @@ def test_sharded_configs_are_refused(key):
 
 
 _LOCKSTEP = textwrap.dedent("""
-    import json, time
+    import json, pathlib, sys, time
     from autobatch import ranks
     from autobatch.planner import Trial, search_max_micro_batch
 
@@ -84,7 +94,8 @@ _LOCKSTEP = textwrap.dedent("""
         return trial
 
     result = search_max_micro_batch(probe, ranks.smallest(usable), 512)
-    print(json.dumps({"rank": me, "max": result.max_micro_batch_size, "trials": seen}), flush=True)
+    report = {"rank": me, "max": result.max_micro_batch_size, "trials": seen}
+    (pathlib.Path(sys.argv[1]) / f"rank{me}.json").write_text(json.dumps(report))  # two ranks share one stdout
 """)
 
 
@@ -93,11 +104,11 @@ def test_one_rank_ooms_in_a_trial_the_other_passes_and_both_move_on_together(tmp
     script = tmp_path / "lockstep.py"
     script.write_text(_LOCKSTEP)
     out = subprocess.run(
-        [TORCHRUN, "--nproc_per_node", "2", "--standalone", str(script)],
+        [TORCHRUN, "--nproc_per_node", "2", "--standalone", str(script), str(tmp_path)],
         check=False, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    reports = {r["rank"]: r for r in map(json.loads, out.stdout.split("\n")[:-1])}
+    reports = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     assert reports[0]["max"] == reports[1]["max"] == 6
     assert reports[0]["trials"] == reports[1]["trials"]  # one search path
     assert [7, False] in reports[0]["trials"]  # rank 0 fit 7 alone; rank 1's OOM was everyone's
