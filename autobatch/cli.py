@@ -599,6 +599,7 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
         report = {
             "plans": [{**r.plan.to_dict(), "prediction": r.prediction()} for r in rungs],
             "trials": [t.to_dict() for t in ladder.trials],
+            "cached_trials": [t.to_dict() for t in ladder.cached_trials],
             "gradient_noise_scale": gns_report,
             "recommended_effective_batch_size": recommended,
             "recommendation_reason": reason,
@@ -607,7 +608,7 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
         }
         print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
     else:
-        print(format_sweep(rungs, ladder.trials, gns_report, recommended, reason, notes), flush=True)
+        print(format_sweep(rungs, ladder, gns_report, recommended, reason, notes), flush=True)
         _err(f"study {args.study_name!r} in {storage} (open it with optuna.load_study or optuna-dashboard)")
     if plots is not None:
         _plot_sweep(plots, study, rungs, chosen, gns_report)
@@ -713,7 +714,7 @@ def _verdict(config: Config, plans: list, examples: int, rule: str | None, gns_r
     return rungs, recommended, reason, notes
 
 
-def format_sweep(rungs: list, trials: list, gns_report: dict | None, recommended: int, reason: str,
+def format_sweep(rungs: list, ladder, gns_report: dict | None, recommended: int, reason: str,
                  notes: list[str]) -> str:
     """The sweep table: measured cost per rung, then the model's predictions when B_noise is known."""
     predicted = any(r.sample_efficiency is not None for r in rungs)
@@ -721,7 +722,9 @@ def format_sweep(rungs: list, trials: list, gns_report: dict | None, recommended
             f"{'lr':>9}")
     if predicted:
         head += f"  {'efficiency':>10}  {'steps×':>6}  {'time×S_min':>10}"
-    lines = [f"{len(trials)} trials, one probe; every plan exact (micro × accumulation × world = B)", "", head]
+    cached = f" + {len(ladder.cached_trials)} from the probe cache" if ladder.cached_trials else ""
+    lines = [f"{len(ladder.trials)} trials{cached}, one probe; every plan exact (micro × accumulation × world = B)",
+             "", head]
     for rung in rungs:
         plan = rung.plan
         mark = "*" if rung.effective_batch_size == recommended else " "

@@ -14,7 +14,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from autobatch import ranks
 from autobatch.config import Config, format_bytes, modern_names
@@ -341,6 +341,97 @@ def _budget_error(trial: Trial, usable_bytes: int, config: Config) -> BudgetTooS
     )
 
 
+class _Session:
+    """One probe, as `make_plan` and `plan_ladder` share it: the backend and its usable budget (the cuda
+    allocator capped there), the process group, the Prober, the probe cache in front of its trials, and
+    the one list every answer the search used goes into, run or given by the cache."""
+
+    def __init__(self, config: Config, per_device: int | None, on_trial: Callable[[Trial], None] | None,
+                 trainer=None) -> None:
+        ranks.check_unsharded(config)
+        self.config, self.on_trial = config, on_trial
+        self.backend = make_backend(config.device, config.memory_budget_bytes)
+        self.headroom = resolve_headroom(config, self.backend.device)
+        self.usable = int(self.backend.budget_bytes * (1 - self.headroom))
+        if self.backend.device == "cuda":
+            self.backend.cap_bytes = self.usable  # the allocator itself refuses past it: a trial over is a real OOM
+        ranks.init_group(self.backend.device)
+        self.search_usable = ranks.smallest(self.usable)  # every rank's search aims at the same line
+        ddp = config.world_size > 1
+        if trainer is None:
+            self.prober = Prober(config, self.backend, self.usable, per_device, ddp=ddp)
+        else:
+            self.prober = Prober.for_trainer(trainer, self.backend, self.usable, per_device, ddp=ddp)
+        self.trials: list[Trial] = []
+        self.cached: list[Trial] = []  # the answers the cache gave
+        try:  # a caller's own trainer (collator, loss, callbacks) has no fingerprint the cache could trust
+            self.cache = _open_cache(config, self.prober, self.backend) if trainer is None else None
+        except BaseException:
+            self.prober.close()
+            raise
+        run_trial = self.prober.run_trial
+        self.run_trial = self.cache.wrap(run_trial, self.prober._accumulation, self.usable, self.cached) \
+            if self.cache else run_trial
+
+    def probe(self, size: int) -> Trial:
+        """One answer at `size`, from the cache or a trial, agreed by every rank (one rank's OOM is everyone's)."""
+        raw = self.run_trial(size)
+        hit = bool(self.cached) and self.cached[-1] is raw
+        trial = ranks.agree(raw)  # one search path on every rank
+        if hit:
+            self.cached[-1] = trial  # the agreed answer is the one the search used
+        self.trials.append(trial)
+        if self.on_trial and not hit:
+            self.on_trial(trial)
+        return trial
+
+    def search(self, needed: int | None = None, find_max: bool = False):
+        """The largest micro-batch search, its budget error in the user's words."""
+        try:
+            return search_max_micro_batch(self.probe, self.search_usable, self.config.max_micro_batch_size,
+                                          needed=needed, find_max=find_max)
+        except BudgetTooSmallError as exc:
+            raise _budget_error(exc.trial, self.usable, self.config) from None
+
+    def close(self) -> None:
+        self.prober.close()
+        if self.cache:
+            self.cache.close()
+
+    def split_cached(self) -> tuple[list[Trial], list[Trial]]:
+        """(trials run, answers the cache gave) of the search's list, in order."""
+        from_cache = {id(t) for t in self.cached}
+        return ([t for t in self.trials if id(t) not in from_cache],
+                [t for t in self.trials if id(t) in from_cache])
+
+    def finish(self, plan: Plan, capped: bool, started: float) -> None:
+        """What every plan of this probe says about its budget, device, cache and search."""
+        backend, config = self.backend, self.config
+        if self.cache is not None:
+            plan.trials, plan.cached_trials = self.split_cached()
+            plan.cache_path = str(self.cache.path)
+            if self.cache.broken:
+                plan.notes.append(f"probe cache {self.cache.path} ignored ({self.cache.broken}); every trial ran")
+            elif self.cached:
+                run = "no trial run" if not plan.trials else f"{len(plan.trials)} trial(s) run"
+                plan.notes.append(f"{len(self.cached)} answer(s) from the probe cache {self.cache.path}, {run} "
+                                  "(--no-cache measures again)")
+        plan.memory_budget_bytes, plan.usable_memory_bytes, plan.headroom = (
+            backend.budget_bytes, self.usable, self.headroom)
+        plan.device, plan.capped, plan.precision = backend.device, capped, self.prober.precision
+        plan.notes = self.prober.notes + plan.notes
+        if backend.budget_source:
+            plan.notes.append(f"budget: {format_bytes(backend.budget_bytes)} from {backend.budget_source}")
+        if capped:
+            plan.notes.append(
+                f"stopped at --max-micro-batch-size {config.max_micro_batch_size}: a larger micro-batch may fit"
+            )
+        if backend.device == "estimate":
+            plan.notes.append("estimate backend: peaks are estimates (no kernel workspaces, no fragmentation)")
+        plan.memory_fingerprint = fingerprint(config)
+        plan.search_seconds = time.perf_counter() - started
+
+
 def make_plan(
     config: Config,
     on_trial: Callable[[Trial], None] | None = None,
@@ -356,86 +447,34 @@ def make_plan(
     With `trainer`, the trials run on that trainer (`Prober.for_trainer`) instead of one built from `config`.
     """
     started = time.perf_counter()
-    ranks.check_unsharded(config)
-    stopped_at_need = False
-    backend = make_backend(config.device, config.memory_budget_bytes)
-    headroom = resolve_headroom(config, backend.device)
-    usable = int(backend.budget_bytes * (1 - headroom))
-    if backend.device == "cuda":
-        backend.cap_bytes = usable  # the allocator itself refuses past it: a trial over is a real OOM
     per_device = None
     if config.effective_batch_size is not None:
         per_device = check_effective_batch(config.effective_batch_size, config.world_size)
-    ranks.init_group(backend.device)
-    search_usable = ranks.smallest(usable)  # every rank's search aims at the same line
-    ddp = config.world_size > 1
-    if trainer is None:
-        prober = Prober(config, backend, usable, per_device, ddp=ddp)
-    else:
-        prober = Prober.for_trainer(trainer, backend, usable, per_device, ddp=ddp)
-    prober.on_start, prober.on_eval_trial = on_start, on_eval_trial
-    trials: list[Trial] = []  # every answer the search used, run or from the probe cache
-    cached: list[Trial] = []  # those the cache gave
-    # A caller's own trainer (collator, loss, callbacks) has no fingerprint the cache could trust.
-    cache = _open_cache(config, prober, backend) if trainer is None else None
-    run_trial = cache.wrap(prober.run_trial, prober._accumulation, usable, cached) if cache else prober.run_trial
-
-    def probe(size: int) -> Trial:
-        raw = run_trial(size)
-        hit = bool(cached) and cached[-1] is raw
-        trial = ranks.agree(raw)  # one rank's OOM is everyone's: one search path
-        if hit:
-            cached[-1] = trial  # the agreed answer is the one the search used
-        trials.append(trial)
-        if on_trial and not hit:
-            on_trial(trial)
-        return trial
-
+    session = _Session(config, per_device, on_trial, trainer)
+    session.prober.on_start, session.prober.on_eval_trial = on_start, on_eval_trial
+    stopped_at_need = False
     try:
         if isinstance(config.per_device_train_batch_size, int):
             micro = config.per_device_train_batch_size
-            trial = probe(micro)
+            trial = session.probe(micro)
             max_micro, capped = (micro if trial.fits else 0), False
-        else:
-            try:  # the plan never uses more than per_device: the search stops there unless --find-max
-                result = search_max_micro_batch(probe, search_usable, config.max_micro_batch_size,
-                                                needed=per_device, find_max=config.find_max)
-            except BudgetTooSmallError as exc:
-                raise _budget_error(exc.trial, usable, config) from None
+        else:  # the plan never uses more than per_device: the search stops there unless --find-max
+            result = session.search(needed=per_device, find_max=config.find_max)
             max_micro, capped = result.max_micro_batch_size, result.capped
             stopped_at_need = result.stopped_at_need
-        plan = _choose(config, prober, per_device, max_micro, trials, probe)
+        plan = _choose(config, session.prober, per_device, max_micro, session.trials, session.probe)
         if plan.fits and evaluates(config):
             plan.per_device_eval_batch_size, plan.eval_trials = _plan_eval(
-                config, prober, plan, search_usable, run_trial)
+                config, session.prober, plan, session.search_usable, session.run_trial)
             chosen = [t for t in plan.eval_trials if t.micro_batch_size == plan.per_device_eval_batch_size]
             plan.eval_peak_memory_bytes = chosen[-1].peak_memory_bytes
     finally:
-        prober.close()
-        if cache:
-            cache.close()
-    _report_cache(plan, cache, cached)
+        session.close()
     if stopped_at_need:
         plan.stopped_at_need = True
         plan.notes.append(f"max micro-batch ≥ {max_micro}, not searched past what the plan needs "
                           "(--find-max searches on)")
-    plan.memory_budget_bytes = backend.budget_bytes
-    plan.usable_memory_bytes = usable
-    plan.headroom = headroom
-    plan.device = backend.device
-    plan.capped = capped
-    plan.precision = prober.precision
-    plan.notes = prober.notes + plan.notes
-    if backend.budget_source:
-        plan.notes.append(f"budget: {format_bytes(backend.budget_bytes)} from {backend.budget_source}")
-    if capped:
-        plan.notes.append(
-            f"stopped at --max-micro-batch-size {config.max_micro_batch_size}: a larger micro-batch may fit"
-        )
-    if backend.device == "estimate":
-        plan.notes.append("estimate backend: peaks are estimates (no kernel workspaces, no fragmentation)")
-    plan.memory_fingerprint = fingerprint(config)
-    plan.search_seconds = time.perf_counter() - started
+    session.finish(plan, capped, started)
     return plan
 
 
@@ -450,22 +489,6 @@ def _open_cache(config: Config, prober: Prober, backend: MemoryBackend):
         backend.identity(), config.world_size,
     )
     return ProbeCache(cache_path(config.cache), description, backend.budget_bytes)
-
-
-def _report_cache(plan: Plan, cache, cached: list[Trial]) -> None:
-    """`trials` keeps the trials actually run; answers the cache gave go to `cached_trials`, with a note."""
-    if cache is None:
-        return
-    plan.cache_path = str(cache.path)
-    from_cache = {id(t) for t in cached}  # eval answers stay in eval_trials, whichever way they came
-    plan.cached_trials = [t for t in plan.trials if id(t) in from_cache]
-    plan.trials = [t for t in plan.trials if id(t) not in from_cache]
-    if cache.broken:
-        plan.notes.append(f"probe cache {cache.path} ignored ({cache.broken}); every trial ran")
-    elif cached:
-        run = "no trial run" if not plan.trials else f"{len(plan.trials)} trial(s) run"
-        plan.notes.append(f"{len(cached)} answer(s) from the probe cache {cache.path}, {run} "
-                          "(--no-cache measures again)")
 
 
 def evaluates(config: Config) -> bool:
@@ -585,9 +608,10 @@ class Ladder:
     mean tokens per example (for time per epoch and validation budgets)."""
 
     plans: list[Plan]
-    trials: list[Trial]
+    trials: list[Trial]  # run by this probe
     examples: int
     tokens_per_example: float
+    cached_trials: list[Trial] = field(default_factory=list)  # answered by the probe cache
 
 
 def plan_ladder(
@@ -597,62 +621,43 @@ def plan_ladder(
 ) -> Ladder:
     """Probe once and plan every rung of a ladder of effective batch sizes exactly.
 
-    One Prober and one trials list: the largest micro-batch is searched once, then each rung is planned by
-    `_choose` over the shared trials, so a trial runs only where a rung's fastest split needs a micro-batch
-    not yet measured. Trials are measured at the ladder's largest accumulation (the most micro-batches held
-    at once: the worst case for every rung). Without explicit sizes the ladder is m·W·2^k, k = 0..4, plus
-    the config's target; its largest micro-batch m is confirmed again at that accumulation.
+    One probe (`_Session`: the same budget, rank agreement and probe cache as `make_plan`) and one trials
+    list: the largest micro-batch is searched once, then each rung is planned by `_choose` over the shared
+    trials, so a trial runs only where a rung's fastest split needs a micro-batch not yet measured (or
+    cached). Trials are measured at the ladder's largest accumulation (the most micro-batches held at once:
+    the worst case for every rung). Without explicit sizes the ladder is m·W·2^k, k = 0..4, plus the
+    config's target; its largest micro-batch m is confirmed again at that accumulation.
     """
     import dataclasses
 
     started = time.perf_counter()
-    for size in effective_batch_sizes or []:
-        check_effective_batch(size, config.world_size)
-    if config.effective_batch_size is not None:
-        check_effective_batch(config.effective_batch_size, config.world_size)
-    backend = make_backend(config.device, config.memory_budget_bytes)
-    headroom = resolve_headroom(config, backend.device)
-    usable = int(backend.budget_bytes * (1 - headroom))
-    if backend.device == "cuda":
-        backend.cap_bytes = usable  # the allocator itself refuses past it, as in make_plan
     world = config.world_size
+    for size in effective_batch_sizes or []:
+        check_effective_batch(size, world)
+    if config.effective_batch_size is not None:
+        check_effective_batch(config.effective_batch_size, world)
     known = ladder_rungs(effective_batch_sizes, 1, world, config.effective_batch_size) if effective_batch_sizes else []
-    ranks.init_group(backend.device)
-    search_usable = ranks.smallest(usable)  # every rank's search aims at the same line
-    prober = Prober(config, backend, usable, max(known) // world if known else None, ddp=world > 1)
+    session = _Session(config, max(known) // world if known else None, on_trial)
+    prober = session.prober
     lengths = [len(ids) for ids in prober.trainer.train_dataset["input_ids"]]
-    trials: list[Trial] = []
-
-    def probe(size: int) -> Trial:
-        trial = ranks.agree(prober.run_trial(size))  # one rank's OOM is everyone's
-        trials.append(trial)
-        if on_trial:
-            on_trial(trial)
-        return trial
-
     sweep_config = dataclasses.replace(config, per_device_train_batch_size="auto", gradient_accumulation_steps="auto")
     plans: list[Plan] = []
     try:
-        try:
-            result = search_max_micro_batch(probe, search_usable, config.max_micro_batch_size)
-        except BudgetTooSmallError as exc:
-            raise _budget_error(exc.trial, usable, config) from None
+        result = session.search()
         max_micro, capped = result.max_micro_batch_size, result.capped
         rungs = ladder_rungs(effective_batch_sizes, max_micro, world, config.effective_batch_size)
         if not known:  # the default ladder accumulates up to 16 micro-batches: confirm m holds beside them
             prober.per_device = max(rungs) // world
-            while max_micro > 1 and not probe(max_micro).fits:
+            while max_micro > 1 and not session.probe(max_micro).fits:
                 max_micro -= 1
         for rung in rungs:
             rung_config = dataclasses.replace(sweep_config, effective_batch_size=rung)
-            plans.append(_choose(rung_config, prober, rung // world, max_micro, trials, probe))
+            plans.append(_choose(rung_config, prober, rung // world, max_micro, session.trials, session.probe))
     finally:
-        prober.close()
-    seconds = time.perf_counter() - started
+        session.close()
     for plan in plans:
-        plan.memory_budget_bytes, plan.usable_memory_bytes, plan.headroom = backend.budget_bytes, usable, headroom
-        plan.device, plan.capped, plan.search_seconds = backend.device, capped, seconds
-        plan.precision = prober.precision
-        plan.notes = prober.notes + plan.notes
-        plan.memory_fingerprint = fingerprint(config)
-    return Ladder(plans, trials, len(lengths), sum(lengths) / len(lengths))
+        session.finish(plan, capped, started)
+    run, cached = session.split_cached() if session.cache else (session.trials, [])
+    for plan in plans:  # one list for every rung, as the search made it
+        plan.trials, plan.cached_trials = run, cached
+    return Ladder(plans, run, len(lengths), sum(lengths) / len(lengths), cached)

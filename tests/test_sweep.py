@@ -51,7 +51,8 @@ def fake_prober(monkeypatch):
 
 
 def ladder_config(model_dir, **overrides):
-    values = {"model_name_or_path": str(model_dir), "device": "cpu", "memory_budget": "40MiB", "headroom": 0}
+    values = {"model_name_or_path": str(model_dir), "device": "cpu", "memory_budget": "40MiB", "headroom": 0,
+              "no_cache": True}  # the fake prober has no model to fingerprint
     values.update(overrides)
     return build_config(overrides=values)
 
@@ -173,6 +174,25 @@ def test_sweep_cli_plans_every_rung_and_writes_the_recommended_one(tiny_model_di
     study = optuna.load_study(study_name="autobatch-sweep", storage=report["study"]["storage"])
     assert sorted((t.params["effective_batch_size"], t.value) for t in study.trials) == sorted(
         (p["effective_batch_size"], p["prediction"]["time_to_target_s"]) for p in report["plans"])
+
+
+def test_a_second_sweep_is_answered_by_the_probe_cache(tiny_model_dir, tmp_path, capsys):
+    def sweep_json(out):
+        code = main(["sweep", "--model", str(tiny_model_dir()), "--device", "cpu", "--memory-budget", "40MiB",
+                     "--max-length", "64", "--effective-batch-sizes", "4,8", "--json", "--gradient-checkpointing",
+                     "false", "--output-dir", str(tmp_path / out)])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads(captured.out)
+
+    first, second = sweep_json("a"), sweep_json("b")
+    assert first["trials"] and not first["cached_trials"]
+    assert second["trials"] == []  # nothing measured again
+    assert [t["micro_batch_size"] for t in second["cached_trials"]] == [t["micro_batch_size"] for t in first["trials"]]
+    strip = ("trials", "cached_trials", "search_seconds", "notes", "cache_path", "prediction")
+    assert [{k: v for k, v in p.items() if k not in strip} for p in second["plans"]] == [
+        {k: v for k, v in p.items() if k not in strip} for p in first["plans"]]
+    assert any("from the probe cache" in note for note in second["plans"][0]["notes"])
 
 
 def sweep_args(model_dir, data, out):
