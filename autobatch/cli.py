@@ -516,11 +516,9 @@ def _gns_callbacks(wanted: bool, config: Config, plan: Plan) -> list:
         return []
     from autobatch.gns import gns_callback
 
-    if plan.gradient_accumulation_steps == 1:
+    if plan.gradient_accumulation_steps == 1 and config.world_size == 1:
         _err("note: --gns with accumulation 1: no small/big gradient pair on one device, nothing to measure "
              "(set --effective-batch-size to twice the micro-batch or more)")
-    if config.world_size > 1:
-        _err("note: --gns under several processes measures rank 0's micro-batches against its local sum only")
     return [gns_callback()]
 
 

@@ -4,6 +4,7 @@ Each optimizer step that accumulates gives two gradient norms at two batch sizes
 gradient (B_small) and the accumulated one (B_big). For a mean gradient over B examples,
 E|G_B|² = |G|² + tr(Σ)/B, so two sizes give unbiased estimates of |G|² and tr(Σ); their ratio is
 B_simple = tr(Σ)/|G|², the batch size past which a larger batch mostly adds compute, not progress.
+Under DDP, B_small is a rank's micro-batch and B_big the global batch, so accumulation 1 has a pair too.
 The arithmetic (`step_estimates`, `summarize`) is separate from the hooks (`GnsCallback`) so it is tested
 on synthetic ground truth; the hooks are tested against explicitly computed per-micro-batch gradients.
 """
@@ -140,24 +141,56 @@ class GnsRecorder:
     tokens: list[tuple[float, float]] = field(default_factory=list)
 
 
+def micro_weights(rows: list[tuple[float, float, float]], world: int, token_normalised: bool,
+                  across_devices: bool) -> tuple[list[float], list[float]]:
+    """(each micro-batch's squared mean gradient, its weight in the step's gradient) from the hooked norms.
+
+    `rows` holds (hooked squared norm, loss tokens, sequences) of every micro-batch of one step, rank by rank
+    (`world` equal groups). The hooked gradient is c·(the micro-batch's own mean gradient), where c is how
+    the Trainer scaled that micro-batch's loss: n/N_rank by the step's token count (`num_items_in_batch`),
+    W·n/N_all when that count is summed over ranks and the loss multiplied back by the world size
+    (`average_tokens_across_devices`), or 1/A when each mean loss is divided by accumulation. DDP then
+    averages the ranks, so each weight is c/W.
+    """
+    per_rank = len(rows) // world
+    total = sum(n for _, n, _ in rows)
+    means, weights = [], []
+    for rank in range(world):
+        group = rows[rank * per_rank:(rank + 1) * per_rank]
+        local = sum(n for _, n, _ in group)
+        for hooked, tokens, _ in group:
+            if not token_normalised:
+                scale = 1 / per_rank
+            elif across_devices:
+                scale = world * tokens / total
+            else:
+                scale = tokens / local
+            means.append(hooked / scale**2)
+            weights.append(scale / world)
+    return means, weights
+
+
 def gns_callback():
     """A TrainerCallback measuring the gradient noise scale during `train()`; call `.attach(trainer)` first."""
     from transformers import TrainerCallback
 
     class GnsCallback(TrainerCallback):
-        """Per-parameter gradient hooks sum each micro-batch's squared gradient; post-accumulate hooks on the
-        last micro-batch of a step sum the accumulated (pre-clip) gradient's. Both are rescaled for how the
-        Trainer normalised the loss: by the step's token count (`num_items_in_batch`) or by accumulation."""
+        """Per-parameter gradient hooks sum each micro-batch's squared gradient (B_small: the rank-local
+        micro-batch); the accumulated gradient's pre-clip norm (B_big: the global batch) is the one the
+        Trainer asks accelerate's `clip_grad_norm_` for every step, after DDP's all-reduce and fp16's
+        unscale, so it costs no extra pass. Under several ranks the micro-batch norms are gathered once a
+        step. Both are rescaled for how the Trainer normalised the loss (`micro_weights`)."""
 
         def __init__(self) -> None:
             self.recorder = GnsRecorder()
             self.trainer = None
             self.handles: list = []
             self.micro: list[_Micro] = []
-            self.big_sq = None
+            self.big_norm = None
             self.hook_seconds = 0.0
             self.step_seconds = 0.0
             self._step_started = 0.0
+            self._accelerator = None
             self.raw: list[StepNorms] = []  # token-unit norms of every step, for tests and plots
 
         def attach(self, trainer) -> GnsCallback:
@@ -165,21 +198,12 @@ def gns_callback():
 
             self.trainer = trainer
             model = trainer.model
-            params = [p for p in model.parameters() if p.requires_grad]
             self._current = None
 
             def on_grad(grad):
                 started = time.perf_counter()
                 value = grad.detach().float().pow(2).sum()
                 self._current = value if self._current is None else self._current + value
-                self.hook_seconds += time.perf_counter() - started
-
-            def on_accumulated(param):
-                if not self._last_micro():
-                    return
-                started = time.perf_counter()
-                value = param.grad.detach().float().pow(2).sum()
-                self.big_sq = value if self.big_sq is None else self.big_sq + value
                 self.hook_seconds += time.perf_counter() - started
 
             def on_forward(module, args, kwargs):
@@ -196,15 +220,29 @@ def gns_callback():
                 self._pending = (labels.shape[0], tokens)
                 self.hook_seconds += time.perf_counter() - started
 
-            for param in params:
-                self.handles.append(param.register_hook(on_grad))
-                self.handles.append(param.register_post_accumulate_grad_hook(on_accumulated))
+            for param in model.parameters():
+                if param.requires_grad:
+                    self.handles.append(param.register_hook(on_grad))
             self.handles.append(model.register_forward_pre_hook(on_forward, with_kwargs=True))
             self._pending = None
             return self
 
-        def _last_micro(self) -> bool:
-            return len(self.micro) + 1 >= self.trainer.current_gradient_accumulation_steps
+        def _watch_clip(self) -> None:
+            """Keep the first norm accelerate's `clip_grad_norm_` returns each step: the pre-clip norm of
+            the step's (all-reduced, unscaled) gradient, which the Trainer computes every step anyway."""
+            accelerator = self.trainer.accelerator
+            if self._accelerator is accelerator:
+                return
+            original = accelerator.clip_grad_norm_
+
+            def clip_grad_norm_(*args, **kwargs):
+                norm = original(*args, **kwargs)
+                if self.big_norm is None:
+                    self.big_norm = norm
+                return norm
+
+            accelerator.clip_grad_norm_ = clip_grad_norm_  # on this instance only; detach() removes it
+            self._accelerator = accelerator
 
         def _close_micro(self) -> None:
             if self._pending is not None and self._current is not None:
@@ -215,17 +253,21 @@ def gns_callback():
             for handle in self.handles:
                 handle.remove()
             self.handles = []
+            if self._accelerator is not None:
+                vars(self._accelerator).pop("clip_grad_norm_", None)
+                self._accelerator = None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.micro, self.big_sq, self._current, self._pending = [], None, None, None
+            self._watch_clip()
+            self.micro, self.big_norm, self._current, self._pending = [], None, None, None
             self._step_started = time.perf_counter()
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             started = time.perf_counter()
             self._close_micro()
-            if self.big_sq is not None and self.micro:
+            if self.micro:
                 self._record(args)
-            self.micro, self.big_sq = [], None
+            self.micro, self.big_norm = [], None
             self.hook_seconds += time.perf_counter() - started
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -238,21 +280,44 @@ def gns_callback():
                 return bool(trainer.loss_is_scaled_for_ga)
             return bool(trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None)
 
+        def _loss_scale(self) -> float:
+            """fp16's loss scale, which the hooked gradients carry and accelerate's norm does not."""
+            scaler = getattr(self.trainer.accelerator, "scaler", None)
+            return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+        def _rows(self) -> list[tuple[float, float, float]]:
+            """(hooked squared norm, tokens, sequences) of every micro-batch of the step, gathered over ranks."""
+            import torch
+
+            device = self.micro[0].sq.device
+            local = torch.stack([torch.stack([m.sq.double(), torch.as_tensor(m.tokens, device=device).double(),
+                                              torch.tensor(float(m.sequences), device=device, dtype=torch.float64)])
+                                 for m in self.micro])
+            accelerator = self.trainer.accelerator
+            if accelerator.num_processes > 1:  # every rank runs the same number of micro-batches a step
+                local = accelerator.gather(local)
+            return [tuple(row) for row in local.cpu().tolist()]
+
+        def _big_sq(self) -> float:
+            """The step's gradient, squared: accelerate's pre-clip norm, or (when the Trainer did not ask for
+            one, so nothing was clipped either) the gradients as they stand, unscaled."""
+            if self.big_norm is not None:
+                return float(self.big_norm) ** 2
+            params = [p for p in self.trainer.model.parameters() if p.grad is not None]
+            return sum(float(p.grad.detach().float().pow(2).sum()) for p in params) / self._loss_scale() ** 2
+
         def _record(self, args) -> None:
-            raw = [m.sq.item() for m in self.micro]
-            tokens = [float(m.tokens) for m in self.micro]
-            sequences = [float(m.sequences) for m in self.micro]
-            big = self.big_sq.item()
-            total = sum(tokens)
-            count = len(raw)
-            if self.token_normalised():  # r_i = S_i/N: the micro-batch's mean gradient is r_i·N/n_i
-                means = [r * (total / n) ** 2 for r, n in zip(raw, tokens)]
-                weights = [n / total for n in tokens]
-            else:  # r_i = m_i/A: the mean gradient is r_i·A, and G_big the plain mean of the m_i
-                means = [r * count**2 for r in raw]
-                weights = [1 / count] * count
-            for unit, sizes, out in (("tokens", tokens, self.recorder.tokens),
-                                     ("sequences", sequences, self.recorder.sequences)):
+            rows = self._rows()
+            if any(tokens <= 0 for _, tokens, _ in rows):  # a micro-batch with no loss tokens has no mean gradient
+                return
+            world = self.trainer.accelerator.num_processes
+            across = world > 1 and bool(getattr(args, "average_tokens_across_devices", False))
+            scale = self._loss_scale() ** 2
+            means, weights = micro_weights([(h / scale, n, s) for h, n, s in rows], world,
+                                           self.token_normalised(), across)
+            big = self._big_sq()
+            for unit, column, out in (("tokens", 1, self.recorder.tokens), ("sequences", 2, self.recorder.sequences)):
+                sizes = [row[column] for row in rows]
                 step = StepNorms(means, sizes, big, sum(w * w / n for w, n in zip(weights, sizes)))
                 if unit == "tokens":
                     self.raw.append(step)

@@ -7,6 +7,7 @@ the callback's per-micro-batch and accumulated norms are compared with gradients
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,73 @@ def test_run_gns_writes_gns_json_logs_it_and_shows_it(tiny_model_dir, tmp_path, 
     assert "gradient noise scale: " in captured.out and "gns overhead" in captured.err
     history = _json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert any("gns_b_simple" in entry for entry in history)
+
+
+_DDP_STEP = '''
+import json, sys
+import torch
+from autobatch import gns
+from autobatch.config import build_config
+from autobatch.workload import build_trainer, load_train_dataset, sft_config
+
+model_dir, data, out, accumulation, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+config = build_config(overrides={
+    "model_name_or_path": model_dir, "dataset_name": data, "device": "cpu", "max_length": 48, "learning_rate": 0.0,
+    "max_steps": 1, "gradient_checkpointing": False, "train_sampling_strategy": "sequential", "report_to": "none",
+    "disable_tqdm": True, "save_strategy": "no", "max_grad_norm": 1e-3})
+args, _ = sft_config(config, "cpu", out, per_device_train_batch_size=2, gradient_accumulation_steps=accumulation)
+trainer = build_trainer(config, args, train_dataset=load_train_dataset(config))
+if mode == "divide":
+    trainer.model_accepts_loss_kwargs = False
+callback = gns.gns_callback().attach(trainer)
+trainer.add_callback(callback)
+trainer.train()
+model, rank = trainer.model, trainer.accelerator.process_index
+grads, tokens = [], []
+for _, batch in zip(range(accumulation), trainer.get_train_dataloader()):  # this rank's micro-batches, in order
+    model.zero_grad(set_to_none=True)
+    model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}).loss.backward()
+    grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]).double())
+    tokens.append(float((batch["labels"][..., 1:] != -100).sum()))
+(step,) = callback.raw
+torch.save({"grads": grads, "tokens": tokens, "small_sq": step.small_sq, "big_sq": step.big_sq,
+            "inv_big": step.inv_big, "pairs": len(callback.recorder.tokens)}, f"{out}/rank{rank}.pt")
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["num_items", "divide"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_under_ddp_the_small_batch_is_a_ranks_micro_batch_and_the_big_one_the_global_batch(
+    tiny_model_dir, tiny_dataset_file, tmp_path, accumulation, mode
+):
+    """Two gloo ranks, one step at learning rate 0: every micro-batch of both ranks (gathered) against its
+    explicit gradient, and the step's norm against the global batch's gradient, weighted as the Trainer
+    weights it (tokens over both ranks with num_items_in_batch, equal shares when it divides)."""
+    import os
+    import subprocess
+
+    from tests.test_ranks import TORCHRUN
+
+    if TORCHRUN is None:
+        pytest.skip("torchrun not found")
+    script = tmp_path / "ddp_step.py"
+    script.write_text(_DDP_STEP)
+    out = subprocess.run(
+        [TORCHRUN, "--nproc_per_node", "2", "--standalone", str(script), str(tiny_model_dir()),
+         str(tiny_dataset_file), str(tmp_path), str(accumulation), mode],
+        check=False, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    grads = [g for r in ranks for g in r["grads"]]
+    tokens = [n for r in ranks for n in r["tokens"]]
+    assert len(set(tokens)) > 1  # unequal micro-batches, so the weighting matters
+    for report in ranks:  # both ranks hold the same gathered step
+        assert report["small_sq"] == pytest.approx([float(g @ g) for g in grads], rel=1e-4)
+        weights = [n / sum(tokens) for n in tokens] if mode == "num_items" else [1 / len(grads)] * len(grads)
+        big = sum(w * g for w, g in zip(weights, grads))
+        assert report["big_sq"] == pytest.approx(float(big @ big), rel=1e-4)  # pre-clip, after the all-reduce
+        assert report["inv_big"] == pytest.approx(sum(w * w / n for w, n in zip(weights, tokens)))
+        assert report["pairs"] == 1  # accumulation 1 too: the rank's micro-batch against the global batch

@@ -151,7 +151,7 @@ def test_torchrun_two_ranks_run_on_the_smaller_ranks_micro_batch(tiny_model_dir,
         [TORCHRUN, "--nproc_per_node", "2", "--standalone", AUTOBATCH, "run", "--model",
          str(tiny_model_dir("llama")), "--dataset", str(tiny_dataset_file), "--device", "cpu",
          "--memory-budget", "160MiB,100MiB", "--headroom", "0", "--max-length", "128",
-         "--effective-batch-size", "16", "--max-steps", "3", "--output-dir", str(out_dir)],
+         "--effective-batch-size", "16", "--max-steps", "3", "--output-dir", str(out_dir), "--gns"],
         check=False, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -170,6 +170,8 @@ def test_torchrun_two_ranks_run_on_the_smaller_ranks_micro_batch(tiny_model_dir,
     assert "OOM survived" not in out.stdout and "out of memory" not in out.stderr
     state = json.loads((out_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and state["train_batch_size"] == micro
+    noise = json.loads((out_dir / "gns.json").read_text())  # rank-local micro-batch against the global batch
+    assert noise["steps"] == 3 and noise["unit"] == "sequences"
     print(out.stdout)
 
 
