@@ -580,9 +580,15 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
 
     output_dir = str(check_output_dir(config))
     storage = args.storage or sweep.default_storage(output_dir)
-    study = sweep.open_study(storage, args.study_name, args.resume)  # refused before minutes of probing
+    # A study that may exist is opened (and refused without --resume) before minutes of probing; a new
+    # default one is created after the probe, so a sweep that fails there leaves nothing on disk.
+    study = sweep.open_study(storage, args.study_name, args.resume) if not sweep.is_new(storage) else None
+    if args.validate_tokens:
+        _err(_validation_budget(config, sizes, len(multipliers), args.validate_tokens, args.max_trials))
     with contextlib.redirect_stdout(sys.stderr):
         ladder = plan_ladder(config, sizes, on_trial=_trial_printer(config.memory_budget_bytes))
+    if study is None:
+        study = sweep.open_study(storage, args.study_name, args.resume)
     rungs, recommended, reason, notes = _verdict(config, ladder.plans, ladder.examples, args.lr_scaling, gns_report)
     points = [sweep.Point(r, r.learning_rate * m, m) for r in rungs for m in multipliers]
     if args.validate_tokens:
@@ -616,6 +622,20 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
             training_args={**config.training_args, "learning_rate": chosen.learning_rate})
         _write_output(rung_config, chosen.plan, args.output)
     return 0
+
+
+def _validation_budget(config: Config, sizes: list[int] | None, rates: int, tokens: int,
+                       max_trials: int | None) -> str:
+    """What --validate-tokens will cost, said before the probe: runs × tokens (seconds follow the probe)."""
+    from autobatch.probe import ladder_rungs
+
+    if sizes:
+        rungs = str(len(ladder_rungs(sizes, 1, config.world_size, config.effective_batch_size)))
+    else:  # m·W·2^k for k = 0..4, and the target when it is not one of them
+        rungs = "5" if config.effective_batch_size is None else "5–6"
+    runs = f"{rungs} rungs × {rates} rate(s)" + (f", at most {max_trials} this time" if max_trials else "")
+    return (f"validation: {runs}, each about {tokens} tokens of training plus an evaluation; "
+            "the probe comes first, then the predicted seconds")
 
 
 def _validate(config: Config, args: argparse.Namespace, study, points: list, ladder, gns_report: dict | None,

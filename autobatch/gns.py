@@ -198,12 +198,13 @@ def gns_callback():
 
             self.trainer = trainer
             model = trainer.model
-            self._current = None
+            self._current: list = []  # this micro-batch's per-parameter gradient norms
 
-            def on_grad(grad):
+            norm = torch.linalg.vector_norm
+
+            def on_grad(grad):  # one reduction kernel, no full-size temporary; summed when the micro-batch ends
                 started = time.perf_counter()
-                value = grad.detach().float().pow(2).sum()
-                self._current = value if self._current is None else self._current + value
+                self._current.append(norm(grad.detach(), dtype=torch.float32))
                 self.hook_seconds += time.perf_counter() - started
 
             def on_forward(module, args, kwargs):
@@ -245,9 +246,11 @@ def gns_callback():
             self._accelerator = accelerator
 
         def _close_micro(self) -> None:
-            if self._pending is not None and self._current is not None:
-                self.micro.append(_Micro(self._current, *self._pending))
-            self._pending, self._current = None, None
+            if self._pending is not None and self._current:
+                import torch
+
+                self.micro.append(_Micro(torch.stack(self._current).square().sum(), *self._pending))
+            self._pending, self._current = None, []
 
         def detach(self) -> None:
             for handle in self.handles:
@@ -259,7 +262,7 @@ def gns_callback():
 
         def on_step_begin(self, args, state, control, **kwargs):
             self._watch_clip()
-            self.micro, self.big_norm, self._current, self._pending = [], None, None, None
+            self.micro, self.big_norm, self._current, self._pending = [], None, [], None
             self._step_started = time.perf_counter()
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):

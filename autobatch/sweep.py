@@ -187,12 +187,21 @@ class Point:
                 "learning_rate": self.learning_rate}
 
 
+SQLITE = "sqlite:///"
+
+
 def default_storage(output_dir: str) -> str:
-    """sqlite:///OUTPUT_DIR/sweep.db, the directory created."""
+    """sqlite:///OUTPUT_DIR/sweep.db (the directory is made when the study is opened)."""
     import os
 
-    os.makedirs(output_dir, exist_ok=True)
-    return f"sqlite:///{os.path.abspath(os.path.join(output_dir, 'sweep.db'))}"
+    return SQLITE + os.path.abspath(os.path.join(output_dir, "sweep.db"))
+
+
+def is_new(storage_url: str) -> bool:
+    """Whether the storage is an SQLite file not made yet: no study there to refuse or resume."""
+    import os
+
+    return storage_url.startswith(SQLITE) and not os.path.exists(storage_url[len(SQLITE):])
 
 
 def open_study(storage_url: str, name: str, resume: bool):
@@ -203,6 +212,10 @@ def open_study(storage_url: str, name: str, resume: bool):
     from sqlalchemy.exc import SQLAlchemyError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if is_new(storage_url):
+        import os
+
+        os.makedirs(os.path.dirname(storage_url[len(SQLITE):]) or ".", exist_ok=True)
     try:
         with _quiet_optuna():
             storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,

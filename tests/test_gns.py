@@ -147,18 +147,30 @@ def equal_length_data(path, rows=64, chars=40):
 
 
 @pytest.mark.slow
-def test_gns_brackets_the_exact_noise_scale_at_learning_rate_zero(tiny_model_dir, tmp_path):
+def test_run_gns_brackets_the_exact_noise_scale_at_learning_rate_zero(tiny_model_dir, tmp_path, capsys):
+    """`autobatch run --gns` as a user types it, at learning rate 0 (the population is fixed): its interval
+    holds B_simple computed from every per-sequence gradient of the dataset, and is not vacuous."""
+    import json as _json
+
+    from autobatch.cli import main
+
     data = equal_length_data(tmp_path / "equal.jsonl")
     model = tiny_model_dir()
-    trainer, callback = trainer_with_gns(model, data, tmp_path / "out", 4, True, max_length=64, max_steps=-1,
-                                         num_train_epochs=4, train_sampling_strategy="random")
-    trainer.train()
-    report = callback.report()
+    out = tmp_path / "out"
+    code = main(["run", "--gns", "--model", str(model), "--dataset", str(data), "--device", "cpu",
+                 "--memory-budget", "4GiB", "--micro-batch-size", "2", "--effective-batch-size", "8",
+                 "--max-length", "64", "--learning-rate", "0", "--num-train-epochs", "4", "--output-dir", str(out),
+                 "--gradient-checkpointing", "false", "--save-strategy", "'no'", "--disable-tqdm", "true"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = _json.loads((out / "gns.json").read_text())
     exact, tokens_per_sequence = exact_b_simple(model, data, 64)
-    assert report["steps"] == 32 and report["resolved"]
+    print(f"exact {exact:.3f}, interval {report['low']:.3f}-{report['high']:.3f}, b_simple {report['b_simple']:.3f}, overhead {report['overhead']:.2%}")
+    assert report["steps"] == 32 and report["resolved"]  # 64 sequences / 8 a step × 4 epochs
     assert report["low"] < exact < report["high"]
     assert report["high"] < 3 * report["low"]  # not vacuous
     assert report["b_simple_tokens"] == pytest.approx(report["b_simple"] * tokens_per_sequence, rel=1e-6)
+    assert f"B_noise {report['b_simple']:.3g} sequences" in captured.out
 
 
 def test_run_gns_writes_gns_json_logs_it_and_shows_it(tiny_model_dir, tmp_path, capsys):

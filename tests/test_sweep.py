@@ -195,6 +195,20 @@ def test_a_second_sweep_is_answered_by_the_probe_cache(tiny_model_dir, tmp_path,
     assert any("from the probe cache" in note for note in second["plans"][0]["notes"])
 
 
+def test_validation_cost_is_said_before_the_probe_and_a_failed_probe_leaves_nothing(tiny_model_dir, tmp_path,
+                                                                                     capsys):
+    out = tmp_path / "out"
+    code = main(["sweep", "--model", str(tiny_model_dir()), "--device", "cpu", "--memory-budget", "1MiB",
+                 "--effective-batch-sizes", "4,8", "--validate-tokens", "2000", "--lr-multipliers", "0.5,1",
+                 "--output-dir", str(out)])
+    err = capsys.readouterr().err.splitlines()
+    assert code != 0 and err[-1].startswith("autobatch: error: micro-batch 1 needs")
+    budget = err.index("validation: 2 rungs × 2 rate(s), each about 2000 tokens of training plus an evaluation; "
+                       "the probe comes first, then the predicted seconds")
+    assert budget < next(i for i, line in enumerate(err) if line.startswith("micro=1 "))
+    assert not out.exists()  # no empty study left by a sweep that never planned
+
+
 def sweep_args(model_dir, data, out):
     return ["sweep", "--model", str(model_dir), "--dataset", str(data), "--device", "cpu", "--memory-budget", "30MiB",
             "--max-length", "32", "--effective-batch-sizes", "2,4,8", "--validate-tokens", "600",
