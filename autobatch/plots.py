@@ -72,9 +72,15 @@ def plot_memory(trials: list, usable_bytes: int, budget_bytes: int, chosen_micro
         if group:
             ax.scatter([t.micro_batch_size for t in group], [t.peak_memory_bytes / MiB for t in group],
                        marker=marker, color=color, label=label, zorder=3)
-    ax.axhline(budget_bytes / MiB, color="black", linestyle="--", label="budget")
-    if usable_bytes != budget_bytes:
-        ax.axhline(usable_bytes / MiB, color="gray", linestyle=":", label="usable (after headroom)")
+    highest = max((t.peak_memory_bytes for t in trials), default=0)
+    if budget_bytes > 4 * highest > 0:  # a whole machine's RAM would flatten every trial onto the axis
+        ax.set_ylim(0, 1.25 * highest / MiB)
+        ax.text(0.01, 0.98, f"budget {budget_bytes / MiB:,.0f} MiB: far above every trial, not drawn",
+                transform=ax.transAxes, va="top", fontsize=8)
+    else:
+        ax.axhline(budget_bytes / MiB, color="black", linestyle="--", label="budget")
+        if usable_bytes != budget_bytes:
+            ax.axhline(usable_bytes / MiB, color="gray", linestyle=":", label="usable (after headroom)")
     chosen = [t for t in trials if t.micro_batch_size == chosen_micro and t.fits]
     if chosen:
         ax.scatter([chosen_micro], [chosen[-1].peak_memory_bytes / MiB], marker="*", s=260, color="tab:green",

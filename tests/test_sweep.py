@@ -263,6 +263,22 @@ def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tin
     assert report["recommended_effective_batch_size"] == min(done, key=lambda t: t.value).params["effective_batch_size"]
 
 
+@pytest.mark.slow
+def test_validating_the_builtin_default_fills_a_study_optuna_opens(tmp_path, capsys):
+    """The README's `autobatch sweep --validate-tokens 20000` on the built-in model and data (24 s here)."""
+    import optuna
+
+    assert main(["sweep", "--validate-tokens", "20000", "--output-dir", str(tmp_path / "out"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    study = optuna.load_study(study_name="autobatch-sweep", storage=report["study"]["storage"])
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == len(study.trials) >= 2
+    assert all(math.isfinite(t.value) and t.value == t.user_attrs["eval_loss"] for t in done)
+    assert report["recommended_effective_batch_size"] == min(done, key=lambda t: t.value).params["effective_batch_size"]
+    for plan in report["plans"]:
+        assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == plan["effective_batch_size"]
+
+
 def test_plots_are_written_and_a_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
     import sys
 
