@@ -781,6 +781,8 @@ def _as_written(config: Config, device: str, precision: str | None = None) -> Co
     """
     args = modern_names(config.training_args)
     args.setdefault("activation_checkpointing", SFT_CHECKPOINTING_DEFAULT)  # said, not left to TRL's default
+    if device == "cpu":  # measured on the CPU: `trl sft` trains there too, even where a GPU is visible
+        args["use_cpu"] = True
     if precision:
         args.update(bf16=precision == "bf16", fp16=precision == "fp16")
     elif device == "cpu":

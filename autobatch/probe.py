@@ -132,6 +132,7 @@ class Prober:
         self.ddp = ddp  # the run wraps DDP: its gradient buckets are held during each (local) trial
         self.on_start: Callable[[int, int | None], None] | None = None  # (micro, eval batch) before a trial
         self.on_eval_trial: Callable[[Trial], None] | None = None  # after an evaluation trial
+        self.on_trial_shown = False  # a training trial's line is printed by the caller
         # Under a launcher the trainer lives in a single-process world until close(): no DDP, no collective
         # inside a trial (ranks.local_only). The ranks agree between trials over the default process group.
         self._world = contextlib.ExitStack()
@@ -270,9 +271,10 @@ class Prober:
         size = eval_batch_size or micro_batch_size
         trial = Trial(size, peak, fits=not oom and peak <= self.usable_bytes, seconds=seconds, oom=oom,
                       peak_allocated_bytes=measured.allocated_peak_bytes)
-        logger.debug(describe_trial(trial, self.usable_bytes))  # the CLI prints it; -v must not print it twice
         if eval_batch_size and self.on_eval_trial:
             self.on_eval_trial(trial)
+        elif not self.on_trial_shown:  # a caller printing its own line (the CLI) does not want it twice
+            logger.debug(describe_trial(trial, self.usable_bytes))
         return trial
 
     def close(self) -> None:
@@ -362,6 +364,7 @@ class _Session:
             self.prober = Prober(config, self.backend, self.usable, per_device, ddp=ddp)
         else:
             self.prober = Prober.for_trainer(trainer, self.backend, self.usable, per_device, ddp=ddp)
+        self.prober.on_trial_shown = on_trial is not None
         self.trials: list[Trial] = []
         self.cached: list[Trial] = []  # the answers the cache gave
         try:  # a caller's own trainer (collator, loss, callbacks) has no fingerprint the cache could trust
@@ -470,10 +473,7 @@ def make_plan(
             plan.eval_peak_memory_bytes = chosen[-1].peak_memory_bytes
     finally:
         session.close()
-    if stopped_at_need:
-        plan.stopped_at_need = True
-        plan.notes.append(f"max micro-batch ≥ {max_micro}, not searched past what the plan needs "
-                          "(--find-max searches on)")
+    plan.stopped_at_need = stopped_at_need  # the report's limit row says "≥ N (not searched past ...)"
     session.finish(plan, capped, started)
     return plan
 

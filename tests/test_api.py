@@ -148,9 +148,11 @@ def test_save_plan_writes_json_that_round_trips_and_yaml_with_the_batch(tmp_path
     import yaml
 
     data = yaml.safe_load(Path(plan.save(tmp_path / "plan.yaml")).read_text())
-    # plan.yaml states the precision measured and TRL's checkpointing default instead of leaving them to TRL
+    # plan.yaml states the precision and device measured and TRL's checkpointing default instead of leaving
+    # them to TRL
     assert data == {"model_name_or_path": "/models/tiny", "per_device_train_batch_size": 4,
-                    "gradient_accumulation_steps": 2, "activation_checkpointing": True, "bf16": False}
+                    "gradient_accumulation_steps": 2, "activation_checkpointing": True, "bf16": False,
+                    "use_cpu": True}
 
 
 def test_load_applies_overrides_to_a_config_and_a_path():

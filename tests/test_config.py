@@ -337,7 +337,7 @@ def test_shipped_training_keys_are_sft_config_fields(path):
 
 def allowed_plan_keys(config: Config) -> set[str]:
     trl_model_keys = {"model_name_or_path", "use_peft", *MODEL_CONFIG_LORA_KEYS, *MODEL_ARGS_KEYS}
-    batch = {"per_device_train_batch_size", "gradient_accumulation_steps", "activation_checkpointing"}
+    batch = {"per_device_train_batch_size", "gradient_accumulation_steps", "activation_checkpointing", "use_cpu"}
     return set(config.training_args) | set(SCRIPT_ARGUMENTS_KEYS) | trl_model_keys | batch
 
 
@@ -352,6 +352,7 @@ def test_plan_yaml_round_trips(tmp_path):
     assert set(data) <= allowed_plan_keys(config)
     autobatch_only = {"effective_batch_size", "memory_budget", "device", "headroom", "max_micro_batch_size"}
     assert not autobatch_only & set(data)
+    assert data["use_cpu"] is True  # measured on the CPU: trl sft trains there too
     header = [line for line in text.splitlines() if line.startswith("#")]
     assert any("effective batch 32 = per_device_train_batch_size 16 × gradient_accumulation_steps 2" in line
                for line in header)
@@ -361,7 +362,8 @@ def test_plan_yaml_round_trips(tmp_path):
     write_plan_yaml(plan_path, text)
     again = load_config(plan_path)
     assert (again.per_device_train_batch_size, again.gradient_accumulation_steps) == (16, 2)
-    assert again.training_args == {**config.training_args, "activation_checkpointing": True}  # TRL's default, said
+    assert again.training_args == {**config.training_args, "activation_checkpointing": True,  # TRL's default, said
+                                   "use_cpu": True}
     assert again.lora == config.lora and again.model_args == config.model_args
     assert (again.model_name_or_path, again.dataset_name) == ("some/model", "imdb")
 
