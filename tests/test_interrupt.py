@@ -36,7 +36,14 @@ def wait_for(process: subprocess.Popen, stream: str, marker: str, timeout_s: flo
     """Lines of `stream` read until one contains `marker` (the process is killed if it never comes)."""
     lines: queue.Queue = queue.Queue()
     pipe = getattr(process, stream)
-    threading.Thread(target=lambda: [lines.put(line) for line in pipe], daemon=True).start()
+
+    def read() -> None:  # stops at the marker: what follows is left in the pipe for communicate()
+        for line in pipe:
+            lines.put(line)
+            if marker in line:
+                return
+
+    threading.Thread(target=read, daemon=True).start()
     seen: list[str] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
