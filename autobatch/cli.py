@@ -139,7 +139,8 @@ def _make_parser() -> argparse.ArgumentParser:
                      help="train into an output_dir that holds an earlier run (its checkpoints are removed "
                           "when training starts); without it or --resume such a dir is refused")
     run.add_argument("--gns", action="store_true",
-                     help="measure the gradient noise scale during the run (needs accumulation >= 2); "
+                     help="measure the gradient noise scale during the run (on one device it needs "
+                          "accumulation >= 2); "
                           "writes OUTPUT_DIR/gns.json")
     run.set_defaults(func=_cmd_run)
     sweep = commands.add_parser("sweep", parents=[common], allow_abbrev=False, epilog=_EPILOG,

@@ -397,21 +397,20 @@ class _Session:
             raise _budget_error(exc.trial, self.usable, self.config) from None
 
     def close(self) -> None:
+        """Give the trainer back; split the search's list into trials run and answers the cache gave."""
         self.prober.close()
+        self.run, self.from_cache = self.trials, []
         if self.cache:
             self.cache.close()
-
-    def split_cached(self) -> tuple[list[Trial], list[Trial]]:
-        """(trials run, answers the cache gave) of the search's list, in order."""
-        from_cache = {id(t) for t in self.cached}
-        return ([t for t in self.trials if id(t) not in from_cache],
-                [t for t in self.trials if id(t) in from_cache])
+            given = {id(t) for t in self.cached}
+            self.run = [t for t in self.trials if id(t) not in given]
+            self.from_cache = [t for t in self.trials if id(t) in given]
 
     def finish(self, plan: Plan, capped: bool, started: float) -> None:
         """What every plan of this probe says about its budget, device, cache and search."""
         backend, config = self.backend, self.config
         if self.cache is not None:
-            plan.trials, plan.cached_trials = self.split_cached()
+            plan.trials, plan.cached_trials = self.run, self.from_cache
             plan.cache_path = str(self.cache.path)
             if self.cache.broken:
                 plan.notes.append(f"probe cache {self.cache.path} ignored ({self.cache.broken}); every trial ran")
@@ -655,9 +654,6 @@ def plan_ladder(
             plans.append(_choose(rung_config, prober, rung // world, max_micro, session.trials, session.probe))
     finally:
         session.close()
-    for plan in plans:
+    for plan in plans:  # every rung holds the same two lists
         session.finish(plan, capped, started)
-    run, cached = session.split_cached() if session.cache else (session.trials, [])
-    for plan in plans:  # one list for every rung, as the search made it
-        plan.trials, plan.cached_trials = run, cached
-    return Ladder(plans, run, len(lengths), sum(lengths) / len(lengths), cached)
+    return Ladder(plans, session.run, len(lengths), sum(lengths) / len(lengths), session.from_cache)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import asdict, dataclass
 
 from autobatch.errors import ConfigError
@@ -192,16 +193,17 @@ SQLITE = "sqlite:///"
 
 def default_storage(output_dir: str) -> str:
     """sqlite:///OUTPUT_DIR/sweep.db (the directory is made when the study is opened)."""
-    import os
-
     return SQLITE + os.path.abspath(os.path.join(output_dir, "sweep.db"))
 
 
-def is_new(storage_url: str) -> bool:
-    """Whether the storage is an SQLite file not made yet: no study there to refuse or resume."""
-    import os
+def _new_sqlite_file(storage_url: str) -> str | None:
+    """The path of an SQLite storage whose file is not made yet (no study there to refuse or resume)."""
+    path = storage_url[len(SQLITE):] if storage_url.startswith(SQLITE) else None
+    return path if path and not os.path.exists(path) else None
 
-    return storage_url.startswith(SQLITE) and not os.path.exists(storage_url[len(SQLITE):])
+
+def is_new(storage_url: str) -> bool:
+    return _new_sqlite_file(storage_url) is not None
 
 
 def open_study(storage_url: str, name: str, resume: bool):
@@ -212,10 +214,9 @@ def open_study(storage_url: str, name: str, resume: bool):
     from sqlalchemy.exc import SQLAlchemyError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if is_new(storage_url):
-        import os
-
-        os.makedirs(os.path.dirname(storage_url[len(SQLITE):]) or ".", exist_ok=True)
+    new_file = _new_sqlite_file(storage_url)
+    if new_file:
+        os.makedirs(os.path.dirname(new_file) or ".", exist_ok=True)
     try:
         with _quiet_optuna():
             storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
