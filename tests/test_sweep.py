@@ -215,6 +215,19 @@ def sweep_args(model_dir, data, out):
             "--output-dir", str(out), "--gradient-checkpointing", "false", "--max-micro-batch-size", "2", "--json"]
 
 
+def _trial_states(db: Path) -> list[tuple[str, int]]:
+    """(state, has a heartbeat) per trial, read-only: optuna.load_study would create the schema, racing the sweep."""
+    import contextlib
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5)) as con:
+            return con.execute("SELECT state, EXISTS (SELECT 1 FROM trial_heartbeats h WHERE h.trial_id = t.trial_id)"
+                               " FROM trials t").fetchall()
+    except sqlite3.OperationalError:  # no file or schema yet, or locked by a commit the sweep was stopped in
+        return []
+
+
 @pytest.mark.slow
 def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tiny_model_dir, tiny_dataset_file,
                                                                             tmp_path, capsys):
@@ -235,19 +248,18 @@ def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tin
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # kill once one trial is done and the next is running
-            time.sleep(0.2)
-            if not (out / "sweep.db").exists():
-                continue
-            try:
-                trials = optuna.load_study(study_name="autobatch-sweep", storage=storage).trials
-            except KeyError:  # the schema is there, the study not yet
-                trials = []
-            if [t.state for t in trials].count(states.COMPLETE) >= 1 and any(t.state == states.RUNNING for t in trials):
+            time.sleep(0.05)
+            child.send_signal(signal.SIGSTOP)  # a validation run lasts < 1 s: read the study while the sweep waits
+            rows = _trial_states(out / "sweep.db")
+            if ("COMPLETE", 1) in rows and ("RUNNING", 1) in rows:  # 1: its heartbeat has started
                 child.send_signal(signal.SIGKILL)
                 break
+            child.send_signal(signal.SIGCONT)
+            assert child.poll() is None, f"the sweep ended (exit {child.returncode}) before it was killed mid-trial"
         else:
             pytest.fail("the sweep never had a running trial after a complete one")
     finally:
+        child.kill()
         child.wait(timeout=60)
     time.sleep(5)  # past the heartbeat grace period: the killed trial is stale
     assert main(sweep_args(tiny_model_dir(), tiny_dataset_file, out)) == 2  # a study exists: --resume needed
