@@ -142,6 +142,8 @@ def _make_parser() -> argparse.ArgumentParser:
                      help="measure the gradient noise scale during the run (on one device it needs "
                           "accumulation >= 2); "
                           "writes OUTPUT_DIR/gns.json")
+    run.add_argument("--gns-every", metavar="N", type=int,
+                     help="measure one optimizer step in N (implies --gns; default 1), for about 1/N of the cost")
     run.set_defaults(func=_cmd_run)
     sweep = commands.add_parser("sweep", parents=[common], allow_abbrev=False, epilog=_EPILOG,
                                 help="probe once, plan a ladder of effective batch sizes, recommend one",
@@ -444,6 +446,10 @@ def _plot_memory(directory, plan: Plan) -> None:
 
 
 def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
+    if args.gns_every is not None:
+        if args.gns_every < 1:
+            raise ConfigError(f"--gns-every {args.gns_every}: measure one step in N needs N >= 1 (1: every step)")
+        args.gns = True
     if args.plan and not args.config:
         args.config = args.plan  # a plan.yaml is a whole config: run it as it was planned
     config = _config_from_args(args, extras)
@@ -464,7 +470,7 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
     _show_training_progress(config, _progress_wanted(args))
-    callbacks = _gns_callbacks(args.gns, config, plan)
+    callbacks = _gns_callbacks(args.gns, args.gns_every, config, plan)
     try:
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             result = api.run(config, plan=plan, resume=args.resume, overwrite=args.overwrite_output_dir,
@@ -511,7 +517,7 @@ def _show_training_progress(config: Config, progress: bool) -> None:
         _err(f"loading {config.model_name_or_path or 'the built-in model'} and its data for training …")
 
 
-def _gns_callbacks(wanted: bool, config: Config, plan: Plan) -> list:
+def _gns_callbacks(wanted: bool, every: int | None, config: Config, plan: Plan) -> list:
     """The gradient-noise-scale callback when --gns is given; says up front when it cannot measure."""
     if not wanted:
         return []
@@ -520,7 +526,7 @@ def _gns_callbacks(wanted: bool, config: Config, plan: Plan) -> list:
     if plan.gradient_accumulation_steps == 1 and config.world_size == 1:
         _err("note: --gns with accumulation 1: no small/big gradient pair on one device, nothing to measure "
              "(set --effective-batch-size to twice the micro-batch or more)")
-    return [gns_callback()]
+    return [gns_callback(every or 1)]
 
 
 def _gns_report(callbacks: list, output_dir: str) -> dict | None:
@@ -532,7 +538,9 @@ def _gns_report(callbacks: list, output_dir: str) -> dict | None:
     report = callbacks[0].report()
     path = write_report(output_dir, report)
     overhead = report.get("overhead")
-    _err(f"wrote {path}" + (f" (gns overhead {overhead:.1%} of step time)" if overhead is not None else ""))
+    every = report.get("measured_every", 1)
+    measured = f", one step in {every} measured" if every > 1 else ""
+    _err(f"wrote {path}" + (f" (gns overhead {overhead:.1%} of step time{measured})" if overhead is not None else ""))
     return report
 
 
@@ -657,15 +665,17 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
              "could not be compared at equal tokens; raise --validate-tokens to include them")
     if not points:
         raise ConfigError(f"--validate-tokens {tokens} is less than one optimizer step at every rung: raise it")
-    estimate = sum(tokens / p.rung.tokens_per_s for p in points if p.rung.tokens_per_s)
-    _err(f"validation: {len(points)} runs × about {tokens} tokens, predicted {estimate:.0f} s of training "
+    examples = _validation_examples(tokens, sorted({p.rung.effective_batch_size for p in points}),
+                                    ladder.tokens_per_example)
+    estimate = sum(sweep.validation_steps(examples, p.rung) * p.rung.seconds_per_optimizer_step for p in points)
+    _err(f"validation: {len(points)} runs, predicted {estimate:.0f} s of training "
          "(at the worst-case length; shorter examples train faster)")
 
     def validate(point, trial):
         name = f"B{point.rung.effective_batch_size}-lr{point.learning_rate:.3g}-trial{trial.number}"
         out = str(Path(output_dir) / "validate" / name)
         with contextlib.redirect_stdout(sys.stderr):
-            loss, attrs = sweep.validate_point(config, point, tokens, ladder.tokens_per_example, device, out)
+            loss, attrs = sweep.validate_point(config, point, examples, device, out)
         _err(f"validated B={point.rung.effective_batch_size} lr={point.learning_rate:.3g}: eval loss {loss:.4f} "
              f"after {attrs['tokens_seen']} tokens, {attrs['wall_seconds']:.1f} s")
         return loss, attrs
@@ -679,9 +689,28 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
     if not done:
         raise AutobatchError("no validation trial finished: raise --timeout or --max-trials, then --resume")
     best = min(done, key=lambda t: t.value)
-    reason = (f"lowest eval loss after about {tokens} tokens (measured: {best.value:.4f} at learning rate "
+    seen = f"the same {examples} examples" if isinstance(examples, int) else f"about {tokens} tokens"
+    reason = (f"lowest eval loss after {seen} (measured: {best.value:.4f} at learning rate "
               f"{best.params['learning_rate']:.3g})")
     return best.params["effective_batch_size"], reason, noise
+
+
+def _validation_examples(tokens: int, sizes: list[int], tokens_per_example: float) -> float:
+    """The examples each validation run trains on, said on stderr: one count that every B divides when one is
+    near the budget (the same examples for every rung), else the budget's, each rung rounded to whole steps."""
+    from autobatch.sweep import common_examples
+
+    examples = common_examples(tokens, sizes, tokens_per_example)
+    if examples is not None:
+        _err(f"validation: every run trains on the same {examples} examples in the same order (about "
+             f"{examples * tokens_per_example:.0f} tokens, a multiple of every B), so eval losses compare at equal tokens")
+        return examples
+    examples = tokens / tokens_per_example
+    seen = [max(1, round(examples / size)) * size for size in sizes]
+    _err(f"validation: no multiple of every B ({', '.join(map(str, sizes))}) is near {examples:.0f} examples, so each "
+         f"run trains whole steps on {min(seen)} to {max(seen)} examples: the rung that sees more is favoured; "
+         "--effective-batch-sizes with a smaller common multiple compares at equal tokens")
+    return examples
 
 
 def _plot_sweep(directory, study, rungs: list, chosen, gns_report: dict | None) -> None:

@@ -170,8 +170,11 @@ def micro_weights(rows: list[tuple[float, float, float]], world: int, token_norm
     return means, weights
 
 
-def gns_callback():
-    """A TrainerCallback measuring the gradient noise scale during `train()`; call `.attach(trainer)` first."""
+def gns_callback(every: int = 1):
+    """A TrainerCallback measuring the gradient noise scale during `train()`; call `.attach(trainer)` first.
+
+    `every` k measures one optimizer step in k (steps 1, k + 1, ...): the hooks return at once on the others,
+    so the cost falls about k-fold while a long run still gives many estimates."""
     from transformers import TrainerCallback
 
     class GnsCallback(TrainerCallback):
@@ -182,6 +185,9 @@ def gns_callback():
         step. Both are rescaled for how the Trainer normalised the loss (`micro_weights`)."""
 
         def __init__(self) -> None:
+            self.every = every
+            self.active = True  # whether this step is measured
+            self.measured_steps = 0
             self.recorder = GnsRecorder()
             self.trainer = None
             self.handles: list = []
@@ -203,12 +209,14 @@ def gns_callback():
             norm = torch.linalg.vector_norm
 
             def on_grad(grad):  # one reduction kernel, no full-size temporary; summed when the micro-batch ends
+                if not self.active:
+                    return
                 started = time.perf_counter()
                 self._current.append(norm(grad.detach(), dtype=torch.float32))
                 self.hook_seconds += time.perf_counter() - started
 
             def on_forward(module, args, kwargs):
-                if not module.training or not torch.is_grad_enabled():
+                if not self.active or not module.training or not torch.is_grad_enabled():
                     return
                 started = time.perf_counter()
                 self._close_micro()
@@ -261,11 +269,15 @@ def gns_callback():
                 self._accelerator = None
 
         def on_step_begin(self, args, state, control, **kwargs):
+            self.active = state.global_step % self.every == 0
             self._watch_clip()
             self.micro, self.big_norm, self._current, self._pending = [], None, [], None
             self._step_started = time.perf_counter()
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if not self.active:
+                return
+            self.measured_steps += 1
             started = time.perf_counter()
             self._close_micro()
             if self.micro:
@@ -343,10 +355,12 @@ def gns_callback():
             tokens = summarize(self.recorder.tokens, "tokens", resamples)
             report.update(
                 b_simple_tokens=tokens["b_simple"], low_tokens=tokens["low"], high_tokens=tokens["high"],
-                overhead=self.hook_seconds / self.step_seconds if self.step_seconds else None,
+                overhead=self.hook_seconds / self.step_seconds if self.step_seconds else None, measured_every=self.every,
                 history=[{"step": i + 1, "b_simple_ema": v} for i, v in enumerate(ema_history(self.recorder.sequences))],
             )
-            if not self.recorder.sequences:
+            if not self.measured_steps:
+                report["reason"] = f"no optimizer step was measured (one in {self.every})"
+            elif not self.recorder.sequences:
                 report["reason"] = ("accumulation 1 on one device: no small/big gradient pair to compare "
                                     "(set gradient_accumulation_steps >= 2; sweep measures at >= 2)")
             return report

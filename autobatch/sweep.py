@@ -332,9 +332,22 @@ def run_validation_study(study, points: list[Point], validate, max_trials: int |
 # ---------------------------------------------------------------------------------------- validation runs
 
 
-def validation_steps(tokens: int, rung: Rung, tokens_per_example: float) -> int:
-    """Optimizer steps for a rung to see about `tokens` loss tokens: the same budget for every rung."""
-    return max(1, round(tokens / (rung.effective_batch_size * tokens_per_example)))
+EQUAL_EXAMPLES_SLACK = 0.5  # how far from the asked budget the common example count may land
+
+
+def common_examples(tokens: int, sizes: list[int], tokens_per_example: float) -> int | None:
+    """How many examples every rung trains on: the multiple of every B nearest the token budget. With the same
+    seed and data order each rung then sees the same examples, so eval losses compare at exactly equal tokens.
+    None when that multiple is more than half the budget off it (each rung then rounds to its own whole steps)."""
+    target = tokens / tokens_per_example
+    step = math.lcm(*sizes)
+    examples = step * max(1, round(target / step))
+    return examples if abs(examples - target) <= EQUAL_EXAMPLES_SLACK * target else None
+
+
+def validation_steps(examples: float, rung: Rung) -> int:
+    """Optimizer steps for a rung to train on about `examples` examples: the same data for every rung."""
+    return max(1, round(examples / rung.effective_batch_size))
 
 
 def gns_split(micro: int, accumulation: int) -> tuple[int, int]:
@@ -345,10 +358,10 @@ def gns_split(micro: int, accumulation: int) -> tuple[int, int]:
     return micro, accumulation
 
 
-def validate_point(config, point: Point, tokens: int, tokens_per_example: float, device: str, output_dir: str,
+def validate_point(config, point: Point, examples: float, device: str, output_dir: str,
                    on_gns=None) -> tuple[float, dict]:
-    """A fresh SFTTrainer at the point's plan and rate, same seed and data order, trained for about `tokens`
-    tokens; returns (eval loss, what was measured: tokens seen, wall time, loss curve keyed by tokens, gns)."""
+    """A fresh SFTTrainer at the point's plan and rate, same seed and data order, trained on about `examples`
+    examples; returns (eval loss, what was measured: tokens seen, wall time, loss curve keyed by tokens, gns)."""
     import time as _time
 
     from autobatch import gns as gns_module
@@ -356,7 +369,7 @@ def validate_point(config, point: Point, tokens: int, tokens_per_example: float,
     from autobatch.workload import build_trainer, sft_config
 
     plan = point.rung.plan
-    steps = validation_steps(tokens, point.rung, tokens_per_example)
+    steps = validation_steps(examples, point.rung)
     micro, accumulation = gns_split(plan.per_device_train_batch_size, plan.gradient_accumulation_steps)
     args, _ = sft_config(
         config, device, output_dir, per_device_train_batch_size=micro,
@@ -397,8 +410,9 @@ def _plain(report: dict) -> dict:
 
 
 def best_noise_scale(reports: list[dict]) -> dict | None:
-    """Of the validation runs' gns reports, the resolved one with the narrowest relative interval."""
+    """Of the validation runs' gns reports, the resolved one with the narrowest relative interval; else the one
+    with the highest lower bound, then the most steps (a run without a small/big pair measured none)."""
     resolved = [r for r in reports if r.get("resolved")]
     if not resolved:
-        return max(reports, key=lambda r: r.get("low") or 0, default=None)
+        return max(reports, key=lambda r: (r.get("low") or 0, r.get("steps") or 0), default=None)
     return min(resolved, key=lambda r: (r["high"] - r["low"]) / r["b_simple"])

@@ -10,10 +10,14 @@ What it checks (each in fresh processes, so nothing leaks from one check into th
 4. expandable: a plan with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`.
 5. fallback: `autobatch run` where a ballast tensor is allocated at step 2, so a real OOM happens mid-run:
    the fallback splits the step and the run finishes.
+6. sweep: `autobatch sweep --validate-tokens` over B = max and 2·max: every rung exact and fitting, real
+   validation runs on the card, a gradient noise scale measured in them (the hooks and accelerate's norm).
+7. gns overhead: `benchmarks/gns_overhead.py` (A/B step times, every other step with `--gns`) on ~150M and
+   ~0.8B-parameter Llamas: the aim, at most 1% of step time, on the larger.
 It writes `gpu_check-<card>-<date>.json` and `.md` (a table) into --out (default benchmarks/results/).
 
 With `--device cpu` it runs the same plumbing at tiny sizes on autobatch's cpu virtual device (the
-"TRL alone" check then caps with that device's counter, the only cap a CPU has; 3 and 4 are skipped):
+"TRL alone" check then caps with that device's counter, the only cap a CPU has; 3, 4 and 7 are skipped):
 CI covers that, so the script never rots. No GPU was at hand when it was written: run it on one and
 commit the output under benchmarks/results/.
 
@@ -252,7 +256,49 @@ def check(device: str, root: Path) -> list[dict]:
                  "passed": run.get("global_step") == 4 and bool(run.get("fallbacks")),
                  "detail": f"micro {run.get('planned_micro')}, fallbacks {run.get('fallbacks')}, "
                            f"steps {run.get('global_step')}"})
+    rows.append(check_sweep(model, data, device, max_length, budget, best, root))
+    rows.append(check_gns_overhead(device))
     return rows
+
+
+def check_sweep(model: Path, data: Path, device: str, max_length: int, budget: int, best: int, root: Path) -> dict:
+    """Check 6: a validated sweep of two rungs on the device."""
+    code, swept, _ = run_json(autobatch_cmd(
+        "sweep", "--model", str(model), "--dataset", str(data), "--device", device, "--max-length", str(max_length),
+        "--memory-budget", str(budget), "--max-micro-batch-size", "256", "--effective-batch-sizes",
+        f"{best},{2 * best}", "--validate-tokens", str(16 * best * max_length), "--output-dir", str(root / "sweep"),
+        "--json"))
+    plans = swept.get("plans", [])
+    exact = [p["per_device_train_batch_size"] * p["gradient_accumulation_steps"] * p["world_size"]
+             == p["effective_batch_size"] and p["fits"] for p in plans]
+    noise = swept.get("gradient_noise_scale") or {}
+
+    def number(key: str) -> str:
+        return "?" if noise.get(key) is None else f"{noise[key]:.4g}"
+
+    return {"check": "sweep --validate-tokens: rungs exact, runs on the device, noise scale measured",
+            "passed": code == 0 and len(plans) == 2 and all(exact) and noise.get("steps", 0) > 0,
+            "detail": f"rungs {[(p['per_device_train_batch_size'], p['gradient_accumulation_steps']) for p in plans]}, "
+                      f"{len(swept.get('trials', []))} trials, recommended B={swept.get('recommended_effective_batch_size')}, "
+                      f"B_noise {number('b_simple')} ({number('low')}–{number('high')}) over "
+                      f"{noise.get('steps')} steps, overhead {number('overhead')}"}
+
+
+def check_gns_overhead(device: str) -> dict:
+    """Check 7: what --gns costs a step on the GPU, measured A/B (cuda only: a cpu step is too small to say)."""
+    name = "gns overhead (A/B) at most 1% of step time on the larger model"
+    if device != "cuda":
+        return {"check": name, "passed": None, "detail": "skipped: cuda only (benchmarks/gns_overhead.py on cpu)"}
+    proc = subprocess.run([sys.executable, str(HERE / "gns_overhead.py"), "--device", "cuda", "--json"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    if proc.returncode:
+        log(proc.stderr[-2000:])
+        return {"check": name, "passed": False, "detail": f"gns_overhead.py exited {proc.returncode}"}
+    rows = json.loads(proc.stdout)["rows"]
+    return {"check": name, "passed": rows[-1]["ab_overhead"] <= 0.01,
+            "detail": "; ".join(f"{r['size']}: A/B {r['ab_overhead']:.2%} (quartiles {r['ab_quartiles'][0]:.2%} to "
+                                f"{r['ab_quartiles'][1]:.2%}), meter {r['meter_overhead']:.2%}, step "
+                                f"{r['step_s_without']:.4f} s" for r in rows)}
 
 
 def card_name(device: str) -> str:

@@ -195,6 +195,28 @@ def test_run_gns_writes_gns_json_logs_it_and_shows_it(tiny_model_dir, tmp_path, 
     assert any("gns_b_simple" in entry for entry in history)
 
 
+def test_gns_every_measures_one_step_in_n_and_the_hooks_idle_on_the_others(tiny_model_dir, tmp_path, capsys):
+    import json as _json
+
+    from autobatch.cli import main
+
+    data = equal_length_data(tmp_path / "equal.jsonl", rows=28, chars=20)
+    args = ["run", "--model", str(tiny_model_dir()), "--dataset", str(data), "--device", "cpu",
+            "--memory-budget", "4GiB", "--micro-batch-size", "2", "--effective-batch-size", "4", "--max-length", "32",
+            "--num-train-epochs", "1", "--gradient-checkpointing", "false", "--save-strategy", "'no'",
+            "--disable-tqdm", "true"]
+    code = main([*args, "--gns-every", "3", "--output-dir", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = _json.loads((tmp_path / "out" / "gns.json").read_text())
+    assert report["measured_every"] == 3 and report["steps"] == 3  # steps 1, 4 and 7 of 7
+    assert ", one step in 3 measured)" in captured.err
+    assert main([*args, "--gns-every", "0", "--output-dir", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "autobatch: error: --gns-every 0: measure one step in N needs N >= 1 (1: every step)")
+    assert not (tmp_path / "none").exists()
+
+
 _DDP_STEP = '''
 import json, sys
 import torch
@@ -263,3 +285,23 @@ def test_under_ddp_the_small_batch_is_a_ranks_micro_batch_and_the_big_one_the_gl
         assert report["big_sq"] == pytest.approx(float(big @ big), rel=1e-4)  # pre-clip, after the all-reduce
         assert report["inv_big"] == pytest.approx(sum(w * w / n for w, n in zip(weights, tokens)))
         assert report["pairs"] == 1  # accumulation 1 too: the rank's micro-batch against the global batch
+
+
+def test_the_overhead_benchmark_times_steps_with_and_without_the_hooks():
+    """benchmarks/gns_overhead.py keeps working: its quick cpu run gives both figures for the built-in size."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gns_overhead.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--cycles", "3", "--json"], check=False,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [row] = json.loads(out.stdout)["rows"]
+    assert row["cycles"] == 3 and row["tokens_per_micro_batch"] == 4 * 256
+    assert 100_000 < row["parameters"] < 300_000  # the built-in model's size
+    assert row["step_s_without"] > 0 and row["step_s_with"] > 0
+    for name in ("ab", "idle"):
+        low, high = row[f"{name}_quartiles"]
+        assert low <= row[f"{name}_overhead"] <= high
+    assert 0 < row["meter_overhead"] < 1  # the hooks ran on the measured steps, and took only a part of them

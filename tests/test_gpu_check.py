@@ -19,5 +19,6 @@ def test_gpu_check_passes_on_cpu(tmp_path):
     checks = {c["check"]: c["passed"] for c in json.loads(result.read_text())["checks"]}
     assert checks["TRL alone, allocator capped: max trains, max + 1 OOMs"] is True
     assert checks["real OOM mid-run (ballast at step 2): fallback, run finishes"] is True
-    assert list(checks.values()).count(True) == 3 and list(checks.values()).count(None) == 2
-    assert (tmp_path / result.name.replace(".json", ".md")).read_text().count("| pass |") == 3
+    assert checks["sweep --validate-tokens: rungs exact, runs on the device, noise scale measured"] is True
+    assert list(checks.values()).count(True) == 4 and list(checks.values()).count(None) == 3
+    assert (tmp_path / result.name.replace(".json", ".md")).read_text().count("| pass |") == 4

@@ -120,6 +120,42 @@ def test_validation_runs_accumulate_so_the_noise_scale_has_a_pair():
     assert sweep.gns_split(3, 1) == (3, 1)  # odd: left alone (the report then says why there is no estimate)
 
 
+def test_validation_runs_share_one_example_count_every_rung_divides():
+    # the default ladder (powers of two times m): the nearest multiple of the largest B, above or below
+    assert sweep.common_examples(20000, [16, 64], 250) == 64  # 80 asked: 64, not 80 at 16 and 64 at 64
+    assert sweep.common_examples(8000, [8, 16, 32], 163.8) == 64  # 49 asked: 64 is nearer than 32
+    assert sweep.common_examples(600, [2, 4, 8], 10) == 64
+    assert sweep.common_examples(300, [4], 50) == 8  # 6 asked: round half to even gives 2 steps
+    assert sweep.common_examples(2000, [8, 24, 40, 96], 50) is None  # 40 asked, every B divides only 480
+    assert sweep.common_examples(24000, [8, 24, 40, 96], 50) == 480
+    rung = sweep.make_rungs([plan_at(8, 8), plan_at(24, 8)], 100, base_lr=1e-4, base_batch=8, lr_rule="none")
+    assert [sweep.validation_steps(48, r) for r in rung] == [6, 2]
+    assert [sweep.validation_steps(40.0, r) for r in rung] == [5, 2]  # the fallback: each rounds on its own
+
+
+def test_the_sweep_says_whether_validation_runs_see_equal_tokens(capsys):
+    from autobatch.cli import _validation_examples
+
+    assert _validation_examples(20000, [16, 64], 250) == 64
+    assert capsys.readouterr().err == ("validation: every run trains on the same 64 examples in the same order "
+                                       "(about 16000 tokens, a multiple of every B), so eval losses compare at "
+                                       "equal tokens\n")
+    assert _validation_examples(2000, [8, 24, 40, 96], 50) == 40.0
+    assert "whole steps on 40 to 96 examples: the rung that sees more is favoured" in capsys.readouterr().err
+
+
+def test_the_noise_scale_kept_from_validation_runs():
+    none = {"resolved": False, "low": None, "steps": 0}  # accumulation 1 at an odd micro-batch: no pair
+    few = {"resolved": False, "low": None, "steps": 4}
+    bounded = {"resolved": False, "low": 2.0, "steps": 4}
+    wide = {"resolved": True, "low": 1.0, "high": 9.0, "b_simple": 4.0, "steps": 9}
+    narrow = {"resolved": True, "low": 3.0, "high": 5.0, "b_simple": 4.0, "steps": 9}
+    assert sweep.best_noise_scale([none, few]) is few
+    assert sweep.best_noise_scale([few, bounded, none]) is bounded
+    assert sweep.best_noise_scale([bounded, wide, narrow]) is narrow
+    assert sweep.best_noise_scale([]) is None
+
+
 def test_learning_rate_rules():
     assert sweep.scaled_learning_rate(1e-3, 16, 64, "linear") == pytest.approx(4e-3)
     assert sweep.scaled_learning_rate(1e-3, 16, 64, "sqrt") == pytest.approx(2e-3)
@@ -286,6 +322,7 @@ def test_validating_the_builtin_default_fills_a_study_optuna_opens(tmp_path, cap
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == len(study.trials) >= 2
     assert all(math.isfinite(t.value) and t.value == t.user_attrs["eval_loss"] for t in done)
+    assert len({t.user_attrs["tokens_seen"] for t in done}) == 1  # the same examples at every B: equal tokens
     assert report["recommended_effective_batch_size"] == min(done, key=lambda t: t.value).params["effective_batch_size"]
     for plan in report["plans"]:
         assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == plan["effective_batch_size"]
