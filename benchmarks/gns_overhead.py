@@ -34,6 +34,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 warnings.filterwarnings("ignore")
 
+from gpu_check import write_long_texts  # a sibling script: benchmarks/ is sys.path[0]
+
 #: device -> [(label, model config overrides, max_length, micro-batch)]
 SIZES = {
     "cpu": [
@@ -55,15 +57,6 @@ WARMUP = 2  # steps dropped from each run's timings (allocator and kernel warm-u
 
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def write_data(path: Path, max_length: int) -> Path:
-    """Texts longer than max_length tokens: every micro-batch is full, so both arms do the same work."""
-    words = ["the", "river", "ran", "low", "that", "summer", "and", "the", "stones", "of", "the", "old", "ford"]
-    with path.open("w") as f:
-        for i in range(256):
-            f.write(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(max_length * 2))}) + "\n")
-    return path
 
 
 OFF, ON, IDLE = "off", "on", "idle"
@@ -94,24 +87,24 @@ def cycling_gns():
             self.parameters = sum(p.numel() for p in trainer.model.parameters())
             return self
 
-        def state(self) -> str:
+        def phase(self) -> str:
             return CYCLE[len(self.seconds) % len(CYCLE)]
 
         def on_step_begin(self, args, state, control, **kwargs):
             sync()
             self._started = time.perf_counter()
-            if self.state() == ON:
+            if self.phase() == ON:
                 self.gns.on_step_begin(args, state, control, **kwargs)
-            elif self.state() == IDLE:
+            elif self.phase() == IDLE:
                 self.gns.active = False
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            if self.state() != OFF:
+            if self.phase() != OFF:
                 self.gns.on_pre_optimizer_step(args, state, control, **kwargs)
 
         def on_step_end(self, args, state, control, **kwargs):
             sync()
-            now = self.state()
+            now = self.phase()
             self.seconds.append((now, time.perf_counter() - self._started))
             if now == OFF:  # hooks come and go between steps, outside the timed window
                 self.gns.attach(self.trainer)
@@ -136,7 +129,7 @@ def measure(label: str, overrides: dict, max_length: int, micro: int, device: st
 
     model = save_tiny_model(root / "model", "llama", max_position_embeddings=max(2048, max_length), **overrides)
     config = api.load(
-        model_name_or_path=str(model), dataset_name=str(write_data(root / "long.jsonl", max_length)),
+        model_name_or_path=str(model), dataset_name=str(write_long_texts(root / "long.jsonl", max_length, 256)),
         max_length=max_length, device=device, per_device_train_batch_size=micro,
         gradient_accumulation_steps=ACCUMULATION, effective_batch_size=micro * ACCUMULATION,
         max_steps=len(CYCLE) * (WARMUP + cycles), learning_rate=1e-4, logging_steps=1000, no_cache=True, seed=0,

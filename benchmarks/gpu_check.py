@@ -55,19 +55,22 @@ def autobatch_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "autobatch", *args]
 
 
+def write_long_texts(path: Path, max_length: int, rows: int) -> Path:
+    """A jsonl of texts longer than max_length tokens: every one truncates, so every batch is the worst case."""
+    words = ["the", "river", "ran", "low", "that", "summer", "and", "the", "stones", "of", "the", "old", "ford"]
+    with path.open("w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(max_length * 2))}) + "\n")
+    return path
+
+
 def make_workload(root: Path, device: str) -> tuple[Path, Path]:
     """The model (random weights from a config) and a jsonl of texts longer than max_length tokens."""
     from autobatch.builtin import save_tiny_model
 
     overrides, max_length, _ = SIZES[device]
     model = save_tiny_model(root / "model", "llama", **overrides)
-    data = root / "long.jsonl"
-    words = ["the", "river", "ran", "low", "that", "summer", "and", "the", "stones", "of", "the", "old", "ford"]
-    with data.open("w") as f:
-        for i in range(64):  # every text truncates at max_length: every batch is the worst case
-            text = " ".join(words[(i + j) % len(words)] for j in range(max_length * 2))
-            f.write(json.dumps({"text": text}) + "\n")
-    return model, data
+    return model, write_long_texts(root / "long.jsonl", max_length, 64)
 
 
 class SmiSampler:
