@@ -689,6 +689,10 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         raise AutobatchError(f"micro-batch {plan.per_device_train_batch_size} does not fit the memory "
                              "budget: no plan to write")
     model = config.model_name_or_path or (str(model_path) if model_path is not None else None)
+    choice = plan.checkpointing
+    if choice is not None:  # what the plan chose (or kept), not TRL's default
+        config = dataclasses.replace(config, training_args={
+            **modern_names(config.training_args), "activation_checkpointing": choice.activation_checkpointing})
     written = _as_written(config, plan.device, plan.precision)
     body: dict[str, Any] = {}
     if model is not None:
@@ -736,6 +740,11 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         "effective_batch_size": plan.effective_batch_size, "world_size": world, "seconds_per_step": plan.seconds_per_step,
         "memory_fingerprint": memory_fingerprint(written, str(model_path) if model_path else None),
     }
+    if choice is not None:
+        meta["checkpointing"] = dataclasses.asdict(choice)
+        on_off = "true" if choice.activation_checkpointing else "false"
+        lines.append(f"# activation_checkpointing {on_off} ({'measured' if choice.chosen_by == 'measured' else 'yours'}): "
+                     f"{choice.reason}")
     if trainer_only:  # read back by autobatch (build_config), invisible to trl sft
         meta["autobatch_only"] = trainer_only
     lines.append(PLAN_META_PREFIX + json.dumps(meta, sort_keys=True, default=str))

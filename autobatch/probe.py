@@ -10,6 +10,7 @@ step when the run accumulates, because the second backward adds into existing gr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import tempfile
 import time
@@ -20,29 +21,52 @@ from autobatch import ranks
 from autobatch.config import Config, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
 from autobatch.memory import MemoryBackend, is_oom, make_backend
-from autobatch.planner import Option, Plan, Trial, check_effective_batch, plan_options, search_max_micro_batch
+from autobatch.planner import (
+    CheckpointingChoice,
+    Option,
+    Plan,
+    Trial,
+    check_effective_batch,
+    choose_checkpointing,
+    plan_options,
+    search_max_micro_batch,
+    steady_seconds,
+)
 from autobatch.workload import build_trainer, fingerprint, load_train_dataset, sft_config
 
 logger = logging.getLogger(__name__)
 
 CUDA_DEFAULT_HEADROOM = 0.05  # fragmentation and kernel workspaces the peak counters do not show
+#: Optimizer steps a timed trial runs: the first is warm-up (AdamW's state created, the allocator growing,
+#: kernels loaded lazily), the median of the rest is the step time options are ranked by (`steady_seconds`).
+#: Two steps already give the peak; a trial that times nothing (estimate backend, evaluation) runs two.
+TIMED_TRIAL_STEPS = 4
+MEMORY_TRIAL_STEPS = 2
 
 
 class _StepTimer:
-    """Trainer callback: wall time of the last optimizer step (the first one also creates AdamW state)."""
+    """Trainer callback: wall time of every optimizer step of a trial (synchronised on cuda).
+
+    `clock` is a class attribute so a test can plant step times (no wall-clock asserts).
+    """
+
+    clock = staticmethod(time.perf_counter)
 
     def __init__(self, sync: Callable[[], None]) -> None:
         self.sync = sync
-        self.seconds = 0.0
+        self.steps: list[float] = []
         self._start = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = []
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.sync()
-        self._start = time.perf_counter()
+        self._start = self.clock()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.sync()
-        self.seconds = time.perf_counter() - self._start
+        self.steps.append(self.clock() - self._start)
 
     def __getattr__(self, name: str):  # every other TrainerCallback event: nothing to do
         if name.startswith("on_"):
@@ -194,7 +218,9 @@ class Prober:
         trainer.args.gradient_accumulation_steps = micro_steps
         trainer._train_batch_size = micro_batch_size  # train() reads the size __init__ cached here
         # One batch more than two steps use: the run's loader always has a next batch fetched ahead.
-        trainer.train_dataset = Dataset.from_list(self._examples(micro_batch_size) * (micro_steps * 2 + 1))
+        steps = MEMORY_TRIAL_STEPS if eval_batch_size or self.backend.device == "estimate" else TIMED_TRIAL_STEPS
+        trainer.args.max_steps = steps
+        trainer.train_dataset = Dataset.from_list(self._examples(micro_batch_size) * (micro_steps * steps + 1))
         trainer.optimizer = trainer.lr_scheduler = None
         trainer.model_wrapped = trainer.model
         self._forget_prepared()
@@ -266,7 +292,8 @@ class Prober:
             neftune.remove()
         self.trainer.model.zero_grad(set_to_none=True)
         self._forget_prepared()
-        seconds = 0.0 if oom or self.backend.device == "estimate" else self.timer.seconds / micro_steps
+        timed = not oom and self.backend.device != "estimate" and self.timer.steps
+        seconds = steady_seconds(self.timer.steps) / micro_steps if timed else 0.0
         peak = measured.peak_bytes
         size = eval_batch_size or micro_batch_size
         trial = Trial(size, peak, fits=not oom and peak <= self.usable_bytes, seconds=seconds, oom=oom,
@@ -455,6 +482,7 @@ def make_plan(
     session = _Session(config, per_device, on_trial, trainer)
     session.prober.on_start, session.prober.on_eval_trial = on_start, on_eval_trial
     stopped_at_need = False
+    closing = contextlib.ExitStack()  # the probe cache of the other checkpointing setting, if opened
     try:
         if isinstance(config.per_device_train_batch_size, int):
             micro = config.per_device_train_batch_size
@@ -465,16 +493,69 @@ def make_plan(
             max_micro, capped = result.max_micro_batch_size, result.capped
             stopped_at_need = result.stopped_at_need
         plan = _choose(config, session.prober, per_device, max_micro, session.trials, session.probe)
+        run_trial = session.run_trial
+        if plan.fits and trainer is None:  # a caller's trainer keeps its own args
+            plan.checkpointing, run_trial = _choose_checkpointing(session, config, plan, closing)
         if plan.fits and evaluates(config):
             plan.per_device_eval_batch_size, plan.eval_trials = _plan_eval(
-                config, session.prober, plan, session.search_usable, session.run_trial)
+                config, session.prober, plan, session.search_usable, run_trial)
             chosen = [t for t in plan.eval_trials if t.micro_batch_size == plan.per_device_eval_batch_size]
             plan.eval_peak_memory_bytes = chosen[-1].peak_memory_bytes
     finally:
+        closing.close()
         session.close()
     plan.stopped_at_need = stopped_at_need  # the report's limit row says "≥ N (not searched past ...)"
     session.finish(plan, capped, started)
     return plan
+
+
+def _set_checkpointing(trainer, on: bool) -> None:
+    """Train with activation checkpointing `on` or off from the next trial: `train()` turns it on from the
+    args (transformers Trainer.train), but only the model can turn it off again."""
+    trainer.args.activation_checkpointing = trainer.args.gradient_checkpointing = on  # TRL reads the old name
+    model = trainer.model
+    if not on and getattr(model, "is_activation_checkpointing", False):
+        model.activation_checkpointing_disable()
+
+
+def _choose_checkpointing(
+    session: _Session, config: Config, plan: Plan, closing: contextlib.ExitStack
+) -> tuple[CheckpointingChoice, Callable[..., Trial]]:
+    """The checkpointing the run trains with (`planner.choose_checkpointing`), and the `run_trial` for what follows.
+
+    The search measured checkpointing as the config has it (TRL's default: on); unless the user set it, the
+    planned micro-batch is also run without it, through the probe cache of that setting. When off is chosen,
+    the plan's peak and speed are those measured without it, and the evaluation trials run without it too.
+    """
+    prober, micro = session.prober, plan.per_device_train_batch_size
+    user = modern_names(config.training_args).get("activation_checkpointing")
+    without_config = dataclasses.replace(
+        config, training_args={**modern_names(config.training_args), "activation_checkpointing": False})
+    measured: dict[bool, Trial] = {True: [t for t in session.trials if t.micro_batch_size == micro][-1]}
+    run_without = prober.run_trial
+
+    def trial(on: bool) -> Trial:
+        nonlocal run_without
+        if on in measured:
+            return measured[on]
+        _set_checkpointing(prober.trainer, False)
+        cache = _open_cache(without_config, prober, session.backend) if session.cache is not None else None
+        if cache is not None:
+            closing.callback(cache.close)
+            run_without = cache.wrap(prober.run_trial, prober._accumulation, session.usable, [])
+        measured[on] = ranks.agree(run_without(micro))
+        if session.on_trial:
+            session.on_trial(measured[on])
+        return measured[on]
+
+    choice = choose_checkpointing(user, micro, trial)
+    if choice.chosen_by == "user":
+        return choice, session.run_trial
+    if choice.activation_checkpointing:
+        _set_checkpointing(prober.trainer, True)
+        return choice, session.run_trial
+    plan.peak_memory_bytes, plan.seconds_per_step = measured[False].peak_memory_bytes, measured[False].seconds
+    return choice, run_without
 
 
 def _open_cache(config: Config, prober: Prober, backend: MemoryBackend):
