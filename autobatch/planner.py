@@ -251,6 +251,11 @@ class CheckpointingChoice:
         return on / off if on and off else None
 
 
+#: Without checkpointing a step does strictly less work (no recompute), so a step time up to this share slower
+#: without it is timing noise, not a reason to recompute (the same 3% as the options' ties).
+CHECKPOINTING_TIE = 0.03
+
+
 def choose_checkpointing(
     user_value: bool | None, micro_batch_size: int, trial: Callable[[bool], Trial]
 ) -> CheckpointingChoice:
@@ -258,24 +263,27 @@ def choose_checkpointing(
 
     TRL's SFTConfig turns checkpointing on by default, which recomputes the forward pass in every backward
     (a quarter to a third of step time) even where the activations fit. `trial(on)` measures
-    `micro_batch_size` with checkpointing `on`: off is taken when it fits and is not slower (step times of 0,
-    the estimate backend's, count as equal: no recompute is the cheaper step); on stays only when it is what
-    makes the micro-batch fit, or was measured faster.
+    `micro_batch_size` with checkpointing `on`: off is taken when it fits and is not slower (within
+    CHECKPOINTING_TIE; step times of 0, the estimate backend's, count as equal: no recompute is the cheaper
+    step); on stays only when it is what makes the micro-batch fit, or was measured faster.
     """
     if user_value is not None:
         return CheckpointingChoice(bool(user_value), "user", "set in the config: kept")
+    without = trial(False)  # first: a probe may time the setting with it again right after, back to back
     with_it = trial(True)
-    without = trial(False)
     on_s = with_it.seconds if with_it.fits else None
     off_s = without.seconds if without.fits else None
     if not without.fits:
         reason = (f"micro-batch {micro_batch_size} fits only with it (without: peak "
                   f"{without.peak_memory_bytes / 2**20:.1f}MiB, over the budget)")
         return CheckpointingChoice(True, "measured", reason, on_s, None)
-    if not with_it.fits or without.seconds <= with_it.seconds:
-        faster = (f"{with_it.seconds / without.seconds:.2f}× faster a step ({without.seconds:.3f} vs "
-                  f"{with_it.seconds:.3f} s/micro-batch)") if with_it.fits and without.seconds > 0 else \
-            "no recompute in the backward"
+    if not with_it.fits or without.seconds <= with_it.seconds * (1 + CHECKPOINTING_TIE):
+        if not (with_it.fits and without.seconds > 0):
+            faster = "no recompute in the backward"
+        else:
+            speed = (f"{with_it.seconds / without.seconds:.2f}× faster a step" if without.seconds <= with_it.seconds
+                     else "as fast within timing noise")
+            faster = f"{speed} ({without.seconds:.3f} vs {with_it.seconds:.3f} s/micro-batch)"
         return CheckpointingChoice(False, "measured", f"micro-batch {micro_batch_size} fits without it: {faster}",
                                    on_s, off_s)
     reason = (f"micro-batch {micro_batch_size} fits without it but was measured slower ({without.seconds:.3f} vs "

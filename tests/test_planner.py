@@ -257,7 +257,7 @@ def checkpointing_trials(on: Trial, off: Trial):
 def test_checkpointing_comes_off_when_the_micro_batch_fits_without_it_and_says_how_much_faster():
     trial, asked = checkpointing_trials(Trial(8, 300 * MB, True, 0.4), Trial(8, 450 * MB, True, 0.3))
     choice = choose_checkpointing(None, 8, trial)
-    assert sorted(asked) == [False, True]
+    assert asked == [False, True]  # without first: the probe may re-time with it right after
     assert choice.activation_checkpointing is False and choice.chosen_by == "measured"
     assert (choice.seconds_per_step_on, choice.seconds_per_step_off) == (0.4, 0.3)
     assert choice.speedup == pytest.approx(4 / 3)
@@ -297,3 +297,9 @@ def test_plan_round_trips_its_checkpointing_choice():
     assert data["checkpointing"]["activation_checkpointing"] is False
     assert data["checkpointing"]["speedup"] == pytest.approx(4 / 3)
     assert Plan.from_dict(data) == plan
+
+
+def test_checkpointing_off_within_timing_noise_still_comes_off():
+    """No recompute is strictly less work: a step 2% slower without it is noise."""
+    trial, _ = checkpointing_trials(Trial(8, 300 * MB, True, 0.400), Trial(8, 450 * MB, True, 0.408))
+    assert choose_checkpointing(None, 8, trial).activation_checkpointing is False
