@@ -2,7 +2,7 @@
 
 Keys are TRL's (SFTConfig/TrainingArguments, ScriptArguments, ModelConfig) plus autobatch's own fields.
 Every key that is not autobatch's goes to `Config.training_args` untouched; the SFTConfig field check
-happens where trl is imported (`check_known_keys` gives it the closest-key messages). Validation
+happens where trl is imported (`workload` gives it the closest-key messages). Validation
 collects every problem and raises one `ConfigError`. Also owns plan.yaml: the config with the planned
 batch filled in, written with keys `trl sft --config` accepts.
 """
@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 import logging
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -360,11 +359,6 @@ def build_config(
     return _validate(merged.config(), merged.names, list(merged.problems))
 
 
-def load_config(path: str | os.PathLike) -> Config:
-    """The validated Config of one YAML file (no CLI overrides)."""
-    return build_config(path)
-
-
 def validate_config(config: Config) -> Config:
     """A checked, normalized copy of a Config built in Python ("auto" lower-cased, "true" -> True, ...)."""
     return _validate(config, {}, [])
@@ -589,24 +583,6 @@ def _lora_problems(lora: dict, names: Mapping[str, str]) -> list[str]:
             else:
                 lora[key] = flag
     return problems
-
-
-def check_known_keys(keys: Iterable[str], valid_keys: Iterable[str], what: str = "SFTConfig") -> None:
-    """One ConfigError for every key not in `valid_keys`, each naming the closest valid key.
-
-    For the caller that has trl imported: `check_known_keys(config.training_args, sft_config_field_names)`.
-    """
-    valid = set(valid_keys)
-    candidates = sorted(valid | AUTOBATCH_KEYS)
-    problems = []
-    for key in keys:
-        if key in valid:
-            continue
-        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else f"see the {what} documentation for valid keys"
-        problems.append(f"unknown key {key!r}: {hint}")
-    if problems:
-        raise ConfigError(("" if len(problems) == 1 else f"{len(problems)} problems: ") + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------- plan.yaml

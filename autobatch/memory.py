@@ -37,7 +37,6 @@ from autobatch.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-DEVICES = ("cuda", "cpu", "estimate")
 
 # Every message torch, CUDA, cuDNN and cuBLAS use for an allocation failure, beside what accelerate's
 # utils/memory.py `should_reduce_batch_size` recognises.

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from autobatch import cli
-from autobatch.config import load_config
+from autobatch.config import build_config
 from autobatch.errors import BudgetTooSmallError
 from autobatch.planner import Option, Plan, Trial
 
@@ -237,7 +237,7 @@ def test_output_writes_a_loadable_plan(tmp_path, probe, capsys):
     assert cli.main(["plan", "--output", str(path)]) == 0
     data = yaml.safe_load(path.read_text())
     assert data["model_name_or_path"] == "/cache/autobatch/tiny-model"
-    config = load_config(path)
+    config = build_config(path)
     assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (16, 2)
     assert f"wrote {path}" in capsys.readouterr().err
 
