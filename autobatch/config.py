@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from autobatch.errors import AutobatchError, ConfigError
+from autobatch.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
     from autobatch.planner import Plan
@@ -124,43 +125,6 @@ _PLAIN_FIELDS = frozenset(_FIELDS) - {"lora", "model_args", "training_args", "me
 AUTOBATCH_KEYS = frozenset(_PLAIN_FIELDS | {"memory_budget", "memory_budget_bytes", "lora", "use_peft", "datasets",
                                             "test_split_size"}
                            | set(MODEL_CONFIG_LORA_KEYS) | set(MODEL_ARGS_KEYS))
-
-
-# ---------------------------------------------------------------------------------------------- sizes
-
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-}
-
-
-def parse_bytes(text: str | int, name: str = "--memory-budget") -> int:
-    """'300MiB', '80GB', '2.5GiB' or plain bytes -> bytes (GB is 10^9, GiB is 2^30)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ConfigError(
-                f"{name}: cannot read {text!r} as a size; write e.g. 300MiB, 80GB, 2.5GiB or plain bytes"
-            )
-        value, unit = float(match.group(1)), match.group(2).lower()
-    result = int(value * _UNITS[unit])
-    if result <= 0:
-        raise ConfigError(f"{name} must be positive, got {text!r}")
-    return result
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable binary size: 1536 -> '1.5KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.1f}TiB"
 
 
 # ----------------------------------------------------------------------------------------------- YAML

@@ -32,8 +32,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from autobatch.config import format_bytes
 from autobatch.errors import ConfigError
+from autobatch.units import format_bytes
 
 logger = logging.getLogger(__name__)
 
