@@ -211,3 +211,21 @@ def test_opt350m_shape_target_32_is_planned_in_three_trials(tmp_path, capsys):
     assert plan["stopped_at_need"] and plan["max_micro_batch_size"] == 32
     assert (plan["per_device_train_batch_size"], plan["gradient_accumulation_steps"]) == (32, 1)
     assert plan["trials"][-1]["fits"] and plan["trials"][-1]["peak_memory_bytes"] < 16 * 2**30
+
+
+def test_trials_measure_the_longest_example_after_truncation():
+    """The worst-case shape: the longest tokenized example wherever it sits (tiny_dataset_file's lengths are
+    unsorted for this), and a batch of it padded by one token so attention builds its padding mask."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    lengths = [5, 3, 9, 7]
+    dataset = Dataset.from_dict({"input_ids": [list(range(n)) for n in lengths], "mark": lengths})
+    prober = SimpleNamespace(trainer=SimpleNamespace(train_dataset=dataset))
+    example = Prober._longest_example(prober)
+    assert example["mark"] == 9 and len(example["input_ids"]) == 9
+    prober.example, prober.max_length, prober.padded = example, 9, True
+    assert [len(e["input_ids"]) for e in Prober._examples(prober, 3)] == [9, 9, 8]
+    prober.padded = False  # packing / padding-free: every row full length
+    assert [len(e["input_ids"]) for e in Prober._examples(prober, 3)] == [9, 9, 9]
