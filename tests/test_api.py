@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
 import autobatch
 from autobatch import api
@@ -18,7 +19,6 @@ from autobatch.cli import main
 from autobatch.config import Config
 from autobatch.planner import Plan, Trial
 
-ROOT = Path(__file__).resolve().parents[1]
 SEEN: list[int] = []  # micro-batches at which any copy of Recorder saw a train begin
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, MiB, make_plan
 
 from autobatch import config as config_module
 from autobatch.config import (
@@ -24,29 +25,14 @@ from autobatch.config import (
     write_plan_yaml,
 )
 from autobatch.errors import AutobatchError, ConfigError
-from autobatch.planner import Option, Plan, Trial
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIGS = sorted((ROOT / "configs").glob("**/*.yaml"))
-MiB = 2**20
 
 
 def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def make_plan(**changes) -> Plan:
-    trials = [Trial(1, 60 * MiB, True, 0.05), Trial(17, 250 * MiB, True, 0.40),
-              Trial(18, 271 * MiB, False, 0.0, oom=True)]
-    plan = Plan(
-        per_device_train_batch_size=16, gradient_accumulation_steps=2, effective_batch_size=32, world_size=1,
-        max_micro_batch_size=17, memory_budget_bytes=300 * MiB, usable_memory_bytes=270 * MiB, headroom=0.1,
-        peak_memory_bytes=240 * MiB, device="cpu", max_length=256, trials=trials,
-        options=[Option(16, 2, 0.38, True), Option(8, 4, 0.2, False)],
-    )
-    return dataclasses.replace(plan, **changes)
 
 
 # ---------------------------------------------------------------------------------------------- sizes

@@ -3,12 +3,11 @@
 import sys
 
 import pytest
+from helpers import MiB, plan_at
 
 from autobatch import plots, sweep
 from autobatch.errors import AutobatchError
-from autobatch.planner import Plan, Trial
-
-MiB = 2**20
+from autobatch.planner import Trial
 
 
 @pytest.fixture
@@ -35,13 +34,6 @@ def points(ax) -> dict[str, list[tuple[float, float]]]:
     found.update({line.get_label(): list(zip(map(float, line.get_xdata()), map(float, line.get_ydata())))
                   for line in ax.get_lines()})
     return found
-
-
-def plan_at(batch, micro, seconds=0.1):
-    return Plan(per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
-                effective_batch_size=batch, world_size=1, max_micro_batch_size=micro, memory_budget_bytes=1,
-                usable_memory_bytes=1, headroom=0.0, peak_memory_bytes=1, device="cpu", max_length=100,
-                trials=[], seconds_per_step=seconds)
 
 
 def test_memory_plot_draws_each_trial_the_budget_and_the_choice(tmp_path, drawn):

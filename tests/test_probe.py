@@ -5,11 +5,11 @@ real `SFTTrainer.train()` under the same budget and the next size runs out of me
 """
 
 import gc
-import json
 import math
 
 import pytest
 import torch
+from helpers import peaks, plan_json
 
 from autobatch.cli import main
 from autobatch.config import build_config
@@ -28,16 +28,6 @@ def config_for(model_dir, **overrides):
     }
     values.update(overrides)
     return build_config(overrides=values)
-
-
-def peaks(config, sizes) -> dict[int, int]:
-    """Trial peaks at `sizes`, measured with no budget pressure."""
-    prober = Prober(config, CpuBackend(10**12), 10**12, per_device=config.effective_batch_size)
-    try:
-        return {b: prober.run_trial(b).peak_memory_bytes for b in sizes}
-    finally:
-        prober.close()
-        gc.collect()
 
 
 def budget_between(config, size: int) -> int:
@@ -81,13 +71,6 @@ def real_train_peak(config, micro: int, budget: int, tmp_path) -> int | None:
 
 def real_train_fits(config, micro: int, budget: int, tmp_path) -> bool:
     return real_train_peak(config, micro, budget, tmp_path) is not None
-
-
-def plan_json(args: list[str], capsys) -> dict:
-    code = main(["plan", *args, "--json"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    return json.loads(out)
 
 
 # 6 × 256 tokens is before TRL's 4096-token kink; 20 × 256 is past it.

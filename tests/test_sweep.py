@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import MiB, plan_at
 
 from autobatch import probe as probe_module
 from autobatch import sweep
 from autobatch.cli import main
 from autobatch.config import build_config
 from autobatch.errors import ConfigError
-from autobatch.planner import Plan
-
-MiB = 2**20
 
 
 class FakeProber:
@@ -94,13 +92,6 @@ def test_unreachable_rungs_are_refused_before_probing(fake_prober, tiny_model_di
     with pytest.raises(ConfigError, match="use --effective-batch-size 8 or 10"):
         probe_module.plan_ladder(ladder_config(tiny_model_dir(), world_size=2), [9])
     assert not fake_prober
-
-
-def plan_at(batch, micro, seconds=0.1):
-    return Plan(per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
-                effective_batch_size=batch, world_size=1, max_micro_batch_size=micro, memory_budget_bytes=1,
-                usable_memory_bytes=1, headroom=0.0, peak_memory_bytes=1, device="cpu", max_length=100,
-                trials=[], seconds_per_step=seconds)
 
 
 def test_rung_cost_and_predictions_follow_mccandlish():

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, MiB
 
 from autobatch import cli
 from autobatch.config import Config, build_config, plan_yaml_text, write_plan_yaml
 from autobatch.errors import ConfigError
 from autobatch.planner import Option, Plan, Trial
 
-ROOT = Path(__file__).resolve().parents[1]
-MiB = 2**20
 BAR = r"\d+/2 \[\d\d:\d\d"  # tqdm's "2/2 [00:03<00:00, ...]": the Trainer's training bar
 
 
