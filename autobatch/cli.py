@@ -52,7 +52,8 @@ _VALUE_FLAGS = [
     ("--device", "device",
      "cuda, cpu (virtual device with a budget) or estimate (fake tensors); default: cuda if any, else cpu"),
     ("--memory-budget", "memory_budget",
-     "300MiB, 80GB, 2.5GiB or bytes (default: free GPU memory / available RAM or the cgroup limit)"),
+     ("300MiB, 80GB, 2.5GiB or bytes; G = GiB = 2^30 bytes, GB = 10^9 "
+      "(default: free GPU memory / available RAM or the cgroup limit)")),
     ("--headroom", "headroom", "fraction of the budget kept free, 0 <= h < 1 (default: by device)"),
     ("--max-micro-batch-size", "max_micro_batch_size", "largest micro-batch tried (default: 512)"),
     ("--effective-batch-size", "effective_batch_size",
@@ -904,12 +905,25 @@ def _quiet_third_party(verbose: bool) -> None:
         datasets.disable_progress_bars()
 
 
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """`--memory-budget -5GiB` as `--memory-budget=-5GiB`: argparse reads a value that starts with a dash
+    as a flag and says only "expected one argument"; joined, it reaches the check that says what is wrong."""
+    flags = {flag for flag, _, _ in _VALUE_FLAGS}
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in flags and arg[:1] == "-" and arg[1:2] in tuple("0123456789."):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `autobatch` command; returns the exit code (0 ok, 1 runtime error, 2 bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        args, extras = _make_parser().parse_known_args(argv)
+        args, extras = _make_parser().parse_known_args(_join_dash_values(argv))
         if args.command is None:
             raise ConfigError("choose a command: plan, run, sweep or cache (see autobatch --help)")
         args.argv = argv

@@ -2,7 +2,7 @@
 
 Keys are TRL's (SFTConfig/TrainingArguments, ScriptArguments, ModelConfig) plus autobatch's own fields.
 Every key that is not autobatch's goes to `Config.training_args` untouched; the SFTConfig field check
-happens where trl is imported (`check_known_keys` gives it the closest-key messages). Validation
+happens where trl is imported (`workload` gives it the closest-key messages). Validation
 collects every problem and raises one `ConfigError`. Also owns plan.yaml: the config with the planned
 batch filled in, written with keys `trl sft --config` accepts.
 """
@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 import logging
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from autobatch.errors import AutobatchError, ConfigError
+from autobatch.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
     from autobatch.planner import Plan
@@ -125,43 +125,6 @@ _PLAIN_FIELDS = frozenset(_FIELDS) - {"lora", "model_args", "training_args", "me
 AUTOBATCH_KEYS = frozenset(_PLAIN_FIELDS | {"memory_budget", "memory_budget_bytes", "lora", "use_peft", "datasets",
                                             "test_split_size"}
                            | set(MODEL_CONFIG_LORA_KEYS) | set(MODEL_ARGS_KEYS))
-
-
-# ---------------------------------------------------------------------------------------------- sizes
-
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-}
-
-
-def parse_bytes(text: str | int, name: str = "--memory-budget") -> int:
-    """'300MiB', '80GB', '2.5GiB' or plain bytes -> bytes (GB is 10^9, GiB is 2^30)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ConfigError(
-                f"{name}: cannot read {text!r} as a size; write e.g. 300MiB, 80GB, 2.5GiB or plain bytes"
-            )
-        value, unit = float(match.group(1)), match.group(2).lower()
-    result = int(value * _UNITS[unit])
-    if result <= 0:
-        raise ConfigError(f"{name} must be positive, got {text!r}")
-    return result
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable binary size: 1536 -> '1.5KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.1f}TiB"
 
 
 # ----------------------------------------------------------------------------------------------- YAML
@@ -358,11 +321,6 @@ def build_config(
     if overrides:
         merged.apply(overrides, names or {})
     return _validate(merged.config(), merged.names, list(merged.problems))
-
-
-def load_config(path: str | os.PathLike) -> Config:
-    """The validated Config of one YAML file (no CLI overrides)."""
-    return build_config(path)
 
 
 def validate_config(config: Config) -> Config:
@@ -589,24 +547,6 @@ def _lora_problems(lora: dict, names: Mapping[str, str]) -> list[str]:
             else:
                 lora[key] = flag
     return problems
-
-
-def check_known_keys(keys: Iterable[str], valid_keys: Iterable[str], what: str = "SFTConfig") -> None:
-    """One ConfigError for every key not in `valid_keys`, each naming the closest valid key.
-
-    For the caller that has trl imported: `check_known_keys(config.training_args, sft_config_field_names)`.
-    """
-    valid = set(valid_keys)
-    candidates = sorted(valid | AUTOBATCH_KEYS)
-    problems = []
-    for key in keys:
-        if key in valid:
-            continue
-        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else f"see the {what} documentation for valid keys"
-        problems.append(f"unknown key {key!r}: {hint}")
-    if problems:
-        raise ConfigError(("" if len(problems) == 1 else f"{len(problems)} problems: ") + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------- plan.yaml

@@ -255,17 +255,20 @@ class Plan:
         ]
         return data
 
+    # apply/save are the public `autobatch.apply_plan`/`autobatch.save_plan`, looked up on the package at call
+    # time: they build on config, train and workload, which all import this module, so importing them here
+    # would close a circle through the whole package. The planner stays pure data and arithmetic.
     def apply(self, trainer, *, oom_fallback: bool = False):
-        """Set this plan on a built trainer: `autobatch.apply_plan(trainer, self)` (the trainer code lives there)."""
-        from autobatch.api import apply_plan
+        """Set this plan on a built trainer: `autobatch.apply_plan(trainer, self)`."""
+        import autobatch
 
-        return apply_plan(trainer, self, oom_fallback=oom_fallback)
+        return autobatch.apply_plan(trainer, self, oom_fallback=oom_fallback)
 
     def save(self, path, config=None) -> str:
         """Write plan.json (`.json`) or plan.yaml (anything else): `autobatch.save_plan(self, path, config)`."""
-        from autobatch.api import save_plan
+        import autobatch
 
-        return save_plan(self, path, config)
+        return autobatch.save_plan(self, path, config)
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:

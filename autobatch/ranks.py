@@ -171,18 +171,6 @@ def smallest(value: int) -> int:
     return int(tensor.item())
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if it is true on any (an OOM one rank met during the run)."""
-    if not _group_ready():
-        return flag
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor([int(flag)], dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
-
-
 @contextlib.contextmanager
 def local_only() -> Iterator[None]:
     """A single-process world for trials: the launcher's variables hidden and accelerate's state fresh.

@@ -7,16 +7,13 @@ import subprocess
 import sys
 
 import pytest
+from helpers import error_lines, listing
 
 from autobatch import rundir
 from autobatch.cli import main
 from autobatch.config import build_config, write_atomic
 from autobatch.errors import ConfigError
 from autobatch.memory import cgroup_memory_room_bytes
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("autobatch: error")]
 
 
 def checkpoint(out, step: int, complete: bool = True, train_batch_size: int = 4):
@@ -26,10 +23,6 @@ def checkpoint(out, step: int, complete: bool = True, train_batch_size: int = 4)
     if complete:
         (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "train_batch_size": train_batch_size}))
     return path
-
-
-def listing(path) -> dict[str, int]:
-    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
 
 
 @pytest.mark.parametrize("earlier", ["checkpoint", "plan.json"])
@@ -49,13 +42,22 @@ def test_output_dir_of_an_earlier_run_is_refused_and_left_alone(tmp_path, capsys
     assert "micro=" not in err and listing(out) == before
 
 
-def test_output_dir_with_unrelated_files_is_accepted(tmp_path):
+def test_output_dir_with_unrelated_files_is_accepted_and_left_alone(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "README.md").write_text("notes")
+    (out / "plan.yaml").write_text("notes")  # a plan the user keeps there; only plan.json marks a run
+    for name in ("checkpoint-final", "checkpoints", "runs"):  # near misses of checkpoint-N
+        (out / name).mkdir()
+    before = sorted(p.name for p in out.iterdir())
     config = build_config(overrides={"output_dir": str(out)})
-    rundir.check_can_run(config)  # no earlier run there: no error
-    rundir.check_can_run(build_config(overrides={"output_dir": str(out)}), overwrite=True)
+    assert rundir.earlier_run_files(out) == []
+    rundir.check_can_run(config)
+    rundir.check_can_run(config, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    (out / "checkpoint-3").mkdir()  # one earlier-run folder among them is enough to refuse
+    with pytest.raises(ConfigError, match=r"holds an earlier run \(checkpoint-3\)"):
+        rundir.check_can_run(config)
 
 
 def test_resume_in_an_empty_dir_fails_with_one_line_before_torch_loads(tmp_path):
