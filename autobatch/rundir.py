@@ -5,18 +5,22 @@ run is refused in well under a second rather than after the torch import and min
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from pathlib import Path
 
 from autobatch import ranks
-from autobatch.config import Config
+from autobatch.config import Config, write_atomic
 from autobatch.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
+#: Written by `autobatch run` into the output dir it trains in: what autobatch may later resume, overwrite or
+#: delete there is known by this file, not by name patterns (a model's own folder has config.json too).
+MARKER_FILE = ".autobatch-run"
 STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME: written last into a checkpoint
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + "-" + step
 
@@ -39,9 +43,42 @@ def earlier_run_files(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if CHECKPOINT_NAME.match(p.name) or p.name == PLAN_FILE)
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether autobatch claimed `path` for a run (its marker file is there)."""
+    return (path / MARKER_FILE).is_file()
+
+
+def claim_output_dir(path: Path) -> None:
+    """Create the output dir and mark it as autobatch's, before anything is written into it."""
+    from autobatch import __version__
+
+    path.mkdir(parents=True, exist_ok=True)
+    if not is_run_dir(path):
+        write_atomic(path / MARKER_FILE, json.dumps({"written_by": "autobatch run", "version": __version__}) + "\n")
+
+
+def foreign_files(path: Path) -> list[str]:
+    """The entries of an existing output dir that autobatch did not write: all of them, unless it holds the marker."""
+    if not path.is_dir() or is_run_dir(path):
+        return []
+    return sorted(p.name for p in path.iterdir())
+
+
 def check_output_dir_state(config: Config, resume: bool, overwrite: bool) -> None:
-    """Refuse a dir holding an earlier run unless --resume or --overwrite-output-dir; delete nothing."""
+    """Refuse a dir autobatch did not claim (a model's folder, anyone's files) whatever the flags, and one
+    holding an earlier run unless --resume or --overwrite-output-dir; delete nothing."""
     path = check_output_dir(config)
+    foreign = foreign_files(path)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        model = config.model_name_or_path
+        whose = (" (it is the --model folder: the final save would overwrite the model)"
+                 if model and os.path.isdir(os.path.expanduser(model)) and path.resolve() ==
+                 Path(model).expanduser().resolve() else "")
+        raise ConfigError(
+            f"output_dir {path} holds files autobatch did not write ({shown}){whose}: choose a new or empty "
+            f"--output-dir; nothing was changed"
+        )
     found = earlier_run_files(path)
     if found and not (resume or overwrite):
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")

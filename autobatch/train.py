@@ -46,6 +46,7 @@ from autobatch.rundir import (  # noqa: F401 - check_can_run and check_output_di
     STATE_FILE,
     check_can_run,
     check_output_dir,
+    claim_output_dir,
     complete_checkpoints,
     resume_checkpoint,
 )
@@ -365,7 +366,10 @@ def _stop_if_ranks(world_size: int, step: int, inputs: dict) -> None:
 
 def _output_dir(config: Config) -> str:
     path = check_output_dir(config)
-    path.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main():
+        claim_output_dir(path)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
 
