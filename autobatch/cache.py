@@ -60,6 +60,15 @@ def workload_key(description: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def memory_args(args) -> dict[str, Any]:
+    """Every SFTConfig field of `args` except those `NOT_MEMORY_KEYS` names with a reason: keyed by
+    construction, so a field nobody thought of (pad_to_multiple_of) still keys the cache."""
+    from autobatch.config import NOT_MEMORY_KEYS
+
+    values = args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
+    return {key: value for key, value in sorted(values.items()) if key not in NOT_MEMORY_KEYS}
+
+
 def workload_description(memory_fingerprint: dict[str, Any], model, args, example_length: int, padded: bool,
                          device: dict[str, Any], world_size: int) -> dict[str, Any]:
     """Everything that changes a trial's peak: the config's memory keys, the model's own config as loaded,
@@ -68,7 +77,6 @@ def workload_description(memory_fingerprint: dict[str, Any], model, args, exampl
     from importlib.metadata import PackageNotFoundError, version
 
     from autobatch import __version__
-    from autobatch.config import MEMORY_KEYS
 
     model_config = getattr(model, "config", None)
     shape = model_config.to_dict() if hasattr(model_config, "to_dict") else {}
@@ -87,7 +95,7 @@ def workload_description(memory_fingerprint: dict[str, Any], model, args, exampl
         "model_class": type(model).__name__,
         "dtype": str(parameter.dtype) if parameter is not None else None,
         "attn_implementation": getattr(model_config, "_attn_implementation", None),
-        "training_args": {key: getattr(args, key, None) for key in MEMORY_KEYS},
+        "training_args": memory_args(args),
         "example_length": example_length,
         "padded": padded,
         "device": device,
