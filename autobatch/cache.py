@@ -114,8 +114,39 @@ class Entry:
     last_used: float
 
 
+class NotACache(sqlite3.DatabaseError):
+    """The file is some other program's (an optuna study): it is neither written nor changed."""
+
+
+APPLICATION_ID = 0x61627063  # "abpc": PRAGMA application_id of a probe cache (0 in caches written before it)
+
+
+def check_own(path: Path) -> None:
+    """Raise NotACache unless `path` is absent, empty, or a probe cache: read-only, so nothing changes.
+
+    Opening with WAL or creating the tables would alter any other SQLite file (an optuna study's journal
+    mode, its tables); this looks first through a read-only connection.
+    """
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+    try:  # a corrupt file raises sqlite3.DatabaseError here: reported as an unreadable cache
+        tables = {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+        application = connection.execute("PRAGMA application_id").fetchone()[0]
+    finally:
+        connection.close()
+    if tables != {"workloads", "trials"} or application not in (0, APPLICATION_ID):
+        shown = ", ".join(sorted(tables)[:4]) or "none"
+        raise NotACache(f"{path} is not an autobatch probe cache (its tables: {shown})")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
-    """Open (creating) the database: WAL so readers never block the writer, a busy timeout for writers."""
+    """Open (creating) the database: WAL so readers never block the writer, a busy timeout for writers.
+
+    A file that is not a probe cache is refused (NotACache) before anything is written to it.
+    """
+    check_own(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
@@ -126,6 +157,7 @@ def _connect(path: Path) -> sqlite3.Connection:
             raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
         connection.executescript(_SCHEMA)
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     except BaseException:
         connection.close()
         raise
@@ -164,8 +196,9 @@ class ProbeCache:
             return action()
         except (sqlite3.Error, OSError) as exc:
             self.broken = f"{type(exc).__name__}: {exc}"
-            logger.warning("probe cache %s ignored (%s): trials run as without a cache; "
-                           "`autobatch cache clear` or --no-cache", self.path, self.broken)
+            fix = "pass another --cache" if isinstance(exc, NotACache) else "`autobatch cache clear`"
+            logger.warning("probe cache %s ignored (%s): trials run as without a cache; %s or --no-cache",
+                           self.path, self.broken, fix)
             self.close()
             return None
 

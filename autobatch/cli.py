@@ -825,6 +825,9 @@ def _cmd_cache(args: argparse.Namespace, extras: list[str]) -> int:
             print(f"cleared {count} trial(s) from {path}", flush=True)
             return 0
         entries = cache.list_entries(path)
+    except cache.NotACache as exc:
+        raise ConfigError(f"--cache {path}: {exc}; it was not changed: pass the probe cache's path "
+                          "(`autobatch cache path`)") from None
     except (sqlite3.Error, OSError) as exc:
         raise AutobatchError(f"--cache {path}: cannot read it ({exc}); delete the file or pass another "
                              "--cache") from None

@@ -240,3 +240,44 @@ def test_every_model_loading_and_config_field_is_in_the_plan_key_or_named_irrele
                                       **{field.name: {"training_args": {"pad_to_multiple_of": 8}}.get(
                                           field.name, "other")})
         assert memory_fingerprint(changed) != base, f"{field.name}: keyed, or in CONFIG_NOT_KEYED with a reason"
+
+
+# ------------------------------------------------------------ another program's SQLite file (issue 23.3)
+
+def optuna_study_file(tmp_path):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its handler holds an earlier test's captured stderr
+    path = tmp_path / "sweep.db"
+    study = optuna.create_study(storage=f"sqlite:///{path}", study_name="s")
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+    return path
+
+
+def checksum(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("action", ["clear", "list"])
+def test_cache_command_on_an_optuna_study_is_refused_and_changes_nothing(tmp_path, capsys, action):
+    """Reproduction: `cache clear --cache OUT/sweep.db` wiped the study's trials; `list` changed its journal mode."""
+    path = optuna_study_file(tmp_path)
+    before, names = checksum(path), sorted(p.name for p in tmp_path.iterdir())
+    assert main(["cache", action, "--cache", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not an autobatch probe cache" in err and "not changed" in err and "Traceback" not in err
+    assert checksum(path) == before and sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+def test_a_plan_never_writes_into_another_programs_sqlite_file(tmp_path, caplog):
+    import logging
+
+    path = optuna_study_file(tmp_path)
+    before = checksum(path)
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        probes = cache.ProbeCache(path, DESCRIPTION, 100 * MiB)
+        probes.store(1, 1, None, Trial(1, MiB, True, 0.1))
+    assert probes.broken and "not an autobatch probe cache" in caplog.text and "another --cache" in caplog.text
+    assert checksum(path) == before
