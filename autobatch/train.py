@@ -517,7 +517,10 @@ def run(
     logger.info("plan: %s", json.dumps({k: v for k, v in plan.to_dict().items() if k not in ("trials", "options")}))
     started = time.perf_counter()
     with backend.measure() as measured:
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if checkpoint is not None and _finished(checkpoint, args.max_steps):
+            output = _load_finished(trainer, checkpoint)
+        else:
+            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop is not None and stop.signum is not None:
         raise _stopped(stop, trainer, output_dir)
     trainer.save_model(output_dir)
@@ -527,9 +530,9 @@ def run(
     return RunResult(
         output_dir=output_dir,
         global_step=trainer.state.global_step,
-        train_loss=output.training_loss,
-        samples_per_s=output.metrics.get("train_samples_per_second") or (
-            trainer.state.global_step * plan.effective_batch_size / elapsed if elapsed else None),
+        train_loss=output.training_loss if output else None,
+        samples_per_s=(output.metrics.get("train_samples_per_second") or (
+            trainer.state.global_step * plan.effective_batch_size / elapsed if elapsed else None)) if output else None,
         peak_memory_bytes=peak,
         predicted_peak_memory_bytes=max(plan.peak_memory_bytes, plan.eval_peak_memory_bytes or 0),
         memory_budget_bytes=backend.budget_bytes,
@@ -542,6 +545,25 @@ def run(
         log_history=trainer.state.log_history,
         resumed_from_step=int(Path(checkpoint).name.rpartition("-")[2]) if checkpoint else 0,
     )
+
+
+def _finished(checkpoint: Path, max_steps: int) -> bool:
+    """Whether `checkpoint` already reached the run's last step (`max_steps`, else the steps it planned).
+
+    Resumed there, the Trainer trains one step before it checks the limit: 30 -> 31 -> 32 on each --resume.
+    """
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    target = max_steps if max_steps and max_steps > 0 else state.get("max_steps") or 0
+    return 0 < target <= state.get("global_step", 0)
+
+
+def _load_finished(trainer, checkpoint: Path) -> None:
+    """The finished checkpoint's weights and state, loaded without training, for the final save."""
+    from transformers import TrainerState
+
+    logger.warning("--resume: %s is the run's last step: nothing left to train; saving the final model", checkpoint)
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / STATE_FILE))
 
 
 def _stopped(stop: SignalStop, trainer, output_dir: str) -> Interrupted:
