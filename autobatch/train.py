@@ -307,7 +307,7 @@ def plan_from_checkpoint(config: Config, checkpoint: Path) -> Plan:
     wanted = config.per_device_train_batch_size
     if not isinstance(micro, int) or not isinstance(accumulation, int) or wanted not in ("auto", None, micro):
         raise ConfigError(
-            f"--resume: {checkpoint.parent} has no {PLAN_FILE} and {checkpoint / STATE_FILE} gives "
+            f"--resume: {checkpoint.parent} has no readable {PLAN_FILE} and {checkpoint / STATE_FILE} gives "
             f"micro-batch {micro}; pass the --effective-batch-size (or --gradient-accumulation-steps) the run used, "
             "so the data position stays exact"
         )
@@ -331,7 +331,7 @@ def plan_from_checkpoint(config: Config, checkpoint: Path) -> Plan:
 
 def resume_plan(config: Config) -> Plan:
     """The plan `--resume` trains with: OUT/plan.json, else the newest complete checkpoint's batch."""
-    checkpoint = resume_checkpoint(config, warn=False)
+    checkpoint = resume_checkpoint(config)
     return saved_plan(config) or plan_from_checkpoint(config, checkpoint)
 
 
@@ -436,8 +436,11 @@ def saved_plan(config: Config) -> Plan | None:
         return None
     try:
         plan = Plan.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"--resume: cannot read {path} ({exc}); run without --resume to plan again") from None
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        # The checkpoint holds the micro-batch too: resuming stays possible (advising a plain run was a dead end)
+        logger.warning("--resume: %s is unreadable (%s): the batch comes from the checkpoint instead", path,
+                       type(exc).__name__)
+        return None
     differences = fingerprint_differences(plan.memory_fingerprint, fingerprint(config))
     for key, wanted in (
         ("per_device_train_batch_size", config.per_device_train_batch_size),
@@ -509,7 +512,7 @@ def run(
     for callback in callbacks or []:
         if hasattr(callback, "attach"):  # callbacks that hook the model (gns) need the trainer itself
             callback.attach(trainer)
-    checkpoint = resume_checkpoint(config, warn=False) if resume else None
+    checkpoint = resume_checkpoint(config, warn=True) if resume else None
     if overwrite and not resume and ranks.is_main():
         _remove_earlier_checkpoints(output_dir)
     if ranks.is_main():

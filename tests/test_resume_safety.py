@@ -65,3 +65,62 @@ def test_resume_after_a_stop_right_after_the_last_step_writes_the_final_model(fi
     assert done.returncode == 0, done.stderr
     assert (out / "model.safetensors").is_file() and global_step(out) == MAX_STEPS
     assert not (out / f"checkpoint-{MAX_STEPS + 1}").exists()
+
+
+def empty_state(checkpoint: Path) -> None:
+    (checkpoint / "trainer_state.json").write_text("")
+
+
+def truncated_optimizer(checkpoint: Path) -> None:
+    data = (checkpoint / "optimizer.pt").read_bytes()
+    (checkpoint / "optimizer.pt").write_bytes(data[: len(data) // 2])
+
+
+def cut_mid_save(checkpoint: Path) -> None:
+    (checkpoint / "trainer_state.json").unlink()
+
+
+@pytest.mark.parametrize("damage, named", [(empty_state, "trainer_state.json is unreadable"),
+                                           (truncated_optimizer, "optimizer.pt is truncated"),
+                                           (cut_mid_save, "no trainer_state.json")],
+                         ids=["empty-trainer-state", "truncated-optimizer", "cut-mid-save"])
+def test_a_broken_newest_checkpoint_is_named_once_and_resume_falls_back_to_the_previous(finished, tmp_path, damage,
+                                                                                        named):
+    """issue 23.10 (a raw JSONDecodeError / PytorchStreamReader error naming no file) and 23.11 (warned 3 times)."""
+    out = copy_of(finished, tmp_path)
+    newest = out / f"checkpoint-{MAX_STEPS}"
+    damage(newest)
+    for name in ("model.safetensors", "trainer_state.json"):  # stopped before the final save
+        (out / name).unlink()
+    done = autobatch(out, "--resume")
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "skipping" in line]
+    assert len(warnings) == 1 and str(newest) in warnings[0] and named in warnings[0], done.stderr
+    assert global_step(out) == MAX_STEPS and "Traceback" not in done.stderr
+
+
+def test_resume_with_a_corrupt_plan_json_takes_the_batch_from_the_checkpoint(finished, tmp_path):
+    """issue 23.9: it advised a plain run, which is refused (an earlier run is there)."""
+    out = copy_of(finished, tmp_path)
+    (out / "plan.json").write_text('{"per_device_train_batch_')
+    cut_mid_save(out / f"checkpoint-{MAX_STEPS}")
+    done = autobatch(out, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert "plan.json is unreadable" in done.stderr and global_step(out) == MAX_STEPS
+    assert json.loads((out / "plan.json").read_text())["effective_batch_size"] == 2
+
+
+def test_the_advice_when_no_checkpoint_is_whole_works(finished, tmp_path):
+    """issue 23.9: every checkpoint cut mid-save: the advice given is followed and the run trains."""
+    import shlex
+
+    out = copy_of(finished, tmp_path)
+    for checkpoint in out.glob("checkpoint-*"):
+        cut_mid_save(checkpoint)
+    done = autobatch(out, "--resume")
+    (line,) = error_lines(done.stderr)
+    assert done.returncode == 2 and "--overwrite-output-dir instead of --resume" in line
+    assert "run without --resume" not in line
+    followed = autobatch(out, *shlex.split("--overwrite-output-dir"))
+    assert followed.returncode == 0, followed.stderr
+    assert global_step(out) == MAX_STEPS and all(global_step(c) for c in out.glob("checkpoint-*"))

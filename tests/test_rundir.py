@@ -23,7 +23,7 @@ def checkpoint(out, step: int, complete: bool = True, train_batch_size: int = 4)
     rundir.claim_output_dir(out)  # an earlier autobatch run's dir
     path = out / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"weights")
+    (path / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # a whole, empty safetensors
     if complete:
         (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "train_batch_size": train_batch_size}))
     return path
@@ -101,7 +101,7 @@ def test_resume_takes_the_newest_complete_checkpoint_and_warns_of_a_cut_one(tmp_
     checkpoint(out, 4)
     config = build_config(overrides={"output_dir": str(out)})
     with caplog.at_level(logging.WARNING, logger="autobatch"):
-        assert rundir.resume_checkpoint(config) == newest
+        assert rundir.resume_checkpoint(config, warn=True) == newest
     assert [r.getMessage() for r in caplog.records] == [
         f"--resume: skipping {out / 'checkpoint-12'}: no trainer_state.json, it was cut mid-save"]
     assert [p.name for p in rundir.complete_checkpoints(out)] == ["checkpoint-10", "checkpoint-4", "checkpoint-2"]
