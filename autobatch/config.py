@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from autobatch.binding import model_content
 from autobatch.errors import AutobatchError, ConfigError
 
 if TYPE_CHECKING:
@@ -765,6 +766,9 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         "peak_memory_bytes": peak, "max_micro_batch_size": plan.max_micro_batch_size, "max_length": plan.max_length,
         "effective_batch_size": plan.effective_batch_size, "world_size": world, "seconds_per_step": plan.seconds_per_step,
         "memory_fingerprint": memory_fingerprint(written, str(model_path) if model_path else None),
+        "per_device_train_batch_size": plan.per_device_train_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "model_content": model_content(model),  # the plan holds for this model, wherever it is saved
     }
     if trainer_only:  # read back by autobatch (build_config), invisible to trl sft
         meta["autobatch_only"] = trainer_only

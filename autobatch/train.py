@@ -50,7 +50,7 @@ from autobatch.rundir import (  # noqa: F401 - check_can_run and check_output_di
     complete_checkpoints,
     resume_checkpoint,
 )
-from autobatch.workload import build_trainer, fingerprint, load_train_dataset, sft_config
+from autobatch.workload import build_trainer, fingerprint, load_train_dataset, model_path, sft_config
 
 logger = logging.getLogger(__name__)
 
@@ -375,7 +375,10 @@ def _output_dir(config: Config) -> str:
 
 def _datasets(config: Config):
     """Train and optional eval dataset: the config's, or the built-in text sample for the built-in model."""
-    if config.dataset_name is None and config.model_name_or_path is not None:
+    from autobatch.builtin import is_builtin_model_path
+
+    model = config.model_name_or_path
+    if config.dataset_name is None and model is not None and not is_builtin_model_path(model):
         raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
     train = load_train_dataset(config)
     evaluation = None
@@ -388,23 +391,17 @@ def _datasets(config: Config):
 
 
 def load_plan(path: str, config: Config) -> Plan:
-    """A plan saved by `autobatch plan --output`, refused if memory-relevant settings differ from `config`."""
+    """A plan saved by `autobatch plan --output`, refused unless it holds for `config`: the same memory
+    settings, the same model content (wherever it is saved), and the batch its probe measured."""
     saved = build_config(path)
     meta = read_plan_meta(path)
-    current = fingerprint(config)
-    differences = fingerprint_differences(meta["memory_fingerprint"], current)
-    if config.memory_budget_bytes is not None and config.memory_budget_bytes != meta["memory_budget_bytes"]:
-        differences.append(f"memory_budget: {meta['memory_budget_bytes']} -> {config.memory_budget_bytes}")
-    if config.device not in (None, meta["device"]) and meta["device"] != "estimate":  # estimate plans for a GPU
-        differences.append(f"device: {meta['device']} -> {config.device}")
+    differences = plan_differences(meta, config, path)
     if differences:
         raise ConfigError(
             f"--plan {path} was made for other memory settings ({'; '.join(differences)}): "
             "plan again without --plan, or run with the settings it was made for"
         )
-    micro, accumulation = saved.per_device_train_batch_size, saved.gradient_accumulation_steps
-    if not (isinstance(micro, int) and isinstance(accumulation, int)):
-        raise ConfigError(f"--plan {path}: per_device_train_batch_size and gradient_accumulation_steps must be set")
+    micro, accumulation = check_planned_batch(path, meta, config, saved)
     return Plan(
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation,
@@ -420,9 +417,87 @@ def load_plan(path: str, config: Config) -> Plan:
         trials=[],
         seconds_per_step=meta.get("seconds_per_step", 0.0),
         notes=[f"reused {path}: no probing"],
-        memory_fingerprint=current,
+        memory_fingerprint=fingerprint(config),
         per_device_eval_batch_size=saved.training_args.get("per_device_eval_batch_size"),
     )
+
+
+def plan_differences(meta: dict, config: Config, path: str) -> list[str]:
+    """What differs between the settings and model a plan.yaml was made for and `config`'s.
+
+    The config is compared as plan.yaml writes it (current key names, cpu precision off), with keys it
+    leaves to defaults (bf16, fp16, use_cpu) taken as planned; the model by content, not by path.
+    """
+    from autobatch.binding import model_content
+    from autobatch.config import _as_written
+
+    saved = dict(meta["memory_fingerprint"])
+    current = fingerprint(_as_written(config, meta["device"]))
+    for key in ("bf16", "fp16", "use_cpu"):
+        if key not in config.training_args and key in saved:
+            current[key] = saved[key]
+    model = model_path(config)
+    if "model_content" in meta:
+        now = model_content(model)
+        if meta["model_content"] is not None and now is not None:
+            saved.pop("model_name_or_path", None)
+            current.pop("model_name_or_path", None)
+            for part in ("config", "weights"):
+                if meta["model_content"][part] != now[part]:
+                    saved[f"model {part}"], current[f"model {part}"] = meta["model_content"][part], now[part]
+    else:
+        logger.warning("--plan %s was written before plans were bound to the model's content: the model at %s is "
+                       "taken to be the one it was made for (plan again to bind it)", path, model)
+    differences = fingerprint_differences(saved, current)
+    if config.memory_budget_bytes is not None and config.memory_budget_bytes != meta["memory_budget_bytes"]:
+        differences.append(f"memory_budget: {meta['memory_budget_bytes']} -> {config.memory_budget_bytes}")
+    if config.device not in (None, meta["device"]) and meta["device"] != "estimate":  # estimate plans for a GPU
+        differences.append(f"device: {meta['device']} -> {config.device}")
+    return differences
+
+
+def check_planned_batch(path: str, meta: dict, config: Config, saved: Config) -> tuple[int, int]:
+    """The micro-batch × accumulation the plan's probe measured; a hand-edited one is refused in one line.
+
+    `config` may be another file (`--config tiny.yaml --plan plan.yaml`): where it leaves the batch to
+    autobatch (auto), the plan file's values are taken.
+    """
+    micro, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    micro = micro if isinstance(micro, int) else saved.per_device_train_batch_size
+    accumulation = accumulation if isinstance(accumulation, int) else saved.gradient_accumulation_steps
+    if not (isinstance(micro, int) and isinstance(accumulation, int)):
+        raise ConfigError(f"--plan {path}: per_device_train_batch_size and gradient_accumulation_steps must be set")
+    planned = (meta.get("per_device_train_batch_size", micro), meta.get("gradient_accumulation_steps", accumulation))
+    effective = micro * accumulation * config.world_size
+    wanted = config.effective_batch_size
+    if (micro, accumulation) != planned or effective != meta["effective_batch_size"] or wanted not in (None, effective):
+        raise ConfigError(
+            f"--plan {path}: per_device_train_batch_size {micro} × gradient_accumulation_steps {accumulation} is not "
+            f"what it planned ({planned[0]} × {planned[1]}, effective {meta['effective_batch_size']}; the peak it "
+            f"states is for micro-batch {planned[0]}): restore those values, or plan "
+            f"--micro-batch-size {micro} --output {path} to check the new size"
+        )
+    return micro, accumulation
+
+
+def check_resume_batch(config: Config, plan: Plan, plan_file: str) -> None:
+    """--resume --plan: the plan must state the batch the run trained with, or the effective batch changes
+    mid-run (and plan.json would be overwritten with the other one)."""
+    checkpoint = resume_checkpoint(config)
+    path = check_output_dir(config) / PLAN_FILE
+    try:
+        before = json.loads(path.read_text())
+        trained = (before["per_device_train_batch_size"], before["gradient_accumulation_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        trained = (state.get("train_batch_size"), plan.gradient_accumulation_steps)
+    if trained != (plan.per_device_train_batch_size, plan.gradient_accumulation_steps):
+        raise ConfigError(
+            f"--resume --plan {plan_file}: it states micro-batch {plan.per_device_train_batch_size} × accumulation "
+            f"{plan.gradient_accumulation_steps}, but the run in {path.parent} trained with {trained[0]} × "
+            f"{trained[1]}: resume without --plan (the run's own {PLAN_FILE} is used), or train the new plan into "
+            "another --output-dir"
+        )
 
 
 def saved_plan(config: Config) -> Plan | None:
