@@ -307,6 +307,24 @@ def _fail_dead_trials(study, fail_stale_trials) -> None:
         time.sleep(0.25)
 
 
+def check_validation_budget(study, tokens: int | None, examples: float | None = None) -> None:
+    """A study's validation runs all train on one budget: a resumed sweep with another --validate-tokens is
+    refused, so a result is never labelled with examples it did not see. The first sweep records it."""
+    stored_tokens = study.user_attrs.get("validate_tokens")
+    stored_examples = study.user_attrs.get("validate_examples")
+    if tokens is None or stored_tokens is None and examples is None:
+        return
+    if stored_tokens not in (None, tokens) or (examples is not None and stored_examples not in (None, examples)):
+        raise ConfigError(
+            f"--validate-tokens {tokens}: the study's validation runs trained with --validate-tokens {stored_tokens} "
+            f"({stored_examples} examples each); resume with --validate-tokens {stored_tokens}, or validate the new "
+            "budget into another --output-dir / --storage"
+        )
+    if examples is not None:
+        study.set_user_attr("validate_tokens", tokens)
+        study.set_user_attr("validate_examples", examples)
+
+
 class ProbeMiss(Exception):
     """A validation run ran out of memory at a point the probe said fits: a failed trial, flagged, not a crash."""
 

@@ -410,3 +410,38 @@ def test_a_sweep_resumed_at_once_after_a_kill_completes_every_point_exactly_once
     done = sorted(t.params["effective_batch_size"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     assert done == [8, 16, 32] and sorted(calls) == [8, 16, 32]
     assert not study.get_trials(states=(optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING))
+
+
+def test_resuming_a_validation_study_with_another_budget_is_refused():
+    """issue 23.6: --resume with another --validate-tokens reused the old results and said "after the same 248
+    examples" for trials that saw 64."""
+    import optuna
+
+    study = optuna.create_study()
+    sweep.check_validation_budget(study, 600, None)  # a new study: nothing recorded yet
+    sweep.check_validation_budget(study, 600, 248)
+    assert study.user_attrs == {"validate_tokens": 600, "validate_examples": 248}
+    sweep.check_validation_budget(study, 600, None)
+    sweep.check_validation_budget(study, 600, 248)
+    with pytest.raises(ConfigError, match="trained with --validate-tokens 600 .248 examples each.; resume with "
+                                          "--validate-tokens 600"):
+        sweep.check_validation_budget(study, 200, None)
+    with pytest.raises(ConfigError, match="--validate-tokens 600"):
+        sweep.check_validation_budget(study, 600, 64)  # the same tokens over another ladder: other examples
+    assert study.user_attrs == {"validate_tokens": 600, "validate_examples": 248}
+
+
+@pytest.mark.slow
+def test_a_sweep_resumed_with_another_validate_tokens_is_refused_before_probing(tiny_model_dir, tiny_dataset_file,
+                                                                                 tmp_path, capsys):
+    out = tmp_path / "out"
+    args = sweep_args(tiny_model_dir(), tiny_dataset_file, out)
+    assert main(args) == 0
+    capsys.readouterr()
+    before = (out / "sweep.db").read_bytes()
+    other = [*args, "--resume"]
+    other[other.index("--validate-tokens") + 1] = "200"
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "trained with --validate-tokens 600" in err and "micro=" not in err
+    assert (out / "sweep.db").read_bytes() == before
