@@ -565,6 +565,7 @@ def run(
     import gc
 
     backend = _run_backend(config, plan)
+    ranks.init_group(backend.device, ranks.group_timeout_s(config, backend.device))  # before the Trainer makes one
     output_dir = _output_dir(config)
     args, notes = sft_config(
         config,
