@@ -593,6 +593,8 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     # A study that may exist is opened (and refused without --resume) before minutes of probing; a new
     # default one is created after the probe, so a sweep that fails there leaves nothing on disk.
     study = sweep.open_study(storage, args.study_name, args.resume) if not sweep.is_new(storage) else None
+    if study is not None:
+        sweep.check_validation_budget(study, args.validate_tokens)  # before the probe
     if args.validate_tokens:
         _err(_validation_budget(config, sizes, len(multipliers), args.validate_tokens, args.max_trials))
     with contextlib.redirect_stdout(sys.stderr):
@@ -681,6 +683,7 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
              f"after {attrs['tokens_seen']} tokens, {attrs['wall_seconds']:.1f} s")
         return loss, attrs
 
+    sweep.check_validation_budget(study, tokens, examples)
     sweep.run_validation_study(study, points, validate, args.max_trials, args.timeout)
     ladder_sizes = {p.rung.effective_batch_size for p in points}
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -826,6 +829,9 @@ def _cmd_cache(args: argparse.Namespace, extras: list[str]) -> int:
             print(f"cleared {count} trial(s) from {path}", flush=True)
             return 0
         entries = cache.list_entries(path)
+    except cache.NotACache as exc:
+        raise ConfigError(f"--cache {path}: {exc}; it was not changed: pass the probe cache's path "
+                          "(`autobatch cache path`)") from None
     except (sqlite3.Error, OSError) as exc:
         raise AutobatchError(f"--cache {path}: cannot read it ({exc}); delete the file or pass another "
                              "--cache") from None

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from autobatch.binding import model_content
 from autobatch.errors import AutobatchError, ConfigError
 from autobatch.units import format_bytes, parse_bytes
 
@@ -566,20 +567,42 @@ def check_output_path(path: str | os.PathLike, flag: str = "--output") -> Path:
 #: SFTConfig's default for (gradient|activation)_checkpointing (trl/trainer/sft_config.py: True, unlike Trainer).
 SFT_CHECKPOINTING_DEFAULT = True
 
-#: SFTConfig/TrainingArguments keys that change what a training step holds in memory.
-MEMORY_KEYS = (
-    "max_length", "packing", "packing_strategy", "padding_free", "gradient_checkpointing",
-    "activation_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs", "bf16",
-    "fp16", "optim", "optim_args", "max_grad_norm", "torch_compile", "use_liger_kernel", "model_init_kwargs",
-    "dataset_text_field", "completion_only_loss", "assistant_only_loss", "loss_type", "neftune_noise_alpha",
-    "activation_offloading",
-)
 PLAN_META_PREFIX = "# autobatch-plan: "
+
+#: SFTConfig/TrainingArguments fields that do NOT change a trial's peak, each with the reason. Every other
+#: field is in the probe cache key (`cache.memory_args`): a new or forgotten field is keyed, never ignored.
+NOT_MEMORY_KEYS: dict[str, str] = {
+    **dict.fromkeys(("output_dir", "max_steps", "num_train_epochs", "save_strategy", "eval_strategy",
+                     "logging_strategy", "disable_tqdm", "report_to", "train_sampling_strategy",
+                     "auto_find_batch_size"), "the probe sets its own value for every trial (probe.Prober._build)"),
+    **dict.fromkeys(("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"),
+                    "a column of the trial's own row in the cache (micro_batch_size, accumulation, eval_batch_size)"),
+    **dict.fromkeys(("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "adam_beta1",
+                     "adam_beta2", "adam_epsilon"),
+                    "a scalar of the update or its schedule, not the size of any tensor (weight_decay is keyed: "
+                    "plain Adam adds it to the gradients out of place)"),
+    **dict.fromkeys(("logging_steps", "logging_first_step", "log_on_each_node", "log_level", "log_level_replica",
+                     "run_name", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"),
+                    "logging: trials log nothing"),
+    **dict.fromkeys(("eval_steps", "eval_delay", "eval_on_start"), "when evaluation runs, not what it holds"),
+    **dict.fromkeys(("save_steps", "save_on_each_node", "save_total_limit", "save_only_model",
+                     "enable_jit_checkpoint", "push_to_hub", "hub_private_repo", "hub_model_id", "hub_strategy",
+                     "hub_always_push", "hub_revision", "load_best_model_at_end", "metric_for_best_model",
+                     "greater_is_better", "resume_from_checkpoint", "ignore_data_skip",
+                     "restore_callback_states_from_checkpoint"), "saving and resuming: trials save nothing"),
+    "hub_token": "a credential: never stored, and it changes no tensor",
+    "seed": "which random numbers, not how many",
+    "data_seed": "which examples, not their length: trials copy the longest one (example_length is keyed)",
+    "do_train": "not read by Trainer.train()",
+    "do_eval": "not read by Trainer.train()",
+    "do_predict": "not read by Trainer.train()",
+    "local_rank": "set by the launcher; the world size is keyed",
+    "dataset_num_proc": "processes that tokenize the data before training, not the training step",
+}
 
 
 def memory_fingerprint(config: Config, model_path: str | None = None) -> dict[str, Any]:
     """Everything in a config that changes the memory a training step needs (the key a plan is valid for)."""
-    args = config.training_args
     return {
         "model_name_or_path": config.model_name_or_path or model_path,
         "model_args": dict(sorted(config.model_args.items())),
@@ -588,8 +611,16 @@ def memory_fingerprint(config: Config, model_path: str | None = None) -> dict[st
         "dataset_config": config.dataset_config,
         "dataset_train_split": config.dataset_train_split,
         "world_size": config.world_size,
-        **{key: args[key] for key in MEMORY_KEYS if key in args},
+        **{key: value for key, value in memory_training_args(config.training_args).items()},
     }
+
+
+def memory_training_args(training_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The training args that can change memory: all but `NOT_MEMORY_KEYS`, under current names, with
+    SFTConfig's checkpointing default said (so `gradient_checkpointing: true` and no key at all compare equal)."""
+    args = modern_names(training_args)
+    args.setdefault("activation_checkpointing", SFT_CHECKPOINTING_DEFAULT)
+    return {key: value for key, value in sorted(args.items()) if key not in NOT_MEMORY_KEYS}
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -675,6 +706,9 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         "peak_memory_bytes": peak, "max_micro_batch_size": plan.max_micro_batch_size, "max_length": plan.max_length,
         "effective_batch_size": plan.effective_batch_size, "world_size": world, "seconds_per_step": plan.seconds_per_step,
         "memory_fingerprint": memory_fingerprint(written, str(model_path) if model_path else None),
+        "per_device_train_batch_size": plan.per_device_train_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "model_content": model_content(model),  # the plan holds for this model, wherever it is saved
     }
     if trainer_only:  # read back by autobatch (build_config), invisible to trl sft
         meta["autobatch_only"] = trainer_only

@@ -357,7 +357,7 @@ class _Session:
         self.usable = int(self.backend.budget_bytes * (1 - self.headroom))
         if self.backend.device == "cuda":
             self.backend.cap_bytes = self.usable  # the allocator itself refuses past it: a trial over is a real OOM
-        ranks.init_group(self.backend.device)
+        ranks.init_group(self.backend.device, ranks.group_timeout_s(config, self.backend.device))
         self.search_usable = ranks.smallest(self.usable)  # every rank's search aims at the same line
         ddp = config.world_size > 1
         if trainer is None:
