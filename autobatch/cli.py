@@ -28,6 +28,7 @@ from autobatch.config import (
     BUILTIN_CONFIG,
     Config,
     build_config,
+    check_model_available,
     check_output_path,
     format_bytes,
     parse_value,
@@ -210,7 +211,9 @@ def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
     path = args.config
     if path is None and "model_name_or_path" not in overrides:
         path = BUILTIN_CONFIG
-    return build_config(path, overrides, names)
+    config = build_config(path, overrides, names)
+    check_model_available(config, names.get("model_name_or_path", "model_name_or_path"))
+    return config
 
 
 def _print_setup(config: Config, command: str) -> None:

@@ -1,8 +1,8 @@
 """Configuration: dataclass defaults, then YAML (`--config`), then CLI flags; validation. No torch here.
 
 Keys are TRL's (SFTConfig/TrainingArguments, ScriptArguments, ModelConfig) plus autobatch's own fields.
-Every key that is not autobatch's goes to `Config.training_args` untouched; the SFTConfig field check
-happens where trl is imported (`check_known_keys` gives it the closest-key messages). Validation
+Every key that is not autobatch's goes to `Config.training_args` untouched; its name and plain type are
+checked against SFTConfig's fields read from TRL's source (`autobatch.fields`), before torch loads. Validation
 collects every problem and raises one `ConfigError`. Also owns plan.yaml: the config with the planned
 batch filled in, written with keys `trl sft --config` accepts.
 """
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from autobatch.errors import AutobatchError, ConfigError
+from autobatch.fields import key_problems
 
 if TYPE_CHECKING:
     from autobatch.planner import Plan
@@ -494,6 +495,8 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
                     problems.append(f"{name(key)} must be true or false, got {value!r}")
                 else:
                     args[key] = flag
+    problems.extend(key_problems(out.training_args, names, AUTOBATCH_KEYS, skip=TRAINER_KEYS))
+    problems.extend(_model_problems(out.model_name_or_path, name("model_name_or_path")))
     max_length = out.training_args.get("max_length")
     if max_length is not None and not (_is_int(max_length) and max_length > 0):
         problems.append(f"{name('max_length')} must be a positive integer (tokens per example), "
@@ -509,6 +512,38 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
             raise ConfigError(problems[0])
         raise ConfigError(f"{len(problems)} problems: " + "; ".join(problems))
     return out
+
+
+def _model_problems(model: Any, name: str) -> list[str]:
+    """A model that is not there fails here, before torch loads (issue 24: it took 104 s to say so)."""
+    if not isinstance(model, str) or not model.strip():
+        return []  # reported above
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            return [(f"{name} {model}: not a model directory (no config.json); pass a directory written by "
+                     "save_pretrained or a hub name")]
+        return []
+    if path.startswith((".", "/", "~")) or os.path.exists(path):
+        return [f"{name} {model}: no such directory; pass a model directory or a hub name"]
+    return []
+
+
+def check_model_available(config: Config, flag: str = "--model") -> None:
+    """Offline (HF_HUB_OFFLINE=1), a hub name that is not in the local hub cache cannot load: said before torch
+    loads. Not part of validation, so a config file validates the same on any machine."""
+    model = config.model_name_or_path
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline or not isinstance(model, str) or os.path.exists(os.path.expanduser(model)):
+        return
+    from huggingface_hub import constants  # no torch, no network
+
+    if not os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "models--" + model.replace("/", "--"))):
+        # runtime (exit 1), as when the download itself fails: the name may be right, the machine offline
+        raise AutobatchError(f"{flag}: could not load {model!r}: not a local directory, and it could not be "
+                             f"downloaded from the hub (HF_HUB_OFFLINE=1, not in the hub cache "
+                             f"{constants.HF_HUB_CACHE}): download it where the hub is reachable, or pass "
+                             "--model /path/to/local/copy")
 
 
 def _ignored_input_problems(config: Config, name, local_file: bool) -> list[str]:
@@ -620,6 +655,14 @@ def check_output_path(path: str | os.PathLike, flag: str = "--output") -> Path:
     if not parent.is_dir():
         raise ConfigError(f"{flag} {path}: directory {parent} does not exist; create it or choose another "
                           "path")
+    try:  # the honest test: os.access says yes to root on a read-only or special filesystem
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write in {parent} ({exc.strerror or exc}); choose another "
+                          "path") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the file is not writable; choose another path")
     return path
 
 

@@ -363,9 +363,9 @@ def test_run_help_works(capsys):
         (["--dataset", "{tmp}/missing.jsonl"], 2, "no such file '{tmp}/missing.jsonl'"),
         (["--dataset-text-field", "body"], 2, "its fields are text, label"),
         (["--output-dir", "{tmp}/a-file/out"], 2, "output_dir {tmp}/a-file/out"),
-        (["--model", "{tmp}/no/such/model"], 2, "{tmp}/no/such/model does not exist"),
+        (["--model", "{tmp}/no/such/model"], 2, "{tmp}/no/such/model: no such directory"),
         (["--model", "nobody/no-such-model"], 1, "could not be downloaded"),
-        (["--learning-rat", "1e-5"], 2, "did you mean learning_rate"),
+        (["--learning-rat", "1e-5"], 2, "did you mean --learning-rate"),
         (["--device", "estimate"], 2, "--device estimate only plans"),
     ],
     ids=["dataset-missing", "text-field-missing", "output-dir-not-writable", "model-missing", "model-not-on-hub",
@@ -388,8 +388,17 @@ def test_bad_run_input_is_one_line(llama, tmp_path, capsys, extra, code, message
 
 def test_seed_config_offline_fails_with_one_line_then_trains_on_local_copies(tiny_model_dir, tmp_path, capsys):
     seed = str(Path(__file__).parents[1] / "configs" / "seed-opt350m-imdb.yaml")
-    # Offline, neither imdb nor facebook/opt-350m can be downloaded: one line, naming what to point at instead.
+    # Offline, neither imdb nor facebook/opt-350m can be downloaded: one line, naming what to point at instead
+    # (the model first: that is known before torch loads).
     code = main(["run", "--config", seed, "--max-steps", "1", "--output-dir", str(tmp_path / "offline")])
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err
+    assert "'facebook/opt-350m'" in lines[0] and "could not be downloaded" in lines[0] and "--model" in lines[0]
+    assert not (tmp_path / "offline").exists()
+
+    code = main(["run", "--config", seed, "--model", str(tiny_model_dir("opt")), "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "offline")])
     err = capsys.readouterr().err
     lines = error_lines(err)
     assert code == 1 and len(lines) == 1 and "Traceback" not in err
@@ -399,13 +408,6 @@ def test_seed_config_offline_fails_with_one_line_then_trains_on_local_copies(tin
     imdb = tmp_path / "imdb.jsonl"
     reviews = ["A quiet film that grows on you.", "Too long, and the plot goes nowhere at all. " * 5]
     imdb.write_text("".join(json.dumps({"text": r, "label": i % 2}) + "\n" for i, r in enumerate(reviews * 16)))
-    code = main(["run", "--config", seed, "--dataset", str(imdb), "--max-steps", "1",
-                 "--output-dir", str(tmp_path / "offline")])
-    err = capsys.readouterr().err
-    lines = error_lines(err)
-    assert code == 1 and len(lines) == 1 and "Traceback" not in err
-    assert "'facebook/opt-350m'" in lines[0] and "could not be downloaded" in lines[0] and "--model" in lines[0]
-    assert not (tmp_path / "offline").exists()
 
     out = tmp_path / "out"
     code = main(["run", "--config", seed, "--model", str(tiny_model_dir("opt")), "--dataset", str(imdb),
