@@ -629,9 +629,11 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     if plots is not None:
         _plot_sweep(plots, study, rungs, chosen, gns_report)
     if args.output:
+        # its own output_dir: training into the sweep's folder would land the model beside sweep.db
         rung_config = dataclasses.replace(
             config, effective_batch_size=recommended,
-            training_args={**config.training_args, "learning_rate": chosen.learning_rate})
+            training_args={**config.training_args, "learning_rate": chosen.learning_rate,
+                           "output_dir": str(Path(output_dir).resolve() / f"run-B{recommended}")})
         _write_output(rung_config, chosen.plan, args.output)
     return 0
 

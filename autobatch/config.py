@@ -683,11 +683,11 @@ PLAN_META_PREFIX = "# autobatch-plan: "
 def memory_fingerprint(config: Config, model_path: str | None = None) -> dict[str, Any]:
     """Everything in a config that changes the memory a training step needs (the key a plan is valid for)."""
     args = config.training_args
-    return {
-        "model_name_or_path": config.model_name_or_path or model_path,
+    return {  # local paths resolved: `./model` and `/abs/model` are the same workload
+        "model_name_or_path": _resolved(config.model_name_or_path or model_path),
         "model_args": dict(sorted(config.model_args.items())),
         "lora": dict(sorted((config.lora or {}).items())),
-        "dataset_name": config.dataset_name,
+        "dataset_name": _resolved(config.dataset_name),
         "dataset_config": config.dataset_config,
         "dataset_train_split": config.dataset_train_split,
         "world_size": config.world_size,
@@ -731,8 +731,8 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
     if not plan.fits:
         raise AutobatchError(f"micro-batch {plan.per_device_train_batch_size} does not fit the memory "
                              "budget: no plan to write")
-    model = config.model_name_or_path or (str(model_path) if model_path is not None else None)
     written = _as_written(config, plan.device, plan.precision)
+    model = written.model_name_or_path or (str(model_path) if model_path is not None else None)
     body: dict[str, Any] = {}
     if model is not None:
         body["model_name_or_path"] = model
@@ -832,10 +832,16 @@ def _as_written(config: Config, device: str, precision: str | None = None) -> Co
         args["bf16"] = False
         if args.get("fp16"):
             args["fp16"] = False
-    dataset = config.dataset_name
-    if isinstance(dataset, str) and os.path.exists(os.path.expanduser(dataset)):
-        dataset = os.path.abspath(os.path.expanduser(dataset))  # trl sft may be started from elsewhere
-    return dataclasses.replace(config, training_args=args, dataset_name=dataset)
+    # trl sft may be started from elsewhere: local model and data alike are written as absolute paths
+    return dataclasses.replace(config, training_args=args, dataset_name=_resolved(config.dataset_name),
+                               model_name_or_path=_resolved(config.model_name_or_path))
+
+
+def _resolved(name: Any) -> Any:
+    """A local path as an absolute one (the same file from any working directory); a hub name as it is."""
+    if isinstance(name, str) and os.path.exists(os.path.expanduser(name)):
+        return os.path.abspath(os.path.expanduser(name))
+    return name
 
 
 def _dataset_keys(config: Config) -> dict[str, Any]:

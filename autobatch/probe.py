@@ -531,6 +531,21 @@ def _plan_eval(
     return result.max_micro_batch_size, trials
 
 
+def _plan_ladder_eval(config: Config, session: _Session, plans: list[Plan]) -> None:
+    """The eval batch of every fitting rung, searched once per distinct micro-batch (at the ladder's largest
+    accumulation, the worst case); without it `run --plan` evaluates at TRL's default of 8."""
+    by_micro: dict[int, tuple[int, list[Trial]]] = {}
+    for plan in plans:
+        if not plan.fits:
+            continue
+        micro = plan.per_device_train_batch_size
+        if micro not in by_micro:
+            by_micro[micro] = _plan_eval(config, session.prober, plan, session.search_usable, session.run_trial)
+        plan.per_device_eval_batch_size, plan.eval_trials = by_micro[micro]
+        chosen = [t for t in plan.eval_trials if t.micro_batch_size == plan.per_device_eval_batch_size]
+        plan.eval_peak_memory_bytes = chosen[-1].peak_memory_bytes
+
+
 def _measured_options(per_device: int, max_micro: int, accumulation, trials: list[Trial], probe) -> list:
     """Options fastest first, re-ranked until the fastest has been measured, not just interpolated.
 
@@ -652,6 +667,8 @@ def plan_ladder(
         for rung in rungs:
             rung_config = dataclasses.replace(sweep_config, effective_batch_size=rung)
             plans.append(_choose(rung_config, prober, rung // world, max_micro, session.trials, session.probe))
+        if evaluates(config):  # each rung's plan.yaml must evaluate as it trains: one eval plan per micro-batch
+            _plan_ladder_eval(config, session, plans)
     finally:
         session.close()
     for plan in plans:  # every rung holds the same two lists
