@@ -603,10 +603,12 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
         study = sweep.open_study(storage, args.study_name, args.resume)
     rungs, recommended, reason, notes = _verdict(config, ladder.plans, ladder.examples, args.lr_scaling, gns_report)
     points = [sweep.Point(r, r.learning_rate * m, m) for r in rungs for m in multipliers]
+    results: list = []
     if args.validate_tokens:
-        recommended, reason, gns_report = _validate(config, args, study, points, ladder, gns_report, output_dir)
-        b_noise = gns_report.get("b_simple") if gns_report and gns_report.get("resolved") else None
-        sweep.predict(rungs, b_noise)
+        recommended, reason, gns_report, verdict_notes, results = _validate(
+            config, args, study, points, ladder, gns_report, output_dir)
+        notes += verdict_notes
+        sweep.predict(rungs, _usable_noise_scale(gns_report, rungs, notes))
     else:
         sweep.record_predictions(study, points, "predicted time to target" if gns_report else "epoch seconds")
     chosen = next(r for r in rungs if r.effective_batch_size == recommended)
@@ -619,15 +621,16 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
             "gradient_noise_scale": gns_report,
             "recommended_effective_batch_size": recommended,
             "recommendation_reason": reason,
+            "eval_losses": sweep.eval_bars(results),
             "notes": notes,
             "study": study_info,
         }
         print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
     else:
-        print(format_sweep(rungs, ladder, gns_report, recommended, reason, notes), flush=True)
+        print(format_sweep(rungs, ladder, gns_report, recommended, reason, notes, results), flush=True)
         _err(f"study {args.study_name!r} in {storage} (open it with optuna.load_study or optuna-dashboard)")
     if plots is not None:
-        _plot_sweep(plots, study, rungs, chosen, gns_report)
+        _plot_sweep(plots, study, rungs, chosen, gns_report, results)
     if args.output:
         # its own output_dir: training into the sweep's folder would land the model beside sweep.db
         rung_config = dataclasses.replace(
@@ -693,11 +696,19 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
         [t.user_attrs["gradient_noise_scale"] for t in done if t.user_attrs.get("gradient_noise_scale")])
     if not done:
         raise AutobatchError("no validation trial finished: raise --timeout or --max-trials, then --resume")
-    best = min(done, key=lambda t: t.value)
     seen = f"the same {examples} examples" if isinstance(examples, int) else f"about {tokens} tokens"
+    results = [sweep.EvalResult(t.params["effective_batch_size"], t.params["learning_rate"], t.user_attrs["eval_losses"])
+               for t in done if t.user_attrs.get("eval_losses")]
+    if results and len(results) == len(done):
+        speed = {p.rung.effective_batch_size: p.rung.tokens_per_s for p in points}
+        verdict = sweep.judge(results, speed)
+        reason, notes = sweep.verdict_text(verdict, ladder.tokens_per_example, seen)
+        return verdict.recommended, reason, noise, notes, results
+    best = min(done, key=lambda t: t.value)  # a study from before per-example losses were stored
     reason = (f"lowest eval loss after {seen} (measured: {best.value:.4f} at learning rate "
               f"{best.params['learning_rate']:.3g})")
-    return best.params["effective_batch_size"], reason, noise
+    return best.params["effective_batch_size"], reason, noise, [
+        "no per-example eval losses in the study, so no error bars: this difference may be noise"], []
 
 
 def _validation_examples(tokens: int, sizes: list[int], tokens_per_example: float) -> float:
@@ -718,14 +729,20 @@ def _validation_examples(tokens: int, sizes: list[int], tokens_per_example: floa
     return examples
 
 
-def _plot_sweep(directory, study, rungs: list, chosen, gns_report: dict | None) -> None:
-    """memory.png, time_to_target.png, and from validation runs loss_vs_tokens.png and noise_scale.png."""
+def _plot_sweep(directory, study, rungs: list, chosen, gns_report: dict | None, results: list) -> None:
+    """memory.png, time_to_target.png, and from validation runs eval_loss.png (the verdict's losses with their
+    error bars), loss_vs_tokens.png (training loss) and noise_scale.png."""
     import optuna
 
-    from autobatch import plots
+    from autobatch import plots, sweep
 
     _plot_memory(directory, chosen.plan)
-    _err(f"wrote {plots.plot_time_to_target(rungs, chosen.effective_batch_size, directory)}")
+    if gns_report and not any(r.time_to_target_s is not None for r in rungs):
+        _err("time_to_target.png not drawn: no usable noise scale to predict time to a loss from (see the notes)")
+    else:
+        _err(f"wrote {plots.plot_time_to_target(rungs, chosen.effective_batch_size, directory)}")
+    if results:
+        _err(f"wrote {plots.plot_eval_losses(sweep.eval_bars(results), chosen.effective_batch_size, directory)}")
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     curves = {f"B={t.params['effective_batch_size']} lr={t.params['learning_rate']:.3g}": t.user_attrs["loss_curve"]
               for t in done if t.user_attrs.get("loss_curve")}
@@ -756,10 +773,11 @@ def _verdict(config: Config, plans: list, examples: int, rule: str | None, gns_r
     optim = str(args.get("optim", "adamw_torch"))
     rule = rule or sweep.default_lr_rule(optim)
     base_batch = config.effective_batch_size or plans[0].effective_batch_size
-    b_noise = gns_report.get("b_simple") if gns_report and gns_report.get("resolved") else None
+    notes = []
+    b_noise = _usable_noise_scale(gns_report, plans, notes)
     rungs = sweep.make_rungs(plans, examples, base_lr=base_lr, base_batch=base_batch, lr_rule=rule, b_noise=b_noise)
     recommended, reason = sweep.recommend(rungs, b_noise, lora=config.lora is not None)
-    notes = sweep.notes(rungs, config.lora is not None)
+    notes += sweep.notes(rungs, config.lora is not None)
     if gns_report and not gns_report.get("resolved"):
         notes.append(f"gradient noise scale unresolved (B_noise > {gns_report.get('low') or 0:.0f}): no verdict on loss")
     notes.append(f"learning rate: {rule} scaling from {base_lr:g} at effective batch {base_batch}"
@@ -767,8 +785,23 @@ def _verdict(config: Config, plans: list, examples: int, rule: str | None, gns_r
     return rungs, recommended, reason, notes
 
 
+def _usable_noise_scale(gns_report: dict | None, rungs: list, notes: list[str]) -> float | None:
+    """B_noise when resolved and not below the smallest rung; else None, the reason added to `notes` once."""
+    from autobatch import sweep
+
+    b_noise = gns_report.get("b_simple") if gns_report and gns_report.get("resolved") else None
+    sizes = [r.effective_batch_size for r in rungs]
+    if sweep.noise_scale_below_rungs(b_noise, sizes):
+        note = (f"B_noise {b_noise:.3g} is below the smallest rung ({min(sizes)}): every rung is past the noise scale, "
+                "so no efficiency or time-to-target is predicted (they would be numbers with nothing behind them)")
+        if note not in notes:
+            notes.append(note)
+        return None
+    return b_noise
+
+
 def format_sweep(rungs: list, ladder, gns_report: dict | None, recommended: int, reason: str,
-                 notes: list[str]) -> str:
+                 notes: list[str], results: list = ()) -> str:
     """The sweep table: measured cost per rung, then the model's predictions when B_noise is known."""
     predicted = any(r.sample_efficiency is not None for r in rungs)
     head = (f"  {'B':>5}  {'micro×acc×W':>12}  {'peak':>9}  {'tokens/s':>9}  {'s/step':>7}  {'epoch s':>8}  "
@@ -795,6 +828,11 @@ def format_sweep(rungs: list, ladder, gns_report: dict | None, recommended: int,
                      "steps to the same loss / S_min, time×S_min = steps× · s/step")
     if gns_report:
         lines.append("gradient noise scale: " + gns_text(gns_report))
+    if results:
+        lines += ["", f"  {'B':>5}  {'lr':>9}  {'eval loss':>9}  {'± s.e.':>7}  {'examples':>8}   (validation, measured)"]
+        for r in sorted(results, key=lambda r: (r.effective_batch_size, r.learning_rate)):
+            lines.append(f"  {r.effective_batch_size:>5}  {r.learning_rate:>9.3g}  {r.mean:>9.4f}  {r.sem:>7.4f}  "
+                         f"{len(r.losses):>8}")
     lines += ["", f"recommended effective batch {recommended}: {reason}"]
     lines += [f"note: {note}" for note in notes]
     return "\n".join(lines)
