@@ -697,8 +697,8 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
     if not done:
         raise AutobatchError("no validation trial finished: raise --timeout or --max-trials, then --resume")
     seen = f"the same {examples} examples" if isinstance(examples, int) else f"about {tokens} tokens"
-    results = [sweep.EvalResult(t.params["effective_batch_size"], t.params["learning_rate"], t.user_attrs["eval_losses"])
-               for t in done if t.user_attrs.get("eval_losses")]
+    results = [sweep.EvalResult(t.params["effective_batch_size"], t.params["learning_rate"], t.user_attrs["eval_losses"],
+                                t.user_attrs.get("lr_multiplier", 1.0)) for t in done if t.user_attrs.get("eval_losses")]
     if results and len(results) == len(done):
         speed = {p.rung.effective_batch_size: p.rung.tokens_per_s for p in points}
         verdict = sweep.judge(results, speed)

@@ -106,14 +106,15 @@ def plot_eval_losses(bars: list[dict], recommended: int, directory: Path) -> Pat
     """The eval loss the verdict uses, per rung and rate, with ±2 standard errors: the noise it judged against."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    by_rate: dict[float, list[dict]] = {}
+    by_multiplier: dict[float, list[dict]] = {}
     for bar in bars:
-        by_rate.setdefault(bar["learning_rate"], []).append(bar)
-    for rate, group in sorted(by_rate.items()):
+        by_multiplier.setdefault(bar.get("lr_multiplier", 1.0), []).append(bar)
+    for shift, (multiplier, group) in enumerate(sorted(by_multiplier.items())):
         group.sort(key=lambda b: b["effective_batch_size"])
-        ax.errorbar([b["effective_batch_size"] for b in group], [b["eval_loss"] for b in group],
+        nudge = 1.03 ** (shift - (len(by_multiplier) - 1) / 2)  # side by side, so the bars do not hide each other
+        ax.errorbar([b["effective_batch_size"] * nudge for b in group], [b["eval_loss"] for b in group],
                     yerr=[2 * b["standard_error"] if math.isfinite(b["standard_error"]) else 0 for b in group],
-                    marker="o", capsize=4, label=f"lr {rate:.3g}")
+                    marker="o", capsize=4, label=f"lr × {multiplier:g} of the rung's rate")
     ax.axvline(recommended, color="tab:green", linestyle=":", label=f"recommended B={recommended}")
     ax.set_xscale("log", base=2)
     return _finish(fig, ax, ("effective batch size", "eval loss (mean per example, ±2 s.e.)",

@@ -20,7 +20,16 @@ from autobatch import ranks
 from autobatch.config import Config, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
 from autobatch.memory import MemoryBackend, is_oom, make_backend
-from autobatch.planner import Option, Plan, Trial, check_effective_batch, plan_options, search_max_micro_batch
+from autobatch.planner import (
+    Option,
+    Plan,
+    Trial,
+    check_effective_batch,
+    nearby_note,
+    nearby_targets,
+    plan_options,
+    search_max_micro_batch,
+)
 from autobatch.workload import build_trainer, fingerprint, load_train_dataset, sft_config
 
 logger = logging.getLogger(__name__)
@@ -589,6 +598,11 @@ def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: i
         options = _measured_options(per_device, max_micro, accumulation, trials, probe)
     chosen = options[0]
     trial = [t for t in trials if t.micro_batch_size == chosen.micro_batch_size][-1]
+    notes = []
+    if per_device is not None and not isinstance(config.per_device_train_batch_size, int):
+        nearby = nearby_targets(per_device, world, max_micro, trials, chosen)
+        note = nearby_note(per_device * world, chosen, nearby)
+        notes = [note] if note else []
     return Plan(
         per_device_train_batch_size=chosen.micro_batch_size,
         gradient_accumulation_steps=chosen.gradient_accumulation_steps,
@@ -605,6 +619,7 @@ def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: i
         fits=trial.fits,
         seconds_per_step=trial.seconds,
         options=options,
+        notes=notes,
     )
 
 

@@ -476,6 +476,7 @@ class EvalResult:
     effective_batch_size: int
     learning_rate: float
     losses: list[float]
+    multiplier: float = 1.0  # of the rung's scaled rate (--lr-multipliers)
 
     @property
     def mean(self) -> float:
@@ -578,5 +579,6 @@ def noise_scale_below_rungs(b_noise: float | None, sizes: list[int]) -> bool:
 
 def eval_bars(results: list[EvalResult]) -> list[dict]:
     """Per rung and rate: mean eval loss and its standard error, for the loss plot and --json."""
-    return [{"effective_batch_size": r.effective_batch_size, "learning_rate": r.learning_rate, "eval_loss": r.mean,
-             "standard_error": r.sem, "examples": len(r.losses)} for r in results]
+    return [{"effective_batch_size": r.effective_batch_size, "learning_rate": r.learning_rate,
+             "lr_multiplier": r.multiplier, "eval_loss": r.mean, "standard_error": r.sem, "examples": len(r.losses)}
+            for r in results]
