@@ -210,12 +210,13 @@ TIMING_NOISE = 0.10
 
 
 def plan_options(per_device: int, max_micro_batch_size: int, trials: list[Trial],
-                 noise: float = TIMING_NOISE) -> list[Option]:
+                 noise: float | None = None) -> list[Option]:
     """Every micro-batch ≤ the max that divides the per-device samples exactly, fastest first.
 
-    Options within `noise` of the best samples/s are ties, and ties go to the larger micro-batch, so which
-    size timed fastest on a loaded machine does not decide the plan.
+    Options within `noise` (default TIMING_NOISE) of the best samples/s are ties, and ties go to the larger
+    micro-batch, so which size timed fastest on a loaded machine does not decide the plan.
     """
+    noise = TIMING_NOISE if noise is None else noise
     options = []
     for size in range(1, min(per_device, max_micro_batch_size) + 1):
         if per_device % size == 0:
