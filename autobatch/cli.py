@@ -419,7 +419,8 @@ def _write_output(config: Config, plan: Plan, output: str | None) -> None:
 def _cmd_plan(args: argparse.Namespace, extras: list[str]) -> int:
     config = _config_from_args(args, extras)
     plots = _plot_dir(args)
-    _print_setup(config, "plan")
+    if not args.json:  # --json: one JSON object on stdout and nothing else
+        _print_setup(config, "plan")
     _quiet_third_party(args.verbose)
     plan = _probe(config, _progress_wanted(args))
     print(_plan_json(plan) if args.json else format_plan(plan), flush=True)
@@ -453,11 +454,14 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
         if args.gns_every < 1:
             raise ConfigError(f"--gns-every {args.gns_every}: measure one step in N needs N >= 1 (1: every step)")
         args.gns = True
+    if args.plan:
+        _check_plan_yaml(args.plan)
     if args.plan and not args.config:
         args.config = args.plan  # a plan.yaml is a whole config: run it as it was planned
     config = _config_from_args(args, extras)
     plots = _plot_dir(args)
-    _print_setup(config, "run")
+    if not args.json:  # --json: one JSON object on stdout and nothing else
+        _print_setup(config, "run")
     _quiet_third_party(args.verbose)
     from autobatch import api, rundir
 
@@ -500,6 +504,20 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
             lines.insert(-1, "gradient noise scale: " + gns_text(noise))
         print("\n".join(lines), flush=True)
     return 0
+
+
+def _check_plan_yaml(path: str) -> None:
+    """`--plan OUTPUT_DIR/plan.json` is the record of a run, not a plan to run: said, with what to pass instead."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            is_json = f.read(1) == "{"
+    except OSError:
+        return  # read_yaml names the problem
+    if is_json:
+        folder = Path(path).parent
+        raise ConfigError(f"--plan {path}: this is a plan.json, the record a run keeps in its output dir; --plan "
+                          "takes a plan.yaml (autobatch plan --output plan.yaml, or sweep --output); to continue "
+                          f"that run: autobatch run --output-dir {shlex.quote(str(folder))} --resume")
 
 
 def _resume_command(argv: list[str] | None) -> str:
@@ -585,7 +603,8 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
         raise ConfigError("--validate-tokens trains, and --device estimate cannot: use --device cpu or cuda")
     gns_report = _read_gns_file(args.gns_file) if args.gns_file else None
     plots = _plot_dir(args)
-    _print_setup(config, "sweep")
+    if not args.json:  # --json: one JSON object on stdout and nothing else
+        _print_setup(config, "sweep")
     _quiet_third_party(args.verbose)
     from autobatch.probe import plan_ladder
     from autobatch.train import check_output_dir

@@ -88,20 +88,25 @@ def key_problems(training_args: Mapping[str, object], names: Mapping[str, str], 
     if fields is None:
         return []
     own, skipped = set(own_keys), set(skip) | OLD_NAMES
-    problems = []
+    unknown, problems = [], []
     for key, value in training_args.items():
         name = names.get(key, key)
         if key in skipped:
             continue
         if key not in fields:
             close = closest_key(key, set(fields) | own)
-            hint = f"did you mean {spelled_like(name, close)}?" if close else "see SFTConfig's documentation"
-            problems.append(f"unknown key {name}: {hint} (keys are SFTConfig/TrainingArguments fields or "
-                            "autobatch options)")
+            unknown.append((name, f"did you mean {spelled_like(name, close)}?" if close else None))
             continue
         problem = _type_problem(fields[key], value)
         if problem:
             problems.append(f"{name} must be {problem}, got {value!r}")
+    known = "keys are SFTConfig/TrainingArguments fields or autobatch options"
+    if len(unknown) == 1:
+        name, hint = unknown[0]
+        problems.insert(0, f"unknown key {name}: {hint or 'see SFTConfig documentation'} ({known})")
+    elif unknown:
+        listed = ", ".join(f"{name} ({hint})" if hint else name for name, hint in unknown)
+        problems.insert(0, f"unknown keys {listed}: {known}")
     return problems
 
 

@@ -164,6 +164,17 @@ class Option:
         """0 when step times are unknown (estimate backend): then every option ties."""
         return self.micro_batch_size / self.seconds_per_step if self.seconds_per_step > 0 else 0.0
 
+    def to_dict(self) -> dict:
+        """The `--json` form: the fields and samples_per_s."""
+        return {**asdict(self), "samples_per_s": self.samples_per_s}
+
+    def __getitem__(self, key: str):
+        """`option["micro_batch_size"]`: `Plan.options` read as the `--json` dicts, as the README shows them."""
+        try:
+            return self.to_dict()[key]
+        except KeyError:
+            raise KeyError(f"{key!r}: an option has {', '.join(self.to_dict())}") from None
+
 
 def check_effective_batch(effective_batch_size: int, world_size: int) -> int:
     """Samples each device must contribute per optimizer step; errors name the nearest reachable values."""
@@ -309,9 +320,7 @@ class Plan:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["options"] = [
-            {**asdict(o), "samples_per_s": o.samples_per_s} for o in self.options
-        ]
+        data["options"] = [o.to_dict() for o in self.options]
         return data
 
     def apply(self, trainer, *, oom_fallback: bool = False):

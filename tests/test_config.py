@@ -186,10 +186,11 @@ def test_unknown_yaml_keys_are_refused_at_load_naming_the_closest_key(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     message = str(caught.value)
-    assert "3 problems" in message
+    assert message.startswith("unknown keys max_lenght (in ") and message.endswith(
+        ": keys are SFTConfig/TrainingArguments fields or autobatch options")
     for typo, meant in (("max_lenght", "max_length"), ("memory_budjet", "memory_budget"),
                         ("effective_batch_szie", "effective_batch_size")):
-        assert re.search(rf"unknown key {typo} \(in .*\): did you mean {meant}\?", message), message
+        assert re.search(rf"{typo} \(in [^)]*\) \(did you mean {meant}\?\)", message), message
 
 
 def test_check_known_keys_names_the_closest_key():

@@ -2,6 +2,7 @@
 the closest key, a missing model dir, a learning rate that is not a number and an unwritable --output are
 refused, each with exit 2 and one line, and torch never imported (checked in the child process)."""
 
+import json
 import os
 import re
 import subprocess
@@ -101,3 +102,12 @@ def test_key_problems_accept_what_trl_accepts():
           "formatting_func": "m:f", "evaluation_strategy": "no"}
     assert key_problems(ok, {}, {"effective_batch_size"}, skip={"formatting_func"}) == []
     assert key_problems({"learning_rate": True}, {}, set()) == ["learning_rate must be a number (e.g. 2e-5), got True"]
+
+
+def test_a_plan_json_given_to_plan_says_what_it_is_and_what_to_pass(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "plan.json").write_text(json.dumps({"per_device_train_batch_size": 2, "trials": []}))
+    assert_refused_before_torch(run_cli("run", "--plan", str(out / "plan.json")),
+                                rf"--plan {out / 'plan.json'}: this is a plan\.json, the record a run keeps in its "
+                                rf"output dir; --plan takes a plan\.yaml .* autobatch run --output-dir {out} --resume")

@@ -48,3 +48,13 @@ def test_world_size_scales_the_named_effective_batch():
     trials = timed({b: 0.1 + 0.01 * b for b in range(1, 7)}, fits_up_to=5)
     chosen = plan_options(37, 5, trials)[0]
     assert [n.effective_batch_size for n in nearby_targets(37, 2, 5, trials, chosen)] == [70, 80]
+
+
+def test_plan_options_read_as_the_json_dicts_and_as_attributes():
+    option = Option(4, 8, 0.5, True)
+    assert option.micro_batch_size == option["micro_batch_size"] == 4
+    assert option["samples_per_s"] == 8.0 and option.to_dict() == {
+        "micro_batch_size": 4, "gradient_accumulation_steps": 8, "seconds_per_step": 0.5, "measured": True,
+        "samples_per_s": 8.0}
+    with pytest.raises(KeyError, match="an option has micro_batch_size"):
+        option["micro"]
