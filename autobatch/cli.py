@@ -211,7 +211,8 @@ def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
     path = args.config
     if path is None and "model_name_or_path" not in overrides:
         path = BUILTIN_CONFIG
-    config = build_config(path, overrides, names)
+    # sweep --validate-tokens evaluates on the eval split or fraction whatever eval_strategy says (issue 24)
+    config = build_config(path, overrides, names, evaluates=bool(getattr(args, "validate_tokens", None)))
     check_model_available(config, names.get("model_name_or_path", "model_name_or_path"))
     return config
 
@@ -606,7 +607,7 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     if not args.json:  # --json: one JSON object on stdout and nothing else
         _print_setup(config, "sweep")
     _quiet_third_party(args.verbose)
-    from autobatch.probe import plan_ladder
+    from autobatch.probe import evaluates, plan_ladder
     from autobatch.train import check_output_dir
 
     output_dir = str(check_output_dir(config))
@@ -656,6 +657,8 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
             config, effective_batch_size=recommended,
             training_args={**config.training_args, "learning_rate": chosen.learning_rate,
                            "output_dir": str(Path(output_dir).resolve() / f"run-B{recommended}")})
+        if not evaluates(config):  # eval data only the validation runs used: a run without eval_strategy refuses it
+            rung_config = dataclasses.replace(rung_config, eval_fraction=None, dataset_test_split=None)
         _write_output(rung_config, chosen.plan, args.output)
     return 0
 

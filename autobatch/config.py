@@ -343,6 +343,8 @@ def build_config(
     path: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
     names: Mapping[str, str] | None = None,
+    *,
+    evaluates: bool = False,
 ) -> Config:
     """Dataclass defaults < the YAML file at `path` < `overrides` (CLI flags), validated.
 
@@ -358,7 +360,7 @@ def build_config(
         merged.apply(data, {key: f"{key} (in {where})" for key in data if isinstance(key, str)})
     if overrides:
         merged.apply(overrides, names or {})
-    return _validate(merged.config(), merged.names, list(merged.problems))
+    return _validate(merged.config(), merged.names, list(merged.problems), evaluates)
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -395,7 +397,8 @@ def _as_bool(value: Any) -> bool | None:
     return None
 
 
-def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> Config:
+def _validate(config: Config, names: Mapping[str, str], problems: list[str], evaluates: bool = False) -> Config:
+    """`evaluates`: the command evaluates whatever eval_strategy says (sweep --validate-tokens)."""
     def name(key: str) -> str:
         if key in names:
             return names[key]
@@ -430,7 +433,7 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
         elif out.dataset_test_split is not None:
             problems.append(f"{name('eval_fraction')} and {name('dataset_test_split')} both choose the eval "
                             "data: keep one")
-    problems.extend(_ignored_input_problems(out, name, local_file))
+    problems.extend(_ignored_input_problems(out, name, local_file, evaluates))
 
     # Batch arithmetic.
     ok_batch = True
@@ -546,7 +549,7 @@ def check_model_available(config: Config, flag: str = "--model") -> None:
                              "--model /path/to/local/copy")
 
 
-def _ignored_input_problems(config: Config, name, local_file: bool) -> list[str]:
+def _ignored_input_problems(config: Config, name, local_file: bool, evaluates: bool = False) -> list[str]:
     """Inputs that would reach nothing: each is an error saying what to do instead (issue 11)."""
     problems = []
     if local_file:
@@ -561,7 +564,7 @@ def _ignored_input_problems(config: Config, name, local_file: bool) -> list[str]
             problems.append(f"{name('dataset_config')} {config.dataset_config!r}: {where} and no configs; drop it")
     args = config.training_args
     strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
-    if strategy in ("no", None):
+    if strategy in ("no", None) and not evaluates:
         for key in ("eval_fraction", "dataset_test_split"):
             if getattr(config, key) is not None:
                 problems.append(f"{name(key)} {getattr(config, key)!r} is never used: eval_strategy is no; add "

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from autobatch.config import build_config
+from autobatch.errors import ConfigError
 from autobatch.fields import closest_key, key_problems, sft_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +113,17 @@ def test_a_plan_json_given_to_plan_says_what_it_is_and_what_to_pass(tmp_path):
     assert_refused_before_torch(run_cli("run", "--plan", str(out / "plan.json")),
                                 rf"--plan {out / 'plan.json'}: this is a plan\.json, the record a run keeps in its "
                                 rf"output dir; --plan takes a plan\.yaml .* autobatch run --output-dir {out} --resume")
+
+
+def test_sweep_validation_evaluates_on_the_eval_split_without_an_eval_strategy():
+    """The README says the sweep evaluates on dataset_test_split / eval_fraction: with --validate-tokens that
+    input reaches the validation runs, so it is not refused for want of an eval_strategy (issue 24)."""
+    values = {"eval_fraction": 0.2, "dataset_test_split": None}
+    with pytest.raises(ConfigError, match="eval_fraction 0.2 is never used: eval_strategy is no"):
+        build_config(overrides=values)
+    assert build_config(overrides=values, evaluates=True).eval_fraction == 0.2
+
+
+def test_sweep_eval_fraction_is_refused_only_without_validation(tmp_path):
+    assert_refused_before_torch(run_cli("sweep", "--eval-fraction", "0.2", "--output-dir", str(tmp_path)),
+                                r"--eval-fraction 0\.2 is never used")
