@@ -12,6 +12,7 @@ import yaml
 from autobatch import probe as probe_module
 from autobatch import sweep
 from autobatch.cli import main
+from autobatch.config import load_config
 
 
 def test_a_sweep_rungs_plan_yaml_runs_as_written_with_evaluation(tiny_model_dir, tiny_dataset_file, tmp_path,
@@ -154,8 +155,13 @@ def test_sweep_says_indistinguishable_when_rungs_differ_less_than_their_noise(fa
 
 def test_sweep_names_the_winner_when_rungs_differ_clearly(fake_sweep, tiny_model_dir, tmp_path, capsys):
     fake_sweep.update({(4, 1.0): synthetic_losses(0.08, 1), (8, 1.0): synthetic_losses(0.0, 2)})
-    assert sweep_cli(tiny_model_dir, tmp_path, "--json") == 0
+    rung = tmp_path / "rung.yaml"
+    # an eval fraction without --eval-strategy: the validation runs' eval data, not the rung's
+    assert sweep_cli(tiny_model_dir, tmp_path, "--json", "--eval-fraction", "0.25", "--output", str(rung)) == 0
     report = json.loads(capsys.readouterr().out)
+    config = load_config(rung)  # runs as written: no eval data left without an eval_strategy
+    assert config.effective_batch_size is None and config.eval_fraction is None
+    assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 8
     assert report["recommended_effective_batch_size"] == 8
     assert report["recommendation_reason"].startswith("lowest eval loss after the same 40 examples")
     bars = {b["effective_batch_size"]: b for b in report["eval_losses"]}
