@@ -146,11 +146,17 @@ def sweep_cli(tiny_model_dir, tmp_path, *extra):
 def test_sweep_says_indistinguishable_when_rungs_differ_less_than_their_noise(fake_sweep, tiny_model_dir, tmp_path,
                                                                                capsys):
     fake_sweep.update({(4, 1.0): synthetic_losses(0.0001, 1), (8, 1.0): synthetic_losses(0.0, 2)})
-    assert sweep_cli(tiny_model_dir, tmp_path) == 0
-    out = capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert sweep_cli(tiny_model_dir, tmp_path, "--plot", str(tmp_path / "plots")) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert "recommended effective batch" in out and "rungs 8, 4 are indistinguishable at this budget" in out
     assert "note: to tell them apart: about" in out
     assert "B_noise 0.29 is below the smallest rung (4)" in out and "efficiency" not in out.split("\n\n")[1]
+    # the loss plot is the verdict's eval loss with its error bars; no time-to-target drawn from a useless B_noise
+    assert (tmp_path / "plots" / "eval_loss.png").stat().st_size > 0
+    assert not (tmp_path / "plots" / "time_to_target.png").exists()
+    assert "time_to_target.png not drawn: no usable noise scale" in captured.err
 
 
 def test_sweep_names_the_winner_when_rungs_differ_clearly(fake_sweep, tiny_model_dir, tmp_path, capsys):
