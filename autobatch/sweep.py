@@ -546,7 +546,10 @@ def verdict_text(verdict: Verdict, tokens_per_example: float, seen: str) -> tupl
     how = "paired over the same eval examples" if verdict.paired else "unpaired"
     bar = f"{best.mean:.4f} ± {best.sem:.4f}"
     notes = []
-    if verdict.resolved:
+    if len(verdict.per_rung) == 1:
+        reason = (f"the only rung validated (eval loss after {seen}: {bar} at learning rate "
+                  f"{best.learning_rate:.3g}); nothing to compare it with")
+    elif verdict.resolved:
         reason = (f"lowest eval loss after {seen} (measured: {bar} at learning rate {best.learning_rate:.3g}; "
                   f"every other rung is more than {NOISE_Z:g} standard errors worse, {how})")
     else:

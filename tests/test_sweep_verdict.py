@@ -109,6 +109,12 @@ def test_a_best_learning_rate_at_the_grid_edge_is_said_and_the_rung_unresolved()
                and "raise --lr-multipliers" in n for n in notes)
 
 
+def test_a_single_validated_rung_claims_no_comparison():
+    verdict = sweep.judge([sweep.EvalResult(8, 1e-4, synthetic_losses(0, 1))])
+    reason, _ = sweep.verdict_text(verdict, 50, "the same 40 examples")
+    assert verdict.recommended == 8 and reason.startswith("the only rung validated") and "worse" not in reason
+
+
 def test_a_noise_scale_below_the_smallest_rung_predicts_nothing():
     assert sweep.noise_scale_below_rungs(0.29, [4, 8, 16])
     assert not sweep.noise_scale_below_rungs(6.0, [4, 8, 16])
