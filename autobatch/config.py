@@ -1,8 +1,8 @@
 """Configuration: dataclass defaults, then YAML (`--config`), then CLI flags; validation. No torch here.
 
 Keys are TRL's (SFTConfig/TrainingArguments, ScriptArguments, ModelConfig) plus autobatch's own fields.
-Every key that is not autobatch's goes to `Config.training_args` untouched; the SFTConfig field check
-happens where trl is imported (`workload` gives it the closest-key messages). Validation
+Every key that is not autobatch's goes to `Config.training_args` untouched; its name and plain type are
+checked against SFTConfig's fields read from TRL's source (`autobatch.fields`), before torch loads. Validation
 collects every problem and raises one `ConfigError`. Also owns plan.yaml: the config with the planned
 batch filled in, written with keys `trl sft --config` accepts.
 """
@@ -27,6 +27,7 @@ import yaml
 from autobatch.binding import model_content
 from autobatch.errors import AutobatchError, ConfigError
 from autobatch.units import format_bytes, parse_bytes
+from autobatch.fields import key_problems
 
 if TYPE_CHECKING:
     from autobatch.planner import Plan
@@ -306,6 +307,8 @@ def build_config(
     path: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
     names: Mapping[str, str] | None = None,
+    *,
+    evaluates: bool = False,
 ) -> Config:
     """Dataclass defaults < the YAML file at `path` < `overrides` (CLI flags), validated.
 
@@ -321,7 +324,7 @@ def build_config(
         merged.apply(data, {key: f"{key} (in {where})" for key in data if isinstance(key, str)})
     if overrides:
         merged.apply(overrides, names or {})
-    return _validate(merged.config(), merged.names, list(merged.problems))
+    return _validate(merged.config(), merged.names, list(merged.problems), evaluates)
 
 
 def validate_config(config: Config) -> Config:
@@ -353,7 +356,8 @@ def _as_bool(value: Any) -> bool | None:
     return None
 
 
-def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> Config:
+def _validate(config: Config, names: Mapping[str, str], problems: list[str], evaluates: bool = False) -> Config:
+    """`evaluates`: the command evaluates whatever eval_strategy says (sweep --validate-tokens)."""
     def name(key: str) -> str:
         if key in names:
             return names[key]
@@ -388,7 +392,7 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
         elif out.dataset_test_split is not None:
             problems.append(f"{name('eval_fraction')} and {name('dataset_test_split')} both choose the eval "
                             "data: keep one")
-    problems.extend(_ignored_input_problems(out, name, local_file))
+    problems.extend(_ignored_input_problems(out, name, local_file, evaluates))
 
     # Batch arithmetic.
     ok_batch = True
@@ -453,6 +457,8 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
                     problems.append(f"{name(key)} must be true or false, got {value!r}")
                 else:
                     args[key] = flag
+    problems.extend(key_problems(out.training_args, names, AUTOBATCH_KEYS, skip=TRAINER_KEYS))
+    problems.extend(_model_problems(out.model_name_or_path, name("model_name_or_path")))
     max_length = out.training_args.get("max_length")
     if max_length is not None and not (_is_int(max_length) and max_length > 0):
         problems.append(f"{name('max_length')} must be a positive integer (tokens per example), "
@@ -470,7 +476,39 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
     return out
 
 
-def _ignored_input_problems(config: Config, name, local_file: bool) -> list[str]:
+def _model_problems(model: Any, name: str) -> list[str]:
+    """A model that is not there fails here, before torch loads (issue 24: it took 104 s to say so)."""
+    if not isinstance(model, str) or not model.strip():
+        return []  # reported above
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            return [(f"{name} {model}: not a model directory (no config.json); pass a directory written by "
+                     "save_pretrained or a hub name")]
+        return []
+    if path.startswith((".", "/", "~")) or os.path.exists(path):
+        return [f"{name} {model}: no such directory; pass a model directory or a hub name"]
+    return []
+
+
+def check_model_available(config: Config, flag: str = "--model") -> None:
+    """Offline (HF_HUB_OFFLINE=1), a hub name that is not in the local hub cache cannot load: said before torch
+    loads. Not part of validation, so a config file validates the same on any machine."""
+    model = config.model_name_or_path
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline or not isinstance(model, str) or os.path.exists(os.path.expanduser(model)):
+        return
+    from huggingface_hub import constants  # no torch, no network
+
+    if not os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "models--" + model.replace("/", "--"))):
+        # runtime (exit 1), as when the download itself fails: the name may be right, the machine offline
+        raise AutobatchError(f"{flag}: could not load {model!r}: not a local directory, and it could not be "
+                             f"downloaded from the hub (HF_HUB_OFFLINE=1, not in the hub cache "
+                             f"{constants.HF_HUB_CACHE}): download it where the hub is reachable, or pass "
+                             "--model /path/to/local/copy")
+
+
+def _ignored_input_problems(config: Config, name, local_file: bool, evaluates: bool = False) -> list[str]:
     """Inputs that would reach nothing: each is an error saying what to do instead (issue 11)."""
     problems = []
     if local_file:
@@ -485,7 +523,7 @@ def _ignored_input_problems(config: Config, name, local_file: bool) -> list[str]
             problems.append(f"{name('dataset_config')} {config.dataset_config!r}: {where} and no configs; drop it")
     args = config.training_args
     strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
-    if strategy in ("no", None):
+    if strategy in ("no", None) and not evaluates:
         for key in ("eval_fraction", "dataset_test_split"):
             if getattr(config, key) is not None:
                 problems.append(f"{name(key)} {getattr(config, key)!r} is never used: eval_strategy is no; add "
@@ -561,6 +599,14 @@ def check_output_path(path: str | os.PathLike, flag: str = "--output") -> Path:
     if not parent.is_dir():
         raise ConfigError(f"{flag} {path}: directory {parent} does not exist; create it or choose another "
                           "path")
+    try:  # the honest test: os.access says yes to root on a read-only or special filesystem
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write in {parent} ({exc.strerror or exc}); choose another "
+                          "path") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the file is not writable; choose another path")
     return path
 
 
@@ -603,11 +649,11 @@ NOT_MEMORY_KEYS: dict[str, str] = {
 
 def memory_fingerprint(config: Config, model_path: str | None = None) -> dict[str, Any]:
     """Everything in a config that changes the memory a training step needs (the key a plan is valid for)."""
-    return {
-        "model_name_or_path": config.model_name_or_path or model_path,
+    return {  # local paths resolved: `./model` and `/abs/model` are the same workload
+        "model_name_or_path": _resolved(config.model_name_or_path or model_path),
         "model_args": dict(sorted(config.model_args.items())),
         "lora": dict(sorted((config.lora or {}).items())),
-        "dataset_name": config.dataset_name,
+        "dataset_name": _resolved(config.dataset_name),
         "dataset_config": config.dataset_config,
         "dataset_train_split": config.dataset_train_split,
         "world_size": config.world_size,
@@ -659,8 +705,8 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
     if not plan.fits:
         raise AutobatchError(f"micro-batch {plan.per_device_train_batch_size} does not fit the memory "
                              "budget: no plan to write")
-    model = config.model_name_or_path or (str(model_path) if model_path is not None else None)
     written = _as_written(config, plan.device, plan.precision)
+    model = written.model_name_or_path or (str(model_path) if model_path is not None else None)
     body: dict[str, Any] = {}
     if model is not None:
         body["model_name_or_path"] = model
@@ -763,10 +809,16 @@ def _as_written(config: Config, device: str, precision: str | None = None) -> Co
         args["bf16"] = False
         if args.get("fp16"):
             args["fp16"] = False
-    dataset = config.dataset_name
-    if isinstance(dataset, str) and os.path.exists(os.path.expanduser(dataset)):
-        dataset = os.path.abspath(os.path.expanduser(dataset))  # trl sft may be started from elsewhere
-    return dataclasses.replace(config, training_args=args, dataset_name=dataset)
+    # trl sft may be started from elsewhere: local model and data alike are written as absolute paths
+    return dataclasses.replace(config, training_args=args, dataset_name=_resolved(config.dataset_name),
+                               model_name_or_path=_resolved(config.model_name_or_path))
+
+
+def _resolved(name: Any) -> Any:
+    """A local path as an absolute one (the same file from any working directory); a hub name as it is."""
+    if isinstance(name, str) and os.path.exists(os.path.expanduser(name)):
+        return os.path.abspath(os.path.expanduser(name))
+    return name
 
 
 def _dataset_keys(config: Config) -> dict[str, Any]:

@@ -531,7 +531,8 @@ def saved_plan(config: Config) -> Plan | None:
             f"--resume: {path} was planned for other settings ({'; '.join(differences)}): "
             "resume with the settings it was made for, or train into a new --output-dir"
         )
-    plan.notes = [*plan.notes, f"reused {path} to resume: no probing"]
+    note = f"reused {path} to resume: no probing"
+    plan.notes = [*plan.notes, *([] if note in plan.notes else [note])]  # a second resume: said once
     return plan
 
 

@@ -261,6 +261,15 @@ def _trial_states(db: Path) -> list[tuple[str, int]]:
 
 
 @pytest.mark.slow
+def verdict_of(done: list, report: dict) -> sweep.Verdict:
+    """The verdict the stored per-example eval losses give: the lowest loss when beyond the noise, else the
+    fastest of the rungs tied with it (issue 24)."""
+    results = [sweep.EvalResult(t.params["effective_batch_size"], t.params["learning_rate"], t.user_attrs["eval_losses"])
+               for t in done]
+    speed = {p["effective_batch_size"]: p["prediction"]["tokens_per_s"] for p in report["plans"]}
+    return sweep.judge(results, speed)
+
+
 def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tiny_model_dir, tiny_dataset_file,
                                                                             tmp_path, capsys):
     import os
@@ -304,7 +313,7 @@ def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tin
     assert sorted(t.params["effective_batch_size"] for t in done) == [2, 4, 8]  # every rung once
     assert [t.state for t in trials].count(states.FAIL) == 1  # the killed one
     assert all(math.isfinite(t.value) and t.user_attrs["tokens_seen"] > 0 for t in done)
-    assert report["recommended_effective_batch_size"] == min(done, key=lambda t: t.value).params["effective_batch_size"]
+    assert report["recommended_effective_batch_size"] == verdict_of(done, report).recommended
 
 
 @pytest.mark.slow
@@ -319,7 +328,7 @@ def test_validating_the_builtin_default_fills_a_study_optuna_opens(tmp_path, cap
     assert len(done) == len(study.trials) >= 2
     assert all(math.isfinite(t.value) and t.value == t.user_attrs["eval_loss"] for t in done)
     assert len({t.user_attrs["tokens_seen"] for t in done}) == 1  # the same examples at every B: equal tokens
-    assert report["recommended_effective_batch_size"] == min(done, key=lambda t: t.value).params["effective_batch_size"]
+    assert report["recommended_effective_batch_size"] == verdict_of(done, report).recommended
     assert {t.params["effective_batch_size"] for t in done} <= {p["effective_batch_size"] for p in report["plans"]}
     for plan in report["plans"]:  # each rung trains at a micro-batch a trial showed to fit
         fitted = {t["micro_batch_size"] for t in plan["trials"] + plan["cached_trials"] if t["fits"]}
