@@ -35,6 +35,12 @@ from pathlib import Path
 
 from autobatch.errors import WorkerError
 
+#: Variables by which torchrun, accelerate launch and MPI tell a process it is one of several.
+LAUNCHER_VARIABLES = (
+    "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+    "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK",
+)
 #: After one rank fails, the others get this long to exit on SIGTERM before SIGKILL ends them.
 GRACE_S = 5.0
 #: How often the parent looks at its children while waiting.
@@ -99,8 +105,6 @@ def free_port() -> int:
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
     """This process's environment, this autobatch first on PYTHONPATH, the launcher's variables of a parent
     run under torchrun removed (a worker group gets its own), and `extra` on top."""
-    from autobatch.ranks import LAUNCHER_VARIABLES
-
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and k not in ("MASTER_ADDR", "MASTER_PORT")}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
@@ -233,11 +237,8 @@ def worker_main(work: Callable[[dict], dict]) -> None:
 def error_kind(exc: BaseException) -> str:
     """`oom`, `cuda` (any other CUDA error: the context is unusable after it), or `error`."""
     text = f"{type(exc).__name__} {exc}"
-    if "torch" in sys.modules:  # a worker that never imported torch met no device error
-        from autobatch.memory import is_oom
-
-        if is_oom(exc):
-            return "oom"
+    if isinstance(exc, MemoryError) or "OutOfMemoryError" in text or "out of memory" in text.lower():
+        return "oom"
     return "cuda" if "CUDA error" in text or "AcceleratorError" in text or "cuDNN error" in text else "error"
 
 
