@@ -291,6 +291,8 @@ class Plan:
     cached_trials: list[Trial] = field(default_factory=list)  # answers the probe cache gave; not in `trials`
     cache_path: str | None = None  # the probe cache file used, None with --no-cache
     stopped_at_need: bool = False  # max_micro_batch_size is what the target needs; the true max may be larger
+    trial_process: str = "same"  # "fresh": the edge and the planned size were measured in fresh worker processes
+    pytorch_cuda_alloc_conf: str | None = None  # the allocator setting the cuda trials ran under (None: default)
 
     def to_dict(self) -> dict:
         data = asdict(self)
