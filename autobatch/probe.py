@@ -778,6 +778,11 @@ def plan_ladder(
         rungs = ladder_rungs(effective_batch_sizes, max_micro, world, config.effective_batch_size)
         if not known:  # the default ladder accumulates up to 16 micro-batches: confirm m holds beside them
             prober.per_device = max(rungs) // world
+        if session.trial_process == "fresh":  # the edge as a fresh run meets it, at that accumulation
+            max_micro = session.confirm(max_micro, config.max_micro_batch_size)
+            capped = max_micro == config.max_micro_batch_size
+            rungs = ladder_rungs(effective_batch_sizes, max_micro, world, config.effective_batch_size)
+        elif not known:
             while max_micro > 1 and not session.probe(max_micro).fits:
                 max_micro -= 1
         for rung in rungs:
