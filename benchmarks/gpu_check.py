@@ -109,7 +109,8 @@ class SmiSampler:
 
 
 def run_json(cmd: list[str], env: dict | None = None, sampler: SmiSampler | None = None) -> tuple[int, dict, int]:
-    """Run a command that prints one JSON object last; (exit code, the object or {}, driver peak MiB)."""
+    """Run a command that prints one JSON object last; (exit code, the object or {}, driver peak MiB of the
+    process that showed the most: the command, or a trial worker it started)."""
     with sampler or SmiSampler() as smi:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, **(env or {})})
@@ -117,7 +118,7 @@ def run_json(cmd: list[str], env: dict | None = None, sampler: SmiSampler | None
     if proc.returncode:
         log(err[-2000:])
     lines = [line for line in out.strip().splitlines() if line.startswith("{")]
-    return proc.returncode, (json.loads(lines[-1]) if lines else {}), smi.peak_mib.get(proc.pid, 0)
+    return proc.returncode, (json.loads(lines[-1]) if lines else {}), max(smi.peak_mib.values(), default=0)
 
 
 def plan_args(model: Path, data: Path, device: str, max_length: int, budget: int | None) -> list[str]:
