@@ -145,16 +145,17 @@ def measure(label: str, overrides: dict, max_length: int, micro: int, device: st
 
     steps = timer.seconds[len(CYCLE) * WARMUP:]
     triples = [dict(steps[i:i + 3]) for i in range(0, len(steps) - 2, 3)]
+    report = timer.gns.report(resamples=10)
     on, on_q = _median_and_quartiles([t[ON] / t[OFF] for t in triples])
     idle, idle_q = _median_and_quartiles([t[IDLE] / t[OFF] for t in triples])
-    meter = timer.gns.report(resamples=10)["overhead"]
+    meter = report["overhead"]
     chance = measure_chance(meter, 10**6, None, 10**6)  # a long run's chance, once the cost is known
     return {"size": label, "parameters": timer.parameters, "tokens_per_micro_batch": micro * max_length,
             "default_chance": chance, "default_overhead": expected_overhead(on, idle, chance),
             "step_s_without": statistics.median(t[OFF] for t in triples),
             "step_s_with": statistics.median(t[ON] for t in triples),
             "ab_overhead": on, "ab_quartiles": on_q, "idle_overhead": idle, "idle_quartiles": idle_q,
-            "meter_overhead": meter, "cycles": len(triples)}
+            "meter_overhead": meter, "measured_steps": report["steps"], "cycles": len(triples)}
 
 
 def main() -> int:
