@@ -164,9 +164,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the first size only, fewer steps")
     parser.add_argument("--cycles", type=int, default=None,
                         help="timed off/on/idle step cycles a size (default 30, --quick 6)")
+    parser.add_argument("--sizes", help="comma-separated indices of the device's sizes to run (default: all)")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON object")
     args = parser.parse_args()
     sizes = SIZES[args.device][:1] if args.quick else SIZES[args.device]
+    if args.sizes:
+        sizes = [SIZES[args.device][int(i)] for i in args.sizes.split(",")]
     cycles = args.cycles or (6 if args.quick else 30)
     rows = []
     for label, overrides, max_length, micro in sizes:
