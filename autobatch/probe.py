@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from autobatch import ranks
 from autobatch.config import Config, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
-from autobatch.memory import MemoryBackend, is_oom, make_backend
+from autobatch.memory import MemoryBackend, check_cpu_budget, is_oom, make_backend
 from autobatch.planner import Option, Plan, Trial, check_effective_batch, plan_options, search_max_micro_batch
 from autobatch.workload import build_trainer, fingerprint, load_train_dataset, sft_config
 
@@ -353,6 +353,7 @@ class _Session:
         ranks.check_unsharded(config)
         self.config, self.on_trial = config, on_trial
         self.backend = make_backend(config.device, config.memory_budget_bytes)
+        check_cpu_budget(self.backend.device, config.memory_budget_bytes)
         self.headroom = resolve_headroom(config, self.backend.device)
         self.usable = int(self.backend.budget_bytes * (1 - self.headroom))
         if self.backend.device == "cuda":
