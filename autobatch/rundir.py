@@ -170,8 +170,8 @@ def resume_checkpoint(config: Config, warn: bool = False) -> Path:
 
 
 def check_can_run(config: Config, resume: bool = False, overwrite: bool = False) -> None:
-    """What makes a run fail, checked before minutes of probing rather than after: the device, the output
-    dir (writable; an earlier run there only with --resume or --overwrite-output-dir), a checkpoint for
+    """What makes a run fail, checked before minutes of probing rather than after: the device, training data,
+    the output dir (writable; an earlier run there only with --resume or --overwrite-output-dir), a checkpoint for
     --resume, and the eval split evaluation needs."""
     if config.device == "estimate":
         raise ConfigError(
@@ -183,6 +183,8 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
             "auto_find_batch_size: it restarts training at a smaller batch and fights the plan (autobatch's "
             "own OOM fallback keeps the effective batch); set auto_find_batch_size false or remove it"
         )
+    if config.dataset_name is None and config.model_name_or_path is not None:  # train._datasets, before probing
+        raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
     ranks.check_unsharded(config)
     check_output_dir_state(config, resume, overwrite)
     if resume:

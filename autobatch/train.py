@@ -39,7 +39,7 @@ from autobatch.config import (
 )
 from autobatch.errors import AutobatchError, ConfigError, Interrupted
 from autobatch.interrupt import SignalStop
-from autobatch.memory import check_cpu_budget, is_oom, make_backend
+from autobatch.memory import alloc_conf, check_cpu_budget, is_oom, make_backend
 from autobatch.planner import Plan
 from autobatch.rundir import (  # noqa: F401 - check_can_run and check_output_dir are train's API too
     CHECKPOINT_NAME,
@@ -424,6 +424,7 @@ def load_plan(path: str, config: Config) -> Plan:
             "plan again without --plan, or run with the settings it was made for"
         )
     micro, accumulation = check_planned_batch(path, meta, config, saved)
+    _warn_alloc_conf(path, meta)
     return Plan(
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation,
@@ -441,6 +442,7 @@ def load_plan(path: str, config: Config) -> Plan:
         notes=[f"reused {path}: no probing"],
         memory_fingerprint=fingerprint(config),
         per_device_eval_batch_size=saved.training_args.get("per_device_eval_batch_size"),
+        pytorch_cuda_alloc_conf=meta.get("pytorch_cuda_alloc_conf"),
     )
 
 
@@ -522,6 +524,18 @@ def check_resume_batch(config: Config, plan: Plan, plan_file: str) -> None:
         )
 
 
+def _warn_alloc_conf(path: str, meta: dict) -> None:
+    """One line when this run's allocator setting is not the one the plan was measured under: the edge
+    moves with it (an H200 fitted 43 with expandable_segments:True, 39 without; issue 19)."""
+    if "pytorch_cuda_alloc_conf" not in meta:  # not a cuda plan, or written before the setting was recorded
+        return
+    planned, now = meta["pytorch_cuda_alloc_conf"], alloc_conf()
+    if planned != now:
+        logger.warning("--plan %s was measured with PYTORCH_CUDA_ALLOC_CONF=%s but this run has %s: the largest "
+                       "micro-batch may differ; run with the plan's setting or plan again", path,
+                       planned or "(unset)", now or "(unset)")
+
+
 def saved_plan(config: Config) -> Plan | None:
     """The plan of an earlier run in this output dir (for `--resume`), None if there is none.
 
@@ -553,7 +567,8 @@ def saved_plan(config: Config) -> Plan | None:
             f"--resume: {path} was planned for other settings ({'; '.join(differences)}): "
             "resume with the settings it was made for, or train into a new --output-dir"
         )
-    plan.notes = [*plan.notes, f"reused {path} to resume: no probing"]
+    note = f"reused {path} to resume: no probing"
+    plan.notes = [*plan.notes, *([] if note in plan.notes else [note])]  # a second resume: said once
     return plan
 
 

@@ -17,7 +17,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from autobatch.config import LOCAL_DATA_FORMATS, TRAINER_KEYS, Config, memory_fingerprint, modern_names
+from autobatch.config import (
+    AUTOBATCH_KEYS,
+    LOCAL_DATA_FORMATS,
+    TRAINER_KEYS,
+    Config,
+    memory_fingerprint,
+    modern_names,
+)
 from autobatch.errors import AutobatchError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -76,7 +83,7 @@ def check_hub_reachable(name: str, flag: str, timeout_s: float = 3.0) -> None:
 
 
 def _closest(key: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1)
+    match = difflib.get_close_matches(key, sorted(set(valid) | AUTOBATCH_KEYS), n=1)
     return f" (did you mean {match[0]}?)" if match else ""
 
 

@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from helpers import MiB
 
 from autobatch import cache
 from autobatch.cli import main
 from autobatch.planner import Trial
 
-MiB = 2**20
 DESCRIPTION = {"config": {"model_name_or_path": "m", "max_length": 64}, "device": {"device": "cpu"}}
 
 

@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import MiB
 
 from autobatch import ranks
 from autobatch.config import build_config
 from autobatch.errors import ConfigError
-
-MiB = 2**20
 
 
 def _script(name: str) -> str | None:

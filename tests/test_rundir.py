@@ -7,16 +7,13 @@ import subprocess
 import sys
 
 import pytest
+from helpers import error_lines, listing
 
 from autobatch import rundir
 from autobatch.cli import main
 from autobatch.config import build_config, write_atomic
 from autobatch.errors import ConfigError
 from autobatch.memory import cgroup_memory_room_bytes
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("autobatch: error")]
 
 
 def checkpoint(out, step: int, complete: bool = True, train_batch_size: int = 4):
@@ -27,10 +24,6 @@ def checkpoint(out, step: int, complete: bool = True, train_batch_size: int = 4)
     if complete:
         (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "train_batch_size": train_batch_size}))
     return path
-
-
-def listing(path) -> dict[str, int]:
-    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
 
 
 @pytest.mark.parametrize("earlier", ["checkpoint", "plan.json"])
