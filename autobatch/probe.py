@@ -666,6 +666,8 @@ def _choose_checkpointing(
     else:
         run_without = run_with = prober.run_trial
 
+    hits: list[Trial] = []  # the answers the probe cache of that setting gave
+
     def trial(on: bool) -> Trial:
         nonlocal run_without
         if on in measured:
@@ -676,11 +678,14 @@ def _choose_checkpointing(
             cache = _open_cache(without_config, prober, session.backend, _without_description(prober, without_config,
                                                                                               session.fresh))
             closing.callback(cache.close)
-            run_without = cache.wrap(run_without, prober._accumulation, session.usable, [])
-        measured[on] = ranks.agree(run_without(micro))
-        if session.on_trial:
+            run_without = cache.wrap(run_without, prober._accumulation, session.usable, hits)
+        raw = run_without(micro)
+        measured[on] = ranks.agree(raw)
+        cached = bool(hits) and hits[-1] is raw
+        if session.on_trial and not cached:
             session.on_trial(measured[on])
-        if measured[on].fits and not measured[on].oom and session.backend.device != "estimate":
+        # an answer from the cache is compared with the stored time with it: an identical plan runs no trial
+        if measured[on].fits and not measured[on].oom and session.backend.device != "estimate" and not cached:
             # timed again with it, right after: the search's trial may be minutes old on a machine whose load moved
             if not session.fresh:
                 _set_checkpointing(prober.trainer, True)
