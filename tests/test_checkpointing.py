@@ -103,3 +103,13 @@ def test_checkpointing_the_user_set_is_kept(tiny_model_dir, planted, value):
     plan = make_plan(tiny_config(tiny_model_dir("llama"), gradient_checkpointing=value, effective_batch_size=2))
     assert (plan.checkpointing.activation_checkpointing, plan.checkpointing.chosen_by) == (value, "user")
     assert {checkpointing for _, checkpointing, _ in clock.trials} == {value}, "never measured the other way"
+
+
+def test_an_identical_second_plan_takes_both_settings_from_the_probe_cache(tiny_model_dir, planted, tmp_path):
+    clock = planted(by_checkpointing)
+    config = default_config(tiny_model_dir("llama"), no_cache=False, cache=str(tmp_path / "probes.sqlite3"))
+    first = make_plan(config)
+    ran = len(clock.trials)
+    second = make_plan(config)
+    assert len(clock.trials) == ran and second.trials == [], "no trial, with or without checkpointing"
+    assert second.checkpointing.activation_checkpointing is first.checkpointing.activation_checkpointing is False
