@@ -53,7 +53,8 @@ _VALUE_FLAGS = [
     ("--device", "device",
      "cuda, cpu (virtual device with a budget) or estimate (fake tensors); default: cuda if any, else cpu"),
     ("--memory-budget", "memory_budget",
-     "300MiB, 80GB, 2.5GiB or bytes (default: free GPU memory / available RAM or the cgroup limit)"),
+     ("300MiB, 80GB, 2.5GiB or bytes; G = GiB = 2^30 bytes, GB = 10^9 "
+      "(default: free GPU memory / available RAM or the cgroup limit)")),
     ("--headroom", "headroom", "fraction of the budget kept free, 0 <= h < 1 (default: by device)"),
     ("--max-micro-batch-size", "max_micro_batch_size", "largest micro-batch tried (default: 512)"),
     ("--effective-batch-size", "effective_batch_size",
@@ -63,6 +64,9 @@ _VALUE_FLAGS = [
     ("--world-size", "world_size", "number of processes (default: $WORLD_SIZE or 1)"),
     ("--max-length", "max_length", "tokens per example after truncation (SFTConfig max_length)"),
     ("--cache", "cache", "probe cache file (default: $XDG_CACHE_HOME/autobatch/probes.sqlite3)"),
+    ("--trial-process", "trial_process",
+     ("fresh: the plan's edge (max, max + 1, the planned size) measured in fresh worker processes; same: every "
+      "trial in this process; auto (default): fresh on cuda, same elsewhere")),
 ]
 #: Switches, each setting its config key to true.
 _SWITCH_FLAGS = [
@@ -84,7 +88,7 @@ _VALUE_FLAGS += [
 ]
 _STRING_KEYS = frozenset({
     "model_name_or_path", "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split",
-    "dataset_text_field", "output_dir", "run_name", "device", "model_revision", "hub_model_id", "cache",
+    "dataset_text_field", "output_dir", "run_name", "device", "model_revision", "hub_model_id", "cache", "trial_process",
 })
 
 _EPILOG = (
@@ -298,7 +302,8 @@ def _trial_line(trial: Trial, budget_bytes: int | None, label: str = "micro") ->
     status = "fits" if trial.fits else ("OOM" if trial.oom else "does not fit")
     share = f" ({trial.peak_memory_bytes / budget_bytes:.0%} of budget)" if budget_bytes else ""
     speed = f" {trial.seconds:.2f} s/step" if trial.fits and label == "micro" else ""
-    return f"{label}={trial.micro_batch_size} {status} peak={format_bytes(trial.peak_memory_bytes)}{share}{speed}"
+    fresh = " (fresh process)" if trial.fresh_process else ""
+    return f"{label}={trial.micro_batch_size} {status} peak={format_bytes(trial.peak_memory_bytes)}{share}{speed}{fresh}"
 
 
 def format_plan(plan: Plan) -> str:
@@ -325,6 +330,7 @@ def format_plan(plan: Plan) -> str:
         f"  left at peak     {format_bytes(left)} ({_pct(left, budget)} of budget)",
         f"  max micro-batch  {limit}",
         f"  trials           {len(plan.trials)}" + (f" ({ooms} OOM)" if ooms else "")
+        + (f", {sum(t.fresh_process for t in plan.trials)} in fresh processes" if plan.trial_process == "fresh" else "")
         + (f" + {len(plan.cached_trials)} from the probe cache" if plan.cached_trials else "")
         + f", search {plan.search_seconds:.1f} s",
         f"  device           {plan.device}, max_length {plan.max_length}",
@@ -615,6 +621,8 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     # A study that may exist is opened (and refused without --resume) before minutes of probing; a new
     # default one is created after the probe, so a sweep that fails there leaves nothing on disk.
     study = sweep.open_study(storage, args.study_name, args.resume) if not sweep.is_new(storage) else None
+    if study is not None:
+        sweep.check_validation_budget(study, args.validate_tokens)  # before the probe
     if args.validate_tokens:
         _err(_validation_budget(config, sizes, len(multipliers), args.validate_tokens, args.max_trials))
     with contextlib.redirect_stdout(sys.stderr):
@@ -710,6 +718,7 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
              f"after {attrs['tokens_seen']} tokens, {attrs['wall_seconds']:.1f} s")
         return loss, attrs
 
+    sweep.check_validation_budget(study, tokens, examples)
     sweep.run_validation_study(study, points, validate, args.max_trials, args.timeout)
     ladder_sizes = {p.rung.effective_batch_size for p in points}
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -890,6 +899,9 @@ def _cmd_cache(args: argparse.Namespace, extras: list[str]) -> int:
             print(f"cleared {count} trial(s) from {path}", flush=True)
             return 0
         entries = cache.list_entries(path)
+    except cache.NotACache as exc:
+        raise ConfigError(f"--cache {path}: {exc}; it was not changed: pass the probe cache's path "
+                          "(`autobatch cache path`)") from None
     except (sqlite3.Error, OSError) as exc:
         raise AutobatchError(f"--cache {path}: cannot read it ({exc}); delete the file or pass another "
                              "--cache") from None
@@ -969,12 +981,25 @@ def _quiet_third_party(verbose: bool) -> None:
         datasets.disable_progress_bars()
 
 
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """`--memory-budget -5GiB` as `--memory-budget=-5GiB`: argparse reads a value that starts with a dash
+    as a flag and says only "expected one argument"; joined, it reaches the check that says what is wrong."""
+    flags = {flag for flag, _, _ in _VALUE_FLAGS}
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in flags and arg[:1] == "-" and arg[1:2] in tuple("0123456789."):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `autobatch` command; returns the exit code (0 ok, 1 runtime error, 2 bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        args, extras = _make_parser().parse_known_args(argv)
+        args, extras = _make_parser().parse_known_args(_join_dash_values(argv))
         if args.command is None:
             raise ConfigError("choose a command: plan, run, sweep or cache (see autobatch --help)")
         args.argv = argv

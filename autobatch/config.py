@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 import logging
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from autobatch.binding import model_content
 from autobatch.errors import AutobatchError, ConfigError
 from autobatch.fields import key_problems
+from autobatch.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
     from autobatch.planner import Plan
@@ -117,52 +118,19 @@ class Config:
     find_max: bool = False  # search past what the target effective batch needs, to the true maximum
     cache: str | None = None  # probe cache file; None: $XDG_CACHE_HOME/autobatch/probes.sqlite3
     no_cache: bool = False  # neither read nor write the probe cache
+    trial_process: str = "auto"  # fresh: the edge's trials in worker processes; same: all in this one; auto: fresh on cuda
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+#: Where trials run: `fresh` judges the edge in worker processes (autobatch.launch), `same` runs every trial
+#: in the planning process, `auto` is fresh on cuda (allocator history: issue 19) and same elsewhere.
+TRIAL_PROCESSES = ("auto", "fresh", "same")
 _PLAIN_FIELDS = frozenset(_FIELDS) - {"lora", "model_args", "training_args", "memory_budget_bytes"}
 
 #: Every top-level key with a meaning before SFTConfig is consulted (for closest-key suggestions).
 AUTOBATCH_KEYS = frozenset(_PLAIN_FIELDS | {"memory_budget", "memory_budget_bytes", "lora", "use_peft", "datasets",
                                             "test_split_size"}
                            | set(MODEL_CONFIG_LORA_KEYS) | set(MODEL_ARGS_KEYS))
-
-
-# ---------------------------------------------------------------------------------------------- sizes
-
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-}
-
-
-def parse_bytes(text: str | int, name: str = "--memory-budget") -> int:
-    """'300MiB', '80GB', '2.5GiB' or plain bytes -> bytes (GB is 10^9, GiB is 2^30)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ConfigError(
-                f"{name}: cannot read {text!r} as a size; write e.g. 300MiB, 80GB, 2.5GiB or plain bytes"
-            )
-        value, unit = float(match.group(1)), match.group(2).lower()
-    result = int(value * _UNITS[unit])
-    if result <= 0:
-        raise ConfigError(f"{name} must be positive, got {text!r}")
-    return result
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable binary size: 1536 -> '1.5KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.1f}TiB"
 
 
 # ----------------------------------------------------------------------------------------------- YAML
@@ -363,11 +331,6 @@ def build_config(
     return _validate(merged.config(), merged.names, list(merged.problems), evaluates)
 
 
-def load_config(path: str | os.PathLike) -> Config:
-    """The validated Config of one YAML file (no CLI overrides)."""
-    return build_config(path)
-
-
 def validate_config(config: Config) -> Config:
     """A checked, normalized copy of a Config built in Python ("auto" lower-cased, "true" -> True, ...)."""
     return _validate(config, {}, [])
@@ -486,6 +449,9 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str], eva
             problems.append(f"{name(key)} must be true or false, got {getattr(out, key)!r}")
         else:
             setattr(out, key, flag)
+    if out.trial_process not in TRIAL_PROCESSES:
+        problems.append(f"{name('trial_process')} must be one of {', '.join(TRIAL_PROCESSES)}, "
+                        f"got {out.trial_process!r}")
     if out.cache is not None and (not isinstance(out.cache, str) or not out.cache.strip()):
         problems.append(f"{name('cache')} must be a file path, got {out.cache!r}")
 
@@ -629,24 +595,6 @@ def _lora_problems(lora: dict, names: Mapping[str, str]) -> list[str]:
     return problems
 
 
-def check_known_keys(keys: Iterable[str], valid_keys: Iterable[str], what: str = "SFTConfig") -> None:
-    """One ConfigError for every key not in `valid_keys`, each naming the closest valid key.
-
-    For the caller that has trl imported: `check_known_keys(config.training_args, sft_config_field_names)`.
-    """
-    valid = set(valid_keys)
-    candidates = sorted(valid | AUTOBATCH_KEYS)
-    problems = []
-    for key in keys:
-        if key in valid:
-            continue
-        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else f"see the {what} documentation for valid keys"
-        problems.append(f"unknown key {key!r}: {hint}")
-    if problems:
-        raise ConfigError(("" if len(problems) == 1 else f"{len(problems)} problems: ") + "; ".join(problems))
-
-
 # ----------------------------------------------------------------------------------------- plan.yaml
 
 def check_output_path(path: str | os.PathLike, flag: str = "--output") -> Path:
@@ -672,20 +620,42 @@ def check_output_path(path: str | os.PathLike, flag: str = "--output") -> Path:
 #: SFTConfig's default for (gradient|activation)_checkpointing (trl/trainer/sft_config.py: True, unlike Trainer).
 SFT_CHECKPOINTING_DEFAULT = True
 
-#: SFTConfig/TrainingArguments keys that change what a training step holds in memory.
-MEMORY_KEYS = (
-    "max_length", "packing", "packing_strategy", "padding_free", "gradient_checkpointing",
-    "activation_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs", "bf16",
-    "fp16", "optim", "optim_args", "max_grad_norm", "torch_compile", "use_liger_kernel", "model_init_kwargs",
-    "dataset_text_field", "completion_only_loss", "assistant_only_loss", "loss_type", "neftune_noise_alpha",
-    "activation_offloading",
-)
 PLAN_META_PREFIX = "# autobatch-plan: "
+
+#: SFTConfig/TrainingArguments fields that do NOT change a trial's peak, each with the reason. Every other
+#: field is in the probe cache key (`cache.memory_args`): a new or forgotten field is keyed, never ignored.
+NOT_MEMORY_KEYS: dict[str, str] = {
+    **dict.fromkeys(("output_dir", "max_steps", "num_train_epochs", "save_strategy", "eval_strategy",
+                     "logging_strategy", "disable_tqdm", "report_to", "train_sampling_strategy",
+                     "auto_find_batch_size"), "the probe sets its own value for every trial (probe.Prober._build)"),
+    **dict.fromkeys(("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"),
+                    "a column of the trial's own row in the cache (micro_batch_size, accumulation, eval_batch_size)"),
+    **dict.fromkeys(("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "adam_beta1",
+                     "adam_beta2", "adam_epsilon"),
+                    "a scalar of the update or its schedule, not the size of any tensor (weight_decay is keyed: "
+                    "plain Adam adds it to the gradients out of place)"),
+    **dict.fromkeys(("logging_steps", "logging_first_step", "log_on_each_node", "log_level", "log_level_replica",
+                     "run_name", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"),
+                    "logging: trials log nothing"),
+    **dict.fromkeys(("eval_steps", "eval_delay", "eval_on_start"), "when evaluation runs, not what it holds"),
+    **dict.fromkeys(("save_steps", "save_on_each_node", "save_total_limit", "save_only_model",
+                     "enable_jit_checkpoint", "push_to_hub", "hub_private_repo", "hub_model_id", "hub_strategy",
+                     "hub_always_push", "hub_revision", "load_best_model_at_end", "metric_for_best_model",
+                     "greater_is_better", "resume_from_checkpoint", "ignore_data_skip",
+                     "restore_callback_states_from_checkpoint"), "saving and resuming: trials save nothing"),
+    "hub_token": "a credential: never stored, and it changes no tensor",
+    "seed": "which random numbers, not how many",
+    "data_seed": "which examples, not their length: trials copy the longest one (example_length is keyed)",
+    "do_train": "not read by Trainer.train()",
+    "do_eval": "not read by Trainer.train()",
+    "do_predict": "not read by Trainer.train()",
+    "local_rank": "set by the launcher; the world size is keyed",
+    "dataset_num_proc": "processes that tokenize the data before training, not the training step",
+}
 
 
 def memory_fingerprint(config: Config, model_path: str | None = None) -> dict[str, Any]:
     """Everything in a config that changes the memory a training step needs (the key a plan is valid for)."""
-    args = config.training_args
     return {  # local paths resolved: `./model` and `/abs/model` are the same workload
         "model_name_or_path": _resolved(config.model_name_or_path or model_path),
         "model_args": dict(sorted(config.model_args.items())),
@@ -694,8 +664,16 @@ def memory_fingerprint(config: Config, model_path: str | None = None) -> dict[st
         "dataset_config": config.dataset_config,
         "dataset_train_split": config.dataset_train_split,
         "world_size": config.world_size,
-        **{key: args[key] for key in MEMORY_KEYS if key in args},
+        **{key: value for key, value in memory_training_args(config.training_args).items()},
     }
+
+
+def memory_training_args(training_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The training args that can change memory: all but `NOT_MEMORY_KEYS`, under current names, with
+    SFTConfig's checkpointing default said (so `gradient_checkpointing: true` and no key at all compare equal)."""
+    args = modern_names(training_args)
+    args.setdefault("activation_checkpointing", SFT_CHECKPOINTING_DEFAULT)
+    return {key: value for key, value in sorted(args.items()) if key not in NOT_MEMORY_KEYS}
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -781,7 +759,12 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         "peak_memory_bytes": peak, "max_micro_batch_size": plan.max_micro_batch_size, "max_length": plan.max_length,
         "effective_batch_size": plan.effective_batch_size, "world_size": world, "seconds_per_step": plan.seconds_per_step,
         "memory_fingerprint": memory_fingerprint(written, str(model_path) if model_path else None),
+        "per_device_train_batch_size": plan.per_device_train_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "model_content": model_content(model),  # the plan holds for this model, wherever it is saved
     }
+    if plan.device == "cuda":  # the allocator setting the trials ran under; `run --plan` warns when it differs
+        meta["pytorch_cuda_alloc_conf"] = plan.pytorch_cuda_alloc_conf
     if trainer_only:  # read back by autobatch (build_config), invisible to trl sft
         meta["autobatch_only"] = trainer_only
     lines.append(PLAN_META_PREFIX + json.dumps(meta, sort_keys=True, default=str))

@@ -283,6 +283,48 @@ def _measured(rung: Rung) -> dict:
             "lr_rule": rung.lr_rule}
 
 
+def _fail_dead_trials(study, fail_stale_trials) -> None:
+    """Fail (and, by the retry callback, queue again once) the trials a killed sweep left RUNNING.
+
+    Resumed within the heartbeat grace period of the kill, their heartbeat is not stale yet: they were
+    queued again here, then failed and retried by optuna at the next trial start, so one point ran twice.
+    Waiting out the grace period (at most a few seconds, only while such a trial exists) lets optuna fail
+    each one first, and its retry is the only copy queued.
+    """
+    import time
+
+    import optuna
+
+    running = (optuna.trial.TrialState.RUNNING,)
+    storage = study._storage
+    grace = getattr(storage, "grace_period", None) or 2 * HEARTBEAT_S
+    deadline = time.monotonic() + grace + (getattr(storage, "heartbeat_interval", None) or HEARTBEAT_S) + 1
+    while True:
+        with _quiet_optuna():
+            fail_stale_trials(study)
+        if not study.get_trials(deepcopy=False, states=running) or time.monotonic() > deadline:
+            return
+        time.sleep(0.25)
+
+
+def check_validation_budget(study, tokens: int | None, examples: float | None = None) -> None:
+    """A study's validation runs all train on one budget: a resumed sweep with another --validate-tokens is
+    refused, so a result is never labelled with examples it did not see. The first sweep records it."""
+    stored_tokens = study.user_attrs.get("validate_tokens")
+    stored_examples = study.user_attrs.get("validate_examples")
+    if tokens is None or stored_tokens is None and examples is None:
+        return
+    if stored_tokens not in (None, tokens) or (examples is not None and stored_examples not in (None, examples)):
+        raise ConfigError(
+            f"--validate-tokens {tokens}: the study's validation runs trained with --validate-tokens {stored_tokens} "
+            f"({stored_examples} examples each); resume with --validate-tokens {stored_tokens}, or validate the new "
+            "budget into another --output-dir / --storage"
+        )
+    if examples is not None:
+        study.set_user_attr("validate_tokens", tokens)
+        study.set_user_attr("validate_examples", examples)
+
+
 class ProbeMiss(Exception):
     """A validation run ran out of memory at a point the probe said fits: a failed trial, flagged, not a crash."""
 
@@ -295,11 +337,11 @@ def run_validation_study(study, points: list[Point], validate, max_trials: int |
     from optuna.storages import fail_stale_trials
 
     states = optuna.trial.TrialState
-    with _quiet_optuna():
-        fail_stale_trials(study)
+    _fail_dead_trials(study, fail_stale_trials)
     by_key = {_key(p.params()): p for p in points}
+    # RUNNING left after the wait: a live process is heartbeating it; its point is not queued twice either
     seen = {_key(t.params or t.system_attrs.get("fixed_params", {}))  # a queued trial's params are still fixed ones
-            for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.WAITING))}
+            for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.WAITING, states.RUNNING))}
     for key, point in by_key.items():
         if key not in seen:
             study.enqueue_trial(point.params(), skip_if_exists=False)

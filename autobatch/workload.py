@@ -179,9 +179,10 @@ def load_train_dataset(config: Config, split: str | None = None):
 
     name = config.dataset_name
     if name is None:
-        if config.model_name_or_path is not None:
+        from autobatch.builtin import builtin_dataset_path, is_builtin_model_path
+
+        if config.model_name_or_path is not None and not is_builtin_model_path(config.model_name_or_path):
             return None  # the probe then measures a synthetic example of max_length tokens
-        from autobatch.builtin import builtin_dataset_path
 
         name = str(builtin_dataset_path())  # the built-in model trains on the shipped text sample
     path = Path(os.path.expanduser(name))

@@ -14,7 +14,6 @@ largest divisor that fits, 4, is planned on any machine under any load (issue 24
 
 import contextlib
 import dataclasses
-import gc
 import io
 import json
 from pathlib import Path
@@ -22,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import error_lines, peaks
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers import TrainerCallback
@@ -30,9 +30,8 @@ from autobatch import planner, train
 from autobatch.cli import main
 from autobatch.config import build_config
 from autobatch.errors import AutobatchError
-from autobatch.memory import CpuBackend, LiveBytesMode
+from autobatch.memory import LiveBytesMode
 from autobatch.planner import Plan
-from autobatch.probe import Prober
 
 MAX_LENGTH = 128
 EFFECTIVE = 24
@@ -48,16 +47,6 @@ def run_config(model_dir, data, out, **overrides):
     }
     values.update(overrides)
     return build_config(overrides=values)
-
-
-def peaks(config, sizes) -> dict[int, int]:
-    """Trial peaks at `sizes`, measured with no budget pressure."""
-    prober = Prober(config, CpuBackend(10**12), 10**12, per_device=EFFECTIVE)
-    try:
-        return {b: prober.run_trial(b).peak_memory_bytes for b in sizes}
-    finally:
-        prober.close()
-        gc.collect()
 
 
 def cli_args(model_dir, data, out, budget, *extra):
@@ -82,10 +71,6 @@ def state(out) -> dict:
 
 def loss_steps(log_history) -> list[int]:
     return [entry["step"] for entry in log_history if "loss" in entry]
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("autobatch: error")]
 
 
 def saved_plan(out) -> Plan:
@@ -140,7 +125,7 @@ def llama(tiny_model_dir):
 def budget_for_4(llama, tiny_dataset_file, tmp_path_factory):
     """(budget, peaks): halfway between the peaks of micro-batch 4 and 5, so the true limit is 4."""
     config = run_config(llama, tiny_dataset_file, tmp_path_factory.mktemp("unused"))
-    measured = peaks(config, [2, MICRO, MICRO + 1])
+    measured = peaks(config, [2, MICRO, MICRO + 1], EFFECTIVE)
     assert measured[2] < measured[MICRO] < measured[MICRO + 1]
     return (measured[MICRO] + measured[MICRO + 1]) // 2, measured
 

@@ -12,7 +12,7 @@ import yaml
 from autobatch import probe as probe_module
 from autobatch import sweep
 from autobatch.cli import main
-from autobatch.config import load_config
+from autobatch.config import build_config
 
 
 def test_a_sweep_rungs_plan_yaml_runs_as_written_with_evaluation(tiny_model_dir, tiny_dataset_file, tmp_path,
@@ -171,7 +171,7 @@ def test_sweep_names_the_winner_when_rungs_differ_clearly(fake_sweep, tiny_model
     # an eval fraction without --eval-strategy: the validation runs' eval data, not the rung's
     assert sweep_cli(tiny_model_dir, tmp_path, "--json", "--eval-fraction", "0.25", "--output", str(rung)) == 0
     report = json.loads(capsys.readouterr().out)
-    config = load_config(rung)  # runs as written: no eval data left without an eval_strategy
+    config = build_config(rung)  # runs as written: no eval data left without an eval_strategy
     assert config.effective_batch_size is None and config.eval_fraction is None
     assert config.per_device_train_batch_size * config.gradient_accumulation_steps == 8
     assert report["recommended_effective_batch_size"] == 8
