@@ -183,11 +183,11 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
             "auto_find_batch_size: it restarts training at a smaller batch and fights the plan (autobatch's "
             "own OOM fallback keeps the effective batch); set auto_find_batch_size false or remove it"
         )
-    check_training_data(config)
     ranks.check_unsharded(config)
     check_output_dir_state(config, resume, overwrite)
     if resume:
         resume_checkpoint(config)
+    check_training_data(config)
     check_eval_split(config)
 
 
