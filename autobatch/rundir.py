@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from autobatch import ranks
+from autobatch.builtin import is_builtin_model_path
 from autobatch.config import Config, write_atomic
 from autobatch.errors import ConfigError
 
@@ -183,18 +184,16 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
             "auto_find_batch_size: it restarts training at a smaller batch and fights the plan (autobatch's "
             "own OOM fallback keeps the effective batch); set auto_find_batch_size false or remove it"
         )
+    check_training_data(config)
     ranks.check_unsharded(config)
     check_output_dir_state(config, resume, overwrite)
     if resume:
         resume_checkpoint(config)
-    check_training_data(config)
     check_eval_split(config)
 
 
 def check_training_data(config: Config) -> None:
     """A model of the user's needs --dataset (the built-in model trains on its built-in sample): before probing."""
-    from autobatch.builtin import is_builtin_model_path  # light: no torch
-
     model = config.model_name_or_path
     if config.dataset_name is None and model is not None and not is_builtin_model_path(model):
         raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
