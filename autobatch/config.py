@@ -712,6 +712,10 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
     if not plan.fits:
         raise AutobatchError(f"micro-batch {plan.per_device_train_batch_size} does not fit the memory "
                              "budget: no plan to write")
+    choice = plan.checkpointing
+    if choice is not None:  # what the plan chose (or kept), not TRL's default
+        config = dataclasses.replace(config, training_args={
+            **modern_names(config.training_args), "activation_checkpointing": choice.activation_checkpointing})
     written = _as_written(config, plan.device, plan.precision)
     model = written.model_name_or_path or (str(model_path) if model_path is not None else None)
     body: dict[str, Any] = {}
@@ -763,6 +767,11 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "model_content": model_content(model),  # the plan holds for this model, wherever it is saved
     }
+    if choice is not None:
+        meta["checkpointing"] = dataclasses.asdict(choice)
+        on_off = "true" if choice.activation_checkpointing else "false"
+        lines.append(f"# activation_checkpointing {on_off} ({'measured' if choice.chosen_by == 'measured' else 'yours'}): "
+                     f"{choice.reason}")
     if plan.device == "cuda":  # the allocator setting the trials ran under; `run --plan` warns when it differs
         meta["pytorch_cuda_alloc_conf"] = plan.pytorch_cuda_alloc_conf
     if trainer_only:  # read back by autobatch (build_config), invisible to trl sft

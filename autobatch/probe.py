@@ -23,21 +23,29 @@ from autobatch.config import Config, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError, WorkerError
 from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, is_oom, make_backend
 from autobatch.planner import (
+    CheckpointingChoice,
     Option,
     Plan,
     Trial,
     check_effective_batch,
+    choose_checkpointing,
     confirm_edge,
     nearby_note,
     nearby_targets,
     plan_options,
     search_max_micro_batch,
+    steady_seconds,
 )
 from autobatch.workload import build_trainer, fingerprint, load_train_dataset, sft_config
 
 logger = logging.getLogger(__name__)
 
 CUDA_DEFAULT_HEADROOM = 0.05  # fragmentation and kernel workspaces the peak counters do not show
+#: Optimizer steps a timed trial runs: the first is warm-up (AdamW's state created, the allocator growing,
+#: kernels loaded lazily), the median of the rest is the step time options are ranked by (`steady_seconds`).
+#: Two steps already give the peak; a trial that times nothing (estimate backend, evaluation) runs two.
+TIMED_TRIAL_STEPS = 4
+MEMORY_TRIAL_STEPS = 2
 #: A trial worker still running after this long is hung: the whole process group is ended (autobatch.launch).
 #: A trial is a model load and two steps; an hour covers a large model read from a slow disk.
 TRIAL_TIMEOUT_S = 3600.0
@@ -46,20 +54,28 @@ FRESH_HELD_NOTE_BYTES = 64 * 2**20
 
 
 class _StepTimer:
-    """Trainer callback: wall time of the last optimizer step (the first one also creates AdamW state)."""
+    """Trainer callback: wall time of every optimizer step of a trial (synchronised on cuda).
+
+    `clock` is a class attribute so a test can plant step times (no wall-clock asserts).
+    """
+
+    clock = staticmethod(time.perf_counter)
 
     def __init__(self, sync: Callable[[], None]) -> None:
         self.sync = sync
-        self.seconds = 0.0
+        self.steps: list[float] = []
         self._start = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = []
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.sync()
-        self._start = time.perf_counter()
+        self._start = self.clock()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.sync()
-        self.seconds = time.perf_counter() - self._start
+        self.steps.append(self.clock() - self._start)
 
     def __getattr__(self, name: str):  # every other TrainerCallback event: nothing to do
         if name.startswith("on_"):
@@ -211,7 +227,9 @@ class Prober:
         trainer.args.gradient_accumulation_steps = micro_steps
         trainer._train_batch_size = micro_batch_size  # train() reads the size __init__ cached here
         # One batch more than two steps use: the run's loader always has a next batch fetched ahead.
-        trainer.train_dataset = Dataset.from_list(self._examples(micro_batch_size) * (micro_steps * 2 + 1))
+        steps = MEMORY_TRIAL_STEPS if eval_batch_size or self.backend.device == "estimate" else TIMED_TRIAL_STEPS
+        trainer.args.max_steps = steps
+        trainer.train_dataset = Dataset.from_list(self._examples(micro_batch_size) * (micro_steps * steps + 1))
         trainer.optimizer = trainer.lr_scheduler = None
         trainer.model_wrapped = trainer.model
         self._forget_prepared()
@@ -283,7 +301,8 @@ class Prober:
             neftune.remove()
         self.trainer.model.zero_grad(set_to_none=True)
         self._forget_prepared()
-        seconds = 0.0 if oom or self.backend.device == "estimate" else self.timer.seconds / micro_steps
+        timed = not oom and self.backend.device != "estimate" and self.timer.steps
+        seconds = steady_seconds(self.timer.steps) / micro_steps if timed else 0.0
         peak = measured.peak_bytes
         size = eval_batch_size or micro_batch_size
         trial = Trial(size, peak, fits=not oom and peak <= self.usable_bytes, seconds=seconds, oom=oom,
@@ -575,6 +594,7 @@ def make_plan(
     session = _Session(config, per_device, on_trial, trainer)
     session.prober.on_start, session.prober.on_eval_trial = on_start, on_eval_trial
     stopped_at_need = False
+    closing = contextlib.ExitStack()  # the probe cache of the other checkpointing setting, if opened
     try:
         if isinstance(config.per_device_train_batch_size, int):
             micro = config.per_device_train_batch_size
@@ -600,16 +620,102 @@ def make_plan(
                 if max_micro < 1:
                     raise _budget_error(session.trials[-1], session.usable, config)
             plan = _choose(config, session.prober, per_device, max_micro, session.trials, session.probe)
+        run_trial = session.run_trial
+        if plan.fits and trainer is None:  # a caller's trainer keeps its own args
+            plan.checkpointing, run_trial = _choose_checkpointing(session, config, plan, closing)
         if plan.fits and evaluates(config):
             plan.per_device_eval_batch_size, plan.eval_trials = _plan_eval(
-                config, session.prober, plan, session.search_usable, session.run_trial)
+                config, session.prober, plan, session.search_usable, run_trial)
             chosen = [t for t in plan.eval_trials if t.micro_batch_size == plan.per_device_eval_batch_size]
             plan.eval_peak_memory_bytes = chosen[-1].peak_memory_bytes
     finally:
+        closing.close()
         session.close()
     plan.stopped_at_need = stopped_at_need  # the report's limit row says "≥ N (not searched past ...)"
     session.finish(plan, capped, started)
     return plan
+
+
+def _set_checkpointing(trainer, on: bool) -> None:
+    """Train with activation checkpointing `on` or off from the next trial: `train()` turns it on from the
+    args (transformers Trainer.train), but only the model can turn it off again."""
+    trainer.args.activation_checkpointing = trainer.args.gradient_checkpointing = on  # TRL reads the old name
+    model = trainer.model
+    if not on and getattr(model, "is_activation_checkpointing", False):
+        model.activation_checkpointing_disable()
+
+
+def _choose_checkpointing(
+    session: _Session, config: Config, plan: Plan, closing: contextlib.ExitStack
+) -> tuple[CheckpointingChoice, Callable[..., Trial]]:
+    """The checkpointing the run trains with (`planner.choose_checkpointing`), and the `run_trial` for what follows.
+
+    The search measured checkpointing as the config has it (TRL's default: on); unless the user set it, the
+    planned micro-batch is also run without it (in a fresh worker when the plan's trials are fresh), through
+    the probe cache of that setting, and then with it again, back to back. When off is chosen, the plan's peak
+    and speed are those measured without it, and the evaluation trials run without it too.
+    """
+    prober, micro = session.prober, plan.per_device_train_batch_size
+    user = modern_names(config.training_args).get("activation_checkpointing")
+    without_config = dataclasses.replace(
+        config, training_args={**modern_names(config.training_args), "activation_checkpointing": False})
+    measured: dict[bool, Trial] = {True: _last_trial(session.trials, micro)}
+    if session.fresh:  # the in-process prober is closed: a worker loads the workload from the config
+        run_without, run_with = FreshTrials(without_config, session.backend, prober), \
+            FreshTrials(config, session.backend, prober)
+    else:
+        run_without = run_with = prober.run_trial
+
+    hits: list[Trial] = []  # the answers the probe cache of that setting gave
+
+    def trial(on: bool) -> Trial:
+        nonlocal run_without
+        if on in measured:
+            return measured[on]
+        if not session.fresh:
+            _set_checkpointing(prober.trainer, False)
+        if session.cache is not None:
+            cache = _open_cache(without_config, prober, session.backend, _without_description(prober, without_config,
+                                                                                              session.fresh))
+            closing.callback(cache.close)
+            run_without = cache.wrap(run_without, prober._accumulation, session.usable, hits)
+        raw = run_without(micro)
+        measured[on] = ranks.agree(raw)
+        cached = bool(hits) and hits[-1] is raw
+        if session.on_trial and not cached:
+            session.on_trial(measured[on])
+        # an answer from the cache is compared with the stored time with it: an identical plan runs no trial
+        if measured[on].fits and not measured[on].oom and session.backend.device != "estimate" and not cached:
+            # timed again with it, right after: the search's trial may be minutes old on a machine whose load moved
+            if not session.fresh:
+                _set_checkpointing(prober.trainer, True)
+            again = ranks.agree(run_with(micro))
+            if not session.fresh:
+                _set_checkpointing(prober.trainer, False)
+            if again.fits:
+                measured[True] = dataclasses.replace(measured[True], seconds=again.seconds)
+        return measured[on]
+
+    choice = choose_checkpointing(user, micro, trial)
+    if choice.chosen_by == "user":
+        return choice, session.run_trial
+    if choice.activation_checkpointing:
+        if not session.fresh:
+            _set_checkpointing(prober.trainer, True)
+        return choice, session.run_trial
+    plan.peak_memory_bytes, plan.seconds_per_step = measured[False].peak_memory_bytes, measured[False].seconds
+    return choice, run_without
+
+
+def _without_description(prober: Prober, without_config: Config, fresh: bool) -> dict:
+    """The probe-cache workload of the same trials without checkpointing: the session's, with that key changed."""
+    description = dict(prober.description_fresh)
+    description["config"] = fingerprint(without_config)
+    description["training_args"] = {**description["training_args"], "activation_checkpointing": False,
+                                     "gradient_checkpointing": False}
+    if not fresh:
+        description.pop("trial_process")
+    return description
 
 
 def _open_cache(config: Config, prober: Prober, backend: MemoryBackend, description: dict | None = None):

@@ -40,7 +40,7 @@ from autobatch.config import (
 from autobatch.errors import AutobatchError, ConfigError, Interrupted
 from autobatch.interrupt import SignalStop
 from autobatch.memory import alloc_conf, check_cpu_budget, is_oom, make_backend
-from autobatch.planner import Plan
+from autobatch.planner import CheckpointingChoice, Plan
 from autobatch.rundir import (  # noqa: F401 - check_can_run and check_output_dir are train's API too
     CHECKPOINT_NAME,
     PLAN_FILE,
@@ -439,6 +439,7 @@ def load_plan(path: str, config: Config) -> Plan:
         notes=[f"reused {path}: no probing"],
         memory_fingerprint=fingerprint(config),
         per_device_eval_batch_size=saved.training_args.get("per_device_eval_batch_size"),
+        checkpointing=CheckpointingChoice(**meta["checkpointing"]) if meta.get("checkpointing") else None,
         pytorch_cuda_alloc_conf=meta.get("pytorch_cuda_alloc_conf"),
     )
 
@@ -609,6 +610,7 @@ def run(
         per_device_train_batch_size=plan.per_device_train_batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         **({"per_device_eval_batch_size": plan.per_device_eval_batch_size} if plan.per_device_eval_batch_size else {}),
+        **({"activation_checkpointing": plan.checkpointing.activation_checkpointing} if plan.checkpointing else {}),
     )
     for note in notes:
         if note not in plan.notes:  # the plan's report already showed it

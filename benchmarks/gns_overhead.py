@@ -10,6 +10,9 @@ The cost is one read of every gradient per micro-batch (plus a kernel launch a t
 is parameters × tokens, so the share falls as the tokens per micro-batch grow: roughly 4·FLOP/s ÷ (6·tokens ·
 bytes/s) for fp32 gradients, about 1% at 8k tokens on an H100 reaching 450 TFLOP/s, half that at 16k. Where
 that is too much, `--gns-every N` measures one step in N; the "idle" column is what the other steps cost.
+By default `run --gns` measures a seeded random sample of steps, each with the chance target / (cost of a
+measured step by the in-run meter) (`gns.measure_chance`); the "default" column is what that costs a step
+on average, from this run's A/B figures: chance × on + (1 − chance) × idle (`gns.expected_overhead`).
 
     python benchmarks/gns_overhead.py                 # cpu, three sizes, a few minutes on 2 cores
     python benchmarks/gns_overhead.py --quick         # cpu, the built-in size only (CI runs this)
@@ -138,16 +141,21 @@ def measure(label: str, overrides: dict, max_length: int, micro: int, device: st
     timer = cycling_gns()
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its metrics: stdout stays the report
         api.run(config, plan=api.plan(config), callbacks=[timer])
+    from autobatch.gns import expected_overhead, measure_chance
+
     steps = timer.seconds[len(CYCLE) * WARMUP:]
     triples = [dict(steps[i:i + 3]) for i in range(0, len(steps) - 2, 3)]
     report = timer.gns.report(resamples=10)
     on, on_q = _median_and_quartiles([t[ON] / t[OFF] for t in triples])
     idle, idle_q = _median_and_quartiles([t[IDLE] / t[OFF] for t in triples])
+    meter = report["overhead"]
+    chance = measure_chance(meter, 10**6, None, 10**6)  # a long run's chance, once the cost is known
     return {"size": label, "parameters": timer.parameters, "tokens_per_micro_batch": micro * max_length,
+            "default_chance": chance, "default_overhead": expected_overhead(on, idle, chance),
             "step_s_without": statistics.median(t[OFF] for t in triples),
             "step_s_with": statistics.median(t[ON] for t in triples),
             "ab_overhead": on, "ab_quartiles": on_q, "idle_overhead": idle, "idle_quartiles": idle_q,
-            "meter_overhead": report["overhead"], "measured_steps": report["steps"], "cycles": len(triples)}
+            "meter_overhead": meter, "measured_steps": report["steps"], "cycles": len(triples)}
 
 
 def main() -> int:
@@ -156,9 +164,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the first size only, fewer steps")
     parser.add_argument("--cycles", type=int, default=None,
                         help="timed off/on/idle step cycles a size (default 30, --quick 6)")
+    parser.add_argument("--sizes", help="comma-separated indices of the device's sizes to run (default: all)")
     parser.add_argument("--json", action="store_true", help="print the rows as one JSON object")
     args = parser.parse_args()
     sizes = SIZES[args.device][:1] if args.quick else SIZES[args.device]
+    if args.sizes:
+        sizes = [SIZES[args.device][int(i)] for i in args.sizes.split(",")]
     cycles = args.cycles or (6 if args.quick else 30)
     rows = []
     for label, overrides, max_length, micro in sizes:
@@ -173,14 +184,17 @@ def main() -> int:
     print(f"gns overhead on {args.device}: step time over the step without hooks in the same cycle (median, "
           "quartiles = noise); on = measured step, idle = hooks registered, step not measured; meter = in-run figure")
     print(f"{'size':32} {'params':>8} {'tok/micro':>9} {'step s':>8} {'on':>6} {'quartiles':>16} {'idle':>6} "
-          f"{'meter':>6} {'every 4':>7}")
+          f"{'meter':>6} {'every 4':>7} {'chance':>6} {'default':>7}")
     for r in rows:
         low, high = r["ab_quartiles"]
         every4 = (r["ab_overhead"] + 3 * r["idle_overhead"]) / 4
         print(f"{r['size']:32} {r['parameters'] / 1e6:7.2f}M {r['tokens_per_micro_batch']:9d} "
               f"{r['step_s_without']:8.4f} {r['ab_overhead']:6.1%} {f'{low:.1%} to {high:.1%}':>16} "
-              f"{r['idle_overhead']:6.1%} {r['meter_overhead']:6.1%} {every4:7.1%}")
+              f"{r['idle_overhead']:6.1%} {r['meter_overhead']:6.1%} {every4:7.1%} {r['default_chance']:6.1%} "
+              f"{r['default_overhead']:7.2%}")
     print("every 4 = (on + 3 × idle) / 4: what `autobatch run --gns-every 4` costs a step on average")
+    print("default = chance × on + (1 − chance) × idle: what `autobatch run --gns` costs a step on average, the "
+          "chance of measuring a step being its target over the meter's cost of a measured step")
     return 0
 
 

@@ -220,7 +220,8 @@ def test_gns_every_measures_one_step_in_n_and_the_hooks_idle_on_the_others(tiny_
     assert code == 0, captured.err
     report = _json.loads((tmp_path / "out" / "gns.json").read_text())
     assert report["measured_every"] == 3 and report["steps"] == 3  # steps 1, 4 and 7 of 7
-    assert ", one step in 3 measured)" in captured.err
+    assert ", 3 of 7 steps measured)" in captured.err
+    assert (report["measured_steps"], report["optimizer_steps"], report["sampling"]) == (3, 7, "one step in 3")
     assert main([*args, "--gns-every", "0", "--output-dir", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "autobatch: error: --gns-every 0: measure one step in N needs N >= 1 (1: every step)")
@@ -313,3 +314,61 @@ def test_the_overhead_benchmark_times_steps_with_and_without_the_hooks():
     # The gns measured the "on" step of each cycle (warm-up cycles included), not the "off" or "idle" ones.
     assert row["measured_steps"] == 3 + 2
     assert 0 < row["meter_overhead"] < 1  # the hooks ran on the measured steps, and took only a part of them
+    # the default (sampled) figure: a long run's chance from the meter, between the idle and measured costs
+    assert row["default_chance"] == pytest.approx(min(1.0, gns.TARGET_OVERHEAD / row["meter_overhead"]))
+    assert row["default_overhead"] == pytest.approx(
+        row["default_chance"] * row["ab_overhead"] + (1 - row["default_chance"]) * row["idle_overhead"])
+
+
+# ------------------------------------------------------------------ sampled steps: --gns within its aim
+
+
+def simulate_sampling(cost: float, total: int | None, steps: int, seed: int = 0) -> int:
+    """Measured steps of a run whose measured steps cost `cost` of step time, as the callback decides them."""
+    rng, measured = random.Random(seed), 0
+    for step in range(steps):
+        if rng.random() < gns.measure_chance(cost if measured else None, step, total, measured):
+            measured += 1
+    return measured
+
+
+def test_measure_chance_learns_the_cost_first_then_aims_at_the_target():
+    assert gns.measure_chance(None, 0, 100, 0) == 1.0
+    assert gns.measure_chance(0.05, 1, None, 1) == 1.0  # still learning the cost
+    assert gns.measure_chance(0.05, 50, None, 5) == pytest.approx(gns.TARGET_OVERHEAD / 0.05)
+    assert gns.measure_chance(0.001, 50, None, 5) == 1.0  # cheap steps: every one
+
+
+def test_measure_chance_owes_a_short_run_its_minimum_of_measured_steps():
+    # 10 steps left and 10 still owed: every one is measured
+    assert gns.measure_chance(0.05, 20, 30, gns.MIN_MEASURED_STEPS - 10) == 1.0
+    for seed in range(20):
+        assert simulate_sampling(0.05, 30, 30, seed) >= gns.MIN_MEASURED_STEPS
+
+
+@pytest.mark.parametrize("cost", [0.051, 0.025, 0.012])  # the cpu figures of a measured step (README)
+def test_a_long_sampled_run_costs_about_the_target(cost):
+    steps = 20_000
+    share = simulate_sampling(cost, steps, steps) / steps
+    assert share * cost == pytest.approx(gns.TARGET_OVERHEAD, rel=0.1)
+    assert gns.expected_overhead(cost, 0.0, share) <= 0.01
+
+
+def test_run_gns_samples_steps_by_default_and_says_so(tiny_model_dir, tmp_path, capsys):
+    import json as _json
+
+    from autobatch.cli import main
+
+    data = equal_length_data(tmp_path / "equal.jsonl", rows=60, chars=20)
+    code = main(["run", "--model", str(tiny_model_dir()), "--dataset", str(data), "--device", "cpu",
+                 "--memory-budget", "4GiB", "--micro-batch-size", "2", "--effective-batch-size", "4",
+                 "--max-length", "32", "--num-train-epochs", "1", "--gradient-checkpointing", "false",
+                 "--save-strategy", "'no'", "--disable-tqdm", "true", "--gns", "--output-dir", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = _json.loads((tmp_path / "out" / "gns.json").read_text())
+    assert report["optimizer_steps"] == 15 and report["measured_every"] is None
+    assert gns.MIN_MEASURED_STEPS <= report["measured_steps"] <= 15
+    assert report["sampling"].startswith("seeded random sample")
+    assert 0 < report["measured_step_overhead"] < 1 and 0 < report["overhead"] < 1
+    assert f", {report['measured_steps']} of 15 steps measured)" in captured.err

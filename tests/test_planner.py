@@ -5,7 +5,16 @@ import itertools
 import pytest
 
 from autobatch.errors import BudgetTooSmallError, ConfigError
-from autobatch.planner import Trial, check_effective_batch, confirm_edge, plan_options, search_max_micro_batch
+from autobatch.planner import (
+    CheckpointingChoice,
+    Plan,
+    Trial,
+    check_effective_batch,
+    choose_checkpointing,
+    confirm_edge,
+    plan_options,
+    search_max_micro_batch,
+)
 
 MB = 10**6
 
@@ -231,6 +240,70 @@ def test_failed_prediction_halves_the_bracket_instead_of_stepping_down(limit):
     steps_down = [(a, b) for a, b in itertools.pairwise(failures) if a - b == 1]
     assert not steps_down, tried
     assert len(tried) <= 10, tried  # the old step-down search took 7, 11, 12 and 13
+
+
+# ------------------------------------------------------------------------------ checkpointing choice
+
+def checkpointing_trials(on: Trial, off: Trial):
+    """A fake trial(checkpointing) that records which settings were measured."""
+    asked: list[bool] = []
+
+    def trial(checkpointing: bool) -> Trial:
+        asked.append(checkpointing)
+        return on if checkpointing else off
+
+    return trial, asked
+
+
+def test_checkpointing_comes_off_when_the_micro_batch_fits_without_it_and_says_how_much_faster():
+    trial, asked = checkpointing_trials(Trial(8, 300 * MB, True, 0.4), Trial(8, 450 * MB, True, 0.3))
+    choice = choose_checkpointing(None, 8, trial)
+    assert asked == [False, True]  # without first: the probe may re-time with it right after
+    assert choice.activation_checkpointing is False and choice.chosen_by == "measured"
+    assert (choice.seconds_per_step_on, choice.seconds_per_step_off) == (0.4, 0.3)
+    assert choice.speedup == pytest.approx(4 / 3)
+    assert "1.33× faster" in choice.reason
+
+
+def test_checkpointing_stays_on_when_only_it_makes_the_micro_batch_fit():
+    trial, _ = checkpointing_trials(Trial(8, 300 * MB, True, 0.4), Trial(8, 650 * MB, False, 0.3))
+    choice = choose_checkpointing(None, 8, trial)
+    assert choice.activation_checkpointing is True and choice.seconds_per_step_off is None
+    assert "fits only with it" in choice.reason
+
+
+def test_checkpointing_stays_on_where_it_was_measured_faster():
+    trial, _ = checkpointing_trials(Trial(8, 300 * MB, True, 0.3), Trial(8, 450 * MB, True, 0.4))
+    assert choose_checkpointing(None, 8, trial).activation_checkpointing is True
+
+
+@pytest.mark.parametrize("user_value", [True, False])
+def test_checkpointing_the_user_set_is_kept_and_not_measured(user_value):
+    trial, asked = checkpointing_trials(Trial(8, 300 * MB, True, 0.4), Trial(8, 450 * MB, True, 0.1))
+    choice = choose_checkpointing(user_value, 8, trial)
+    assert asked == [] and choice.activation_checkpointing is user_value and choice.chosen_by == "user"
+
+
+def test_checkpointing_without_step_times_comes_off_when_it_fits():
+    """The estimate backend times nothing: without recompute is the cheaper step."""
+    trial, _ = checkpointing_trials(Trial(8, 300 * MB, True, 0.0), Trial(8, 450 * MB, True, 0.0))
+    choice = choose_checkpointing(None, 8, trial)
+    assert choice.activation_checkpointing is False and choice.speedup is None
+
+
+def test_plan_round_trips_its_checkpointing_choice():
+    choice = CheckpointingChoice(False, "measured", "fits", 0.4, 0.3)
+    plan = Plan(4, 2, 8, 1, 8, 10, 10, 0.0, 5, "cpu", 64, [Trial(4, 5, True, 0.3)], checkpointing=choice)
+    data = plan.to_dict()
+    assert data["checkpointing"]["activation_checkpointing"] is False
+    assert data["checkpointing"]["speedup"] == pytest.approx(4 / 3)
+    assert Plan.from_dict(data) == plan
+
+
+def test_checkpointing_off_within_timing_noise_still_comes_off():
+    """No recompute is strictly less work: a step 2% slower without it is noise."""
+    trial, _ = checkpointing_trials(Trial(8, 300 * MB, True, 0.400), Trial(8, 450 * MB, True, 0.408))
+    assert choose_checkpointing(None, 8, trial).activation_checkpointing is False
 
 
 # ---- the edge confirmed in fresh processes (issue 19) ---------------------------------------------------------
