@@ -17,6 +17,7 @@ import yaml
 from helpers import ROOT, MiB, make_plan
 
 from autobatch import cli, units
+from autobatch import config as config_module
 from autobatch.config import build_config
 from autobatch.errors import BudgetTooSmallError
 from autobatch.planner import Plan, Trial
@@ -63,6 +64,9 @@ def probe(monkeypatch):
     builtin = types.ModuleType("autobatch.builtin")
     builtin.builtin_model_dir = lambda: Path("/cache/autobatch/tiny-model")
     monkeypatch.setitem(sys.modules, "autobatch.builtin", builtin)
+    # The models named here are fakes the fake probe never loads: no path or hub cache to check them against.
+    monkeypatch.setattr(config_module, "_model_problems", lambda model, name: [])
+    monkeypatch.setattr(cli, "check_model_available", lambda config, flag: None)
     return seen
 
 
@@ -155,7 +159,7 @@ def test_debug_shows_the_traceback(capsys):
 
 def test_flags_pass_through_as_training_args(probe, capsys):
     argv = ["plan", "--model", "models/tiny", "--learning-rate", "1e-5", "--gradient-checkpointing", "false",
-            "--packing=true", "--optim", "adamw_torch", "--warmup_ratio", "-0.1", "--output-dir", "out/1",
+            "--packing=true", "--optim", "adamw_torch", "--warmup_steps", "-0.1", "--output-dir", "out/1",
             "--max-length", "128", "--dataset-text-field", "content", "--memory-budget", "300MiB",
             "--micro-batch-size", "16", "--gradient-accumulation-steps", "2", "--use-peft", "true",
             "--lora-r", "4"]
@@ -163,7 +167,7 @@ def test_flags_pass_through_as_training_args(probe, capsys):
     config = probe["config"]
     assert config.model_name_or_path == "models/tiny"
     assert config.training_args == {"learning_rate": 1e-5, "gradient_checkpointing": False, "packing": True,
-                                    "optim": "adamw_torch", "warmup_ratio": -0.1, "output_dir": "out/1",
+                                    "optim": "adamw_torch", "warmup_steps": -0.1, "output_dir": "out/1",
                                     "max_length": 128, "dataset_text_field": "content"}
     assert config.memory_budget_bytes == 300 * MiB
     assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (16, 2)
@@ -211,6 +215,7 @@ def test_json_is_the_only_thing_on_stdout(probe, capsys):
     assert data["trials"][0] == {"micro_batch_size": 1, "peak_memory_bytes": 60 * MiB, "fits": True,
                                  "seconds": 0.05, "oom": False, "peak_allocated_bytes": None}
     assert "noise a library printed" in captured.err
+    assert "autobatch plan:" not in captured.err and "memory budget" not in captured.err, "no settings block"
 
 
 def test_table_and_trial_lines(probe, capsys):

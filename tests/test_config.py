@@ -3,6 +3,7 @@ except the two tests that ask TRL itself whether our keys are its keys."""
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -156,13 +157,24 @@ def test_model_config_keys_go_to_model_args(tmp_path):
     assert config.training_args == {}
 
 
-def test_unknown_keys_pass_into_training_args(tmp_path):
-    path = write(tmp_path, "max_lenght: 128\nmemory_budgett: 1GiB\noptim: adamw_torch\n"
-                           "neftune_noise_alpha: 5\n")
+def test_other_keys_pass_into_training_args(tmp_path):
+    path = write(tmp_path, "max_length: 128\noptim: adamw_torch\nneftune_noise_alpha: 5\n")
     config = build_config(path)
-    assert config.training_args == {"max_lenght": 128, "memory_budgett": "1GiB", "optim": "adamw_torch",
-                                    "neftune_noise_alpha": 5}
+    assert config.training_args == {"max_length": 128, "optim": "adamw_torch", "neftune_noise_alpha": 5}
     assert config.memory_budget_bytes is None
+
+
+def test_unknown_yaml_keys_are_refused_at_load_naming_the_closest_key(tmp_path):
+    """autobatch's own keys are candidates too (issue 24: effective_batch_szie was offered an eval key)."""
+    path = write(tmp_path, "max_lenght: 128\nmemory_budjet: 1GiB\neffective_batch_szie: 8\n")
+    with pytest.raises(ConfigError) as caught:
+        build_config(path)
+    message = str(caught.value)
+    assert message.startswith("unknown keys max_lenght (in ") and message.endswith(
+        ": keys are SFTConfig/TrainingArguments fields or autobatch options")
+    for typo, meant in (("max_lenght", "max_length"), ("memory_budjet", "memory_budget"),
+                        ("effective_batch_szie", "effective_batch_size")):
+        assert re.search(rf"{typo} \(in [^)]*\) \(did you mean {meant}\?\)", message), message
 
 
 @pytest.mark.parametrize(("value", "expected"), [("true", True), ("False", False), ("no", False), (1, True)])

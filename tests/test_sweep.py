@@ -261,6 +261,15 @@ def _trial_states(db: Path) -> list[tuple[str, int]]:
 
 
 @pytest.mark.slow
+def verdict_of(done: list, report: dict) -> sweep.Verdict:
+    """The verdict the stored per-example eval losses give: the lowest loss when beyond the noise, else the
+    fastest of the rungs tied with it (issue 24)."""
+    results = [sweep.EvalResult(t.params["effective_batch_size"], t.params["learning_rate"], t.user_attrs["eval_losses"])
+               for t in done]
+    speed = {p["effective_batch_size"]: p["prediction"]["tokens_per_s"] for p in report["plans"]}
+    return sweep.judge(results, speed)
+
+
 def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tiny_model_dir, tiny_dataset_file,
                                                                             tmp_path, capsys):
     import os
@@ -304,7 +313,7 @@ def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tin
     assert sorted(t.params["effective_batch_size"] for t in done) == [2, 4, 8]  # every rung once
     assert [t.state for t in trials].count(states.FAIL) == 1  # the killed one
     assert all(math.isfinite(t.value) and t.user_attrs["tokens_seen"] > 0 for t in done)
-    assert report["recommended_effective_batch_size"] == min(done, key=lambda t: t.value).params["effective_batch_size"]
+    assert report["recommended_effective_batch_size"] == verdict_of(done, report).recommended
 
 
 @pytest.mark.slow
@@ -319,7 +328,7 @@ def test_validating_the_builtin_default_fills_a_study_optuna_opens(tmp_path, cap
     assert len(done) == len(study.trials) >= 2
     assert all(math.isfinite(t.value) and t.value == t.user_attrs["eval_loss"] for t in done)
     assert len({t.user_attrs["tokens_seen"] for t in done}) == 1  # the same examples at every B: equal tokens
-    assert report["recommended_effective_batch_size"] == min(done, key=lambda t: t.value).params["effective_batch_size"]
+    assert report["recommended_effective_batch_size"] == verdict_of(done, report).recommended
     assert {t.params["effective_batch_size"] for t in done} <= {p["effective_batch_size"] for p in report["plans"]}
     for plan in report["plans"]:  # each rung trains at a micro-batch a trial showed to fit
         fitted = {t["micro_batch_size"] for t in plan["trials"] + plan["cached_trials"] if t["fits"]}
@@ -346,3 +355,75 @@ def test_an_oom_in_a_validation_run_is_a_failed_trial_flagged_as_a_probe_miss(tm
     assert by_batch[16].state == optuna.trial.TrialState.FAIL
     assert by_batch[16].user_attrs["probe_miss"] is True
     assert "probe_miss" not in by_batch[8].user_attrs
+
+
+def test_a_sweep_resumed_at_once_after_a_kill_completes_every_point_exactly_once(tmp_path):
+    """issue 23.5: the killed trial's heartbeat was not stale yet, so its point was queued again; optuna then
+    failed it and queued its retry too: a point ran twice (7 complete trials for 6 points)."""
+    import time
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    rungs = sweep.make_rungs([plan_at(8, 4), plan_at(16, 4), plan_at(32, 4)], 1000, base_lr=1e-4, base_batch=8,
+                             lr_rule="none", b_noise=None)
+    points = [sweep.Point(r, r.learning_rate) for r in rungs]
+    calls: list[int] = []
+
+    def validate(point, trial):
+        calls.append(point.rung.effective_batch_size)
+        if len(calls) == 2:  # the first run of the resumed sweep outlives the dead trial's grace period
+            time.sleep(sweep.HEARTBEAT_S * 3 + 0.5)
+        return 1.0, {"tokens_seen": 100}
+
+    killed = sweep.open_study(url, "s", resume=False)
+    sweep.run_validation_study(killed, points[:1], validate, None, None)
+    killed.enqueue_trial(points[1].params())
+    dead = killed.ask()  # the killed process's trial: RUNNING, heartbeat fresh, never told
+    for name in sweep.PARAMS:
+        value = points[1].params()[name]
+        dead.suggest_float(name, 0.0, 10.0) if name == "learning_rate" else dead.suggest_int(name, 1, 2**24)
+        assert dead.params[name] == value
+    killed._storage.record_heartbeat(dead._trial_id)
+
+    for _ in range(2):  # resumed at once, then once more: nothing is left to run
+        sweep.run_validation_study(sweep.open_study(url, "s", resume=True), points, validate, None, None)
+    study = optuna.load_study(study_name="s", storage=url)
+    done = sorted(t.params["effective_batch_size"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert done == [8, 16, 32] and sorted(calls) == [8, 16, 32]
+    assert not study.get_trials(states=(optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING))
+
+
+def test_resuming_a_validation_study_with_another_budget_is_refused():
+    """issue 23.6: --resume with another --validate-tokens reused the old results and said "after the same 248
+    examples" for trials that saw 64."""
+    import optuna
+
+    study = optuna.create_study()
+    sweep.check_validation_budget(study, 600, None)  # a new study: nothing recorded yet
+    sweep.check_validation_budget(study, 600, 248)
+    assert study.user_attrs == {"validate_tokens": 600, "validate_examples": 248}
+    sweep.check_validation_budget(study, 600, None)
+    sweep.check_validation_budget(study, 600, 248)
+    with pytest.raises(ConfigError, match="trained with --validate-tokens 600 .248 examples each.; resume with "
+                                          "--validate-tokens 600"):
+        sweep.check_validation_budget(study, 200, None)
+    with pytest.raises(ConfigError, match="--validate-tokens 600"):
+        sweep.check_validation_budget(study, 600, 64)  # the same tokens over another ladder: other examples
+    assert study.user_attrs == {"validate_tokens": 600, "validate_examples": 248}
+
+
+@pytest.mark.slow
+def test_a_sweep_resumed_with_another_validate_tokens_is_refused_before_probing(tiny_model_dir, tiny_dataset_file,
+                                                                                 tmp_path, capsys):
+    out = tmp_path / "out"
+    args = sweep_args(tiny_model_dir(), tiny_dataset_file, out)
+    assert main(args) == 0
+    capsys.readouterr()
+    before = (out / "sweep.db").read_bytes()
+    other = [*args, "--resume"]
+    other[other.index("--validate-tokens") + 1] = "200"
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "trained with --validate-tokens 600" in err and "micro=" not in err
+    assert (out / "sweep.db").read_bytes() == before
