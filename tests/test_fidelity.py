@@ -77,11 +77,14 @@ def test_estimate_with_lora_in_bf16_on_a_7b_llama_config(tmp_path, capsys):
     assert plan["trials"][0]["fits"] and 13.4e9 < peak < 15e9  # bf16 frozen weights (13.5 GB) + adapters
 
 
-def test_plan_yaml_with_its_precision_is_reusable_by_run_plan(tiny_model_dir, tmp_path):
+def test_plan_yaml_with_its_precision_is_reusable_by_run_plan(tmp_path):
     from autobatch.config import read_plan_meta, write_plan_yaml
     from autobatch.train import load_plan
 
-    config = build_config(overrides={"model_name_or_path": str(tiny_model_dir()), "device": "cpu"})
+    model = tmp_path / "model"  # a model directory is checked for its config.json when a config loads
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    config = build_config(overrides={"model_name_or_path": str(model), "device": "cpu"})
     plan = Plan(2, 4, 8, 1, 3, 100, 95, 0.05, 50, "cpu", 64, [], precision="fp32")
     path = write_plan_yaml(tmp_path / "plan.yaml", plan_yaml_text(config, plan))
     assert read_plan_meta(path)["memory_fingerprint"]["bf16"] is False
