@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny models built from configs and a tiny local dataset; nothing touches the hub."""
+"""Shared fixtures: tiny models built from configs and a tiny local dataset; nothing touches the hub.
+
+xdist-safe: every cache and file a test writes lives under tmp_path_factory, which pytest-xdist gives each
+worker its own of; helpers shared by test modules are in helpers.py."""
 
 import json
 import os
@@ -9,6 +12,11 @@ from autobatch.builtin import save_tiny_model  # light: torch and transformers l
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any test imports huggingface_hub, which reads it once
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the Rust tokenizer
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # pytest-xdist workers share the cores: one thread each (set before torch is imported, which reads it
+    # once), or two workers on two cores each start two threads and every step waits on the other's.
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_name] = "1"
 
 _PROSE = (
     "The river ran low that summer, and the stones of the old ford showed above the water for the first "

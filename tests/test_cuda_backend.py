@@ -5,11 +5,10 @@ import types
 
 import pytest
 import torch
+from helpers import GiB
 
 from autobatch.errors import ConfigError
 from autobatch.memory import CudaBackend, cuda_capacity_bytes, is_oom, make_backend
-
-GiB = 2**30
 
 
 class FakeCuda:

@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from autobatch.config import build_config
 from autobatch.errors import ConfigError
 from autobatch.fields import closest_key, key_problems, sft_fields
-
-ROOT = Path(__file__).resolve().parents[1]
 
 #: Runs the CLI in a fresh interpreter, then says on the last stdout line whether torch was imported.
 _CHILD = ("import sys\nfrom autobatch import cli\nrc = cli.main(sys.argv[1:])\n"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import error_lines
 
 from autobatch.builtin import save_tiny_model
 
@@ -18,10 +19,6 @@ COMMON = ["--device", "cpu", "--memory-budget", "200MiB", "--max-length", "32"]
 def autobatch(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autobatch", *argv], check=False, capture_output=True, text=True,
                           timeout=600, cwd=cwd)
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("autobatch: error")]
 
 
 def digest(path: Path) -> str:

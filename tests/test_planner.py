@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+from helpers import GiB
 
 from autobatch.errors import BudgetTooSmallError, ConfigError
 from autobatch.planner import (
@@ -162,7 +163,6 @@ OPT350M_PEAKS = {
     33: 10350394280, 48: 11188527740, 64: 12082536764, 96: 13870554812, 128: 16218265148,
     136: 16975894076, 137: 17070597692, 138: 17165301308, 139: 17260004924,
 }
-GiB = 2**30
 
 
 def opt350m(b: int) -> int:

@@ -2,10 +2,9 @@
 divisors, and an awkward target says which nearby effective batch would train faster. Fake trials, no torch."""
 
 import pytest
+from helpers import MiB
 
 from autobatch.planner import TIMING_NOISE, Option, Trial, nearby_note, nearby_targets, plan_options
-
-MiB = 2**20
 
 
 def timed(seconds: dict[int, float], fits_up_to: int) -> list[Trial]:

@@ -30,11 +30,28 @@ def config_for(model_dir, **overrides):
     return build_config(overrides=values)
 
 
-def budget_between(config, size: int) -> int:
-    """A budget whose true limit is `size`: halfway between the peaks of size and size + 1."""
-    measured = peaks(config, [size, size + 1])
-    assert measured[size] < measured[size + 1]
-    return (measured[size] + measured[size + 1]) // 2
+#: The true maxima the budget tests set up: 6 × 256 tokens is before TRL's 4096-token kink, 20 × 256 past it.
+TRUE_MAXIMA = (6, 20)
+
+
+@pytest.fixture(scope="session")
+def budget_between(tiny_model_dir):
+    """Factory: budget_between(arch, size) -> a budget whose true limit for `config_for(arch)` is `size`,
+    halfway between the trial peaks of size and size + 1.
+
+    The peaks at every TRUE_MAXIMA size and the next are measured once a session by one Prober an
+    architecture: the tests that need only a budget share that measurement instead of each building a trainer.
+    """
+    measured: dict[str, dict[int, int]] = {}
+
+    def budget(arch: str, size: int) -> int:
+        if arch not in measured:
+            measured[arch] = peaks(config_for(tiny_model_dir(arch)), [b for m in TRUE_MAXIMA for b in (m, m + 1)])
+        low, high = measured[arch][size], measured[arch][size + 1]
+        assert low < high
+        return (low + high) // 2
+
+    return budget
 
 
 def real_train_peak(config, micro: int, budget: int, tmp_path) -> int | None:
@@ -73,13 +90,12 @@ def real_train_fits(config, micro: int, budget: int, tmp_path) -> bool:
     return real_train_peak(config, micro, budget, tmp_path) is not None
 
 
-# 6 × 256 tokens is before TRL's 4096-token kink; 20 × 256 is past it.
-@pytest.mark.parametrize("true_max", [6, 20])
+@pytest.mark.parametrize("true_max", TRUE_MAXIMA)
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
-def test_plan_max_is_exact_under_real_sfttrainer(arch, true_max, tiny_model_dir, capsys, tmp_path):
+def test_plan_max_is_exact_under_real_sfttrainer(arch, true_max, tiny_model_dir, budget_between, capsys, tmp_path):
     model_dir = tiny_model_dir(arch)
     config = config_for(model_dir)
-    budget = budget_between(config, true_max)
+    budget = budget_between(arch, true_max)
     plan = plan_json(
         ["--model", str(model_dir), "--device", "cpu", "--memory-budget", str(budget), "--headroom", "0",
          "--max-length", str(MAX_LENGTH), "--gradient-checkpointing", "false",
@@ -150,13 +166,13 @@ def test_budget_too_small_for_one_names_the_need_and_the_fixes(tiny_model_dir, c
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("true_max", [6, 20])
-def test_estimate_backend_finds_the_cpu_max(tiny_model_dir, true_max):
-    model = tiny_model_dir("llama")
-    budget = budget_between(config_for(model), true_max)
-    cpu = make_plan(config_for(model, memory_budget=budget))
-    estimate = make_plan(config_for(model, memory_budget=budget, device="estimate"))
-    assert cpu.max_micro_batch_size == estimate.max_micro_batch_size == true_max
+@pytest.mark.parametrize("true_max", TRUE_MAXIMA)
+def test_estimate_backend_finds_the_cpu_max(tiny_model_dir, budget_between, true_max):
+    """The cpu max under this budget is `true_max` (measured peaks; the cpu plan finding it is
+    test_plan_max_is_exact_under_real_sfttrainer[llama-*]): fake tensors must find the same."""
+    budget = budget_between("llama", true_max)
+    estimate = make_plan(config_for(tiny_model_dir("llama"), memory_budget=budget, device="estimate"))
+    assert estimate.max_micro_batch_size == true_max
     assert estimate.device == "estimate" and any("estimate" in note for note in estimate.notes)
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import error_lines
 
 MAX_STEPS = 2
 
@@ -19,10 +20,6 @@ def run_argv(out: Path, *extra: str) -> list[str]:
 def autobatch(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(run_argv(out, *extra), check=False, capture_output=True, text=True, timeout=600,
                           cwd=out.parent)
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("autobatch: error")]
 
 
 def global_step(path: Path) -> int:
