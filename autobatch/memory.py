@@ -203,7 +203,7 @@ class CpuBackend(MemoryBackend):
 
 
 class EstimateBackend(CpuBackend):
-    """The cpu counting under `FakeTensorMode`: shapes and bytes without compute."""
+    """The cuda step under `FakeTensorMode`, counted by an emulated caching allocator (`autobatch.estimate`)."""
 
     device = "estimate"
     fake = True
@@ -217,8 +217,27 @@ class EstimateBackend(CpuBackend):
 
         self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
 
-    def tensor_mode(self) -> contextlib.AbstractContextManager:
-        return self._fake_mode
+    @contextlib.contextmanager
+    def tensor_mode(self) -> Iterator[None]:
+        from autobatch.estimate import cuda_step
+
+        with self._fake_mode, cuda_step():
+            yield
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[Measurement]:
+        """Peak reserved bytes of the emulated caching allocator (allocated: its blocks' bytes)."""
+        from autobatch.estimate import AllocatorMode
+
+        result = Measurement()
+        mode = AllocatorMode()
+        try:
+            with mode:
+                yield result
+        finally:
+            mode.stop()
+            result.peak_bytes = result.held_peak_bytes = mode.allocator.peak_reserved_bytes
+            result.allocated_peak_bytes = mode.allocator.peak_allocated_bytes
 
 
 class CudaBackend(MemoryBackend):

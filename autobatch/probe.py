@@ -204,6 +204,8 @@ class Prober:
         accelerator = self.trainer.accelerator
         for name in ("_optimizers", "_schedulers", "_dataloaders", "_models"):
             getattr(accelerator, name, []).clear()
+        handler = self.trainer.callback_handler  # it keeps the last optimizer (and its state) alive too
+        handler.optimizer = handler.lr_scheduler = handler.train_dataloader = None
         self.backend.cleanup()
 
     def _held_batches(self, micro_batch_size: int, count: int) -> list[dict]:
