@@ -690,6 +690,8 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
                              "budget: no plan to write")
     model = config.model_name_or_path or (str(model_path) if model_path is not None else None)
     written = _as_written(config, plan.device, plan.precision)
+    if plan.assumed:  # an estimate: the GPU run builds the optimizer the estimate emulated, named
+        written.training_args.setdefault("optim", plan.assumed["optim"])
     body: dict[str, Any] = {}
     if model is not None:
         body["model_name_or_path"] = model

@@ -159,7 +159,7 @@ def assumptions(args, budget_bytes: int) -> dict[str, Any]:
     precision = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32"
     optim = str(getattr(args.optim, "value", args.optim))
     return {
-        "device": DEVICE_KIND, "memory_bytes": budget_bytes, "precision": precision,
+        "device": DEVICE_KIND, "memory_bytes": budget_bytes, "precision": precision, "optim": optim,
         "optimizer": optim + (" (in-place fused kernel, no temporaries)" if "fused" in optim else ""),
         "attention": ATTENTION_KERNEL, "allocator": dict(allocator.SETTINGS),
         "cublas_workspace_bytes": CUBLAS_WORKSPACE_BYTES,

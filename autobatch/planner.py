@@ -247,6 +247,7 @@ class Plan:
     cached_trials: list[Trial] = field(default_factory=list)  # answers the probe cache gave; not in `trials`
     cache_path: str | None = None  # the probe cache file used, None with --no-cache
     stopped_at_need: bool = False  # max_micro_batch_size is what the target needs; the true max may be larger
+    assumed: dict | None = None  # estimate backend: the device, precision, optimizer, attention, allocator emulated
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -431,7 +431,11 @@ class _Session:
                 f"stopped at --max-micro-batch-size {config.max_micro_batch_size}: a larger micro-batch may fit"
             )
         if backend.device == "estimate":
-            plan.notes.append("estimate backend: peaks are estimates (no kernel workspaces, no fragmentation)")
+            from autobatch.estimate import assumptions
+
+            plan.assumed = assumptions(self.prober.args, backend.budget_bytes)
+            plan.notes.append("estimate backend: the cuda step emulated under fake tensors, reserved bytes of an "
+                              "emulated caching allocator (see `assumed`)")
         plan.memory_fingerprint = fingerprint(config)
         plan.search_seconds = time.perf_counter() - started
 
