@@ -15,6 +15,7 @@ The estimate runs on this machine's CPU (fake tensors: no memory, seconds a tria
 
     python benchmarks/estimate_vs_gpu.py            # every row, and the largest micro-batch at 16 GiB
     python benchmarks/estimate_vs_gpu.py --quick    # the first row only (CI)
+    python benchmarks/estimate_vs_gpu.py --big      # bigger than this machine: 7B Llama + LoRA, 1.1B full, timed
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def workload(root: Path, name: str, max_length: int) -> tuple[str, str]:
     return str(model), str(data)
 
 
-def config_for(model: str, data: str, max_length: int, budget: int, **extra):
+def config_for(model: str, data: str | None, max_length: int, budget: int, **extra):
     from autobatch.config import build_config
 
     return build_config(overrides={
@@ -124,6 +125,38 @@ def estimate_max(root: Path) -> dict:
             "seconds": time.perf_counter() - started, "assumed": plan.assumed}
 
 
+#: (label, model config or a PUBLISHED_SHAPES name, extra keys) planned for an 80 GB card at micro 4, 2048 tokens
+BIG = [
+    ("Llama-2-7B shape, bf16 weights + LoRA r 16", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+     {"use_peft": True, "lora_r": 16, "dtype": "bfloat16"}),
+    ("TinyLlama-1.1B shape, full fine-tune", "tinyllama-1.1b", {}),
+]
+
+
+def big_rows(root: Path) -> list[str]:
+    """Models far larger than this machine's RAM, estimated for an 80 GB card: the seconds each takes here."""
+    from transformers import AutoConfig
+
+    from autobatch.builtin import save_model_shape, save_tokenizer
+    from autobatch.probe import make_plan
+
+    lines = []
+    for i, (label, shape, extra) in enumerate(BIG):
+        model = root / f"big{i}"
+        if isinstance(shape, str):
+            save_model_shape(model, shape)
+        else:
+            save_tokenizer(model)
+            AutoConfig.for_model("llama", **shape).save_pretrained(model)
+        started = time.perf_counter()
+        plan = make_plan(config_for(str(model), None, 2048, 80 * 10**9, per_device_train_batch_size=4, **extra))
+        lines.append(f"{label}: micro 4 @2048 on 80 GB: peak {plan.peak_memory_bytes:,} ({plan.precision}), "
+                     f"{time.perf_counter() - started:.1f} s here")
+        log(lines[-1])
+    return lines
+
+
 def table(rows: list[dict], best: dict | None) -> str:
     lines = ["| workload | micro | GPU reserved (allocated) | estimate (allocated) | estimate / GPU | s |",
              "|---|---|---|---|---|---|"]
@@ -143,8 +176,13 @@ def table(rows: list[dict], best: dict | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the first row only, no max search (CI)")
+    parser.add_argument("--big", action="store_true", help="only the bigger-than-the-machine estimates, timed")
     parser.add_argument("--json", action="store_true", help="rows as JSON on stdout instead of the table")
     options = parser.parse_args()
+    if options.big:
+        with tempfile.TemporaryDirectory(prefix="autobatch-est-") as tmp:
+            print("\n".join(big_rows(Path(tmp))))
+        return 0
     with tempfile.TemporaryDirectory(prefix="autobatch-est-") as tmp:
         rows = estimate_rows(GPU_ROWS[:1] if options.quick else GPU_ROWS, Path(tmp))
         best = None if options.quick else estimate_max(Path(tmp))
