@@ -8,10 +8,10 @@ Three backends share one interface (`budget_bytes`, `measure()`, `tensor_mode()`
 - `cpu`: a virtual device with a budget. A `TorchDispatchMode` counts the bytes of every live tensor
   storage (each once, released when freed), the quantity `torch.cuda.max_memory_allocated` reports, and
   raises a CUDA-style `torch.OutOfMemoryError` when an op pushes that count past the budget.
-- `estimate`: the same counting under `FakeTensorMode`: no compute, no memory, so a model far bigger
-  than this machine is measured from its config alone; a size past the budget is measured in full
-  (it does not fit, but its whole peak is known). Blind to scratch allocated inside one kernel
-  (flash attention, cuBLAS workspace) and to fragmentation: its figures are estimates.
+- `estimate`: the cuda step emulated under `FakeTensorMode` (autobatch.estimate): no compute, no memory, so a
+  model far bigger than this machine is measured from its config alone; the peak is the reserved bytes of an
+  emulated caching allocator (autobatch.allocator). A size past the budget is measured in full (it does not
+  fit, but its whole peak is known).
 """
 
 from __future__ import annotations
