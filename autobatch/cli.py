@@ -329,9 +329,9 @@ def format_plan(plan: Plan) -> str:
         a = plan.assumed
         lines += [f"  assumed device   {a['device']}, {format_bytes(a['memory_bytes'])}",
                   f"  assumed step     {a['precision']}, optimizer {a['optimizer']}, attention {a['attention']}",
-                  f"  assumed memory   {a['allocator']['name']}, expandable_segments "
-                  f"{a['allocator']['expandable_segments']}, cuBLAS workspace {format_bytes(a['cublas_workspace_bytes'])}"
-                  " per handle (reserved bytes, the CUDA context not counted)"]
+                  (f"  assumed memory   {a['allocator']['name']}, expandable_segments "
+                   f"{a['allocator']['expandable_segments']}, cuBLAS workspace "
+                   f"{format_bytes(a['cublas_workspace_bytes'])} per handle (reserved bytes, the CUDA context not counted)")]
     if plan.per_device_eval_batch_size:
         eval_peak = plan.eval_peak_memory_bytes or 0
         lines.append(f"  eval batch       {plan.per_device_eval_batch_size} (peak {format_bytes(eval_peak)} with "

@@ -139,7 +139,7 @@ def _foreach_as_on_cuda(params, differentiable: bool, use_fused: bool = False) -
 @contextlib.contextmanager
 def cuda_step() -> Iterator[None]:
     """Inside: TRL's fused LM head and torch's optimizer default take their cuda paths (module docstring)."""
-    import torch.optim.adam as adam
+    from torch.optim import adam
     from trl.kernels import chunked_logprob
 
     patches = [(chunked_logprob, "_forward_tile", _fold_in_place), (chunked_logprob, "_backward_tile", _fold_in_place),

@@ -63,8 +63,9 @@ def log(text: str) -> None:
 
 def workload(root: Path, name: str, max_length: int) -> tuple[str, str]:
     """The model directory (config and tokenizer, no weights) and a jsonl of texts that all truncate."""
-    from autobatch.builtin import save_model_shape, save_tiny_model
     from gpu_check import write_long_texts
+
+    from autobatch.builtin import save_model_shape, save_tiny_model
 
     model = root / name
     if not (model / "config.json").exists():
@@ -127,8 +128,8 @@ def estimate_max(root: Path) -> dict:
 
 #: (label, model config or a PUBLISHED_SHAPES name, extra keys) planned for an 80 GB card at micro 4, 2048 tokens
 BIG = [
-    ("Llama-2-7B shape, bf16 weights + LoRA r 16", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    ("Llama-2-7B shape, bf16 weights + LoRA r 16", {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096},
      {"use_peft": True, "lora_r": 16, "dtype": "bfloat16"}),
     ("TinyLlama-1.1B shape, full fine-tune", "tinyllama-1.1b", {}),
 ]
@@ -165,9 +166,9 @@ def table(rows: list[dict], best: dict | None) -> str:
                      f"({r['gpu_allocated']:,}) | {r['estimate']:,} ({r['estimate_allocated']:,}) | "
                      f"{100 * (r['ratio'] - 1):+.2f}% | {r['seconds']:.0f} |")
     if best:
-        lines += ["", f"largest micro-batch at {best['budget'] / GiB:g} GiB, {best['workload']} @{best['max_length']}: "
-                  f"GPU ~{best['gpu_max']}, estimate {best['estimate_max']} ({100 * (best['ratio'] - 1):+.2f}%; "
-                  f"trials {best['trials']}, {best['seconds']:.0f} s)"]
+        lines += ["", (f"largest micro-batch at {best['budget'] / GiB:g} GiB, {best['workload']} @{best['max_length']}: "
+                       f"GPU ~{best['gpu_max']}, estimate {best['estimate_max']} ({100 * (best['ratio'] - 1):+.2f}%; "
+                       f"trials {best['trials']}, {best['seconds']:.0f} s)")]
     for (name, length, micro), reserved in PLAIN_TRL.items():
         lines.append(f"plain TRL on the card, {name} @{length} micro {micro} (no padded example): {reserved:,}")
     return "\n".join(lines)
