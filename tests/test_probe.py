@@ -168,13 +168,25 @@ def test_budget_too_small_for_one_names_the_need_and_the_fixes(tiny_model_dir, c
 
 
 @pytest.mark.parametrize("true_max", [6, 20])
-def test_estimate_backend_finds_the_cpu_max(tiny_model_dir, true_max):
+def test_estimate_backend_finds_its_own_max(tiny_model_dir, true_max):
+    """The estimate emulates the cuda step (bf16 kept, allocator segments), not the cpu one: its search is exact
+    against its own trials, and the plan says what it assumed."""
+    from autobatch.memory import EstimateBackend
+
     model = tiny_model_dir("llama")
-    budget = budget_between(config_for(model), true_max)
-    cpu = make_plan(config_for(model, memory_budget=budget))
-    estimate = make_plan(config_for(model, memory_budget=budget, device="estimate"))
-    assert cpu.max_micro_batch_size == estimate.max_micro_batch_size == true_max
+    prober = Prober(config_for(model, device="estimate", memory_budget=2**40), EstimateBackend(2**40), 2**40,
+                    per_device=EFFECTIVE)
+    try:
+        budget = prober.run_trial(true_max).peak_memory_bytes  # true_max fits exactly at its own peak
+    finally:
+        prober.close()
+    estimate = make_plan(config_for(model, memory_budget=budget, device="estimate", find_max=True))
+    tried = {t.micro_batch_size: t for t in estimate.trials}
+    best = estimate.max_micro_batch_size
+    assert best >= true_max and tried[best].fits and not tried[best + 1].fits  # exact against its own trials
     assert estimate.device == "estimate" and any("estimate" in note for note in estimate.notes)
+    assert estimate.precision == estimate.assumed["precision"] == "bf16"
+    assert estimate.assumed["optim"] == "adamw_torch_fused" and estimate.assumed["memory_bytes"] == budget
 
 
 @pytest.mark.slow
