@@ -25,6 +25,8 @@ emulated here, each measured on the H200 (benchmarks/estimate_vs_gpu.py):
   Triton kernel on cuda (in place, nothing allocated) and accumulates the gradient GEMMs with
   `addmm(..., out_dtype=float32, out=acc)`; its torch fallback for other devices makes several tile-sized
   float32 temporaries and float32 copies of the operands. The cuda behaviour is patched in.
+- kernel scratch: memory-efficient attention's backward takes `delta` and a float32 query-gradient
+  accumulator from the allocator for the length of the op (`AllocatorMode._kernel_scratch`).
 - cuBLAS: each (handle, stream) gets a workspace from the caching allocator on its first GEMM
   (aten/src/ATen/cuda/CublasHandlePool.cpp, 32 MiB on Hopper and later); forward runs on the main thread and
   backward on the autograd engine's device thread, each with its own handle: two workspaces.
@@ -110,12 +112,31 @@ class AllocatorMode(TorchDispatchMode):
             if thread not in self._workspaces:  # the handle's workspace, allocated once and kept
                 self._workspaces.add(thread)
                 self.allocator.malloc(CUBLAS_WORKSPACE_BYTES)
+        scratch = self._kernel_scratch(func, args) if self._active else []
         out = func(*args, **(kwargs or {}))
+        for handle in scratch:
+            self.allocator.free(handle)
         if self._active:
             for item in tree_flatten(out)[0]:
                 if isinstance(item, torch.Tensor):
                     self._track(item)
         return out
+
+
+    def _kernel_scratch(self, func, args) -> list[int]:
+        """Scratch a cuda kernel takes from the allocator for the length of one op (freed when it returns).
+
+        Memory-efficient attention's backward (aten/src/ATen/native/transformers/cuda/attention_backward.cu)
+        allocates `delta` (batch × heads × s, float32) and, for bf16/fp16, a float32 accumulator for the query
+        gradient (batch × heads × s × head_dim); the cpu kernel that stands in for it allocates only its outputs.
+        """
+        if func is not torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
+            return []
+        batch, heads, length, dim = args[1].shape
+        scratch = [self.allocator.malloc(batch * heads * length * 4)]
+        if args[1].dtype in (torch.bfloat16, torch.float16):
+            scratch.append(self.allocator.malloc(batch * heads * length * dim * 4))
+        return scratch
 
 
 def _fold_in_place(tile, *args, **kwargs) -> None:
