@@ -175,9 +175,8 @@ def cuda_step() -> Iterator[None]:
             setattr(module, name, value)
 
 
-def assumptions(args, budget_bytes: int) -> dict[str, Any]:
+def assumptions(args, budget_bytes: int, precision: str) -> dict[str, Any]:
     """What an estimate assumed, for the table and `--json`: device, precision, optimizer, attention, allocator."""
-    precision = "bf16" if getattr(args, "bf16", False) else "fp16" if getattr(args, "fp16", False) else "fp32"
     optim = str(getattr(args.optim, "value", args.optim))
     return {
         "device": DEVICE_KIND, "memory_bytes": budget_bytes, "precision": precision, "optim": optim,

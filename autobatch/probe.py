@@ -87,6 +87,8 @@ class Prober:
         for quiet in (PrinterCallback, ProgressCallback):  # a trial's end-of-train metrics are not news
             trainer.remove_callback(quiet)
         self._attach(trainer)
+        if backend.device == "estimate" and modern_names(config.training_args).get("fp16"):
+            self.precision = "fp16"  # measured with bf16 autocast, the same bytes (sft_config's note)
 
     @classmethod
     def for_trainer(
@@ -433,7 +435,7 @@ class _Session:
         if backend.device == "estimate":
             from autobatch.estimate import assumptions
 
-            plan.assumed = assumptions(self.prober.args, backend.budget_bytes)
+            plan.assumed = assumptions(self.prober.args, backend.budget_bytes, self.prober.precision)
             plan.notes.append("estimate backend: the cuda step emulated under fake tensors, reserved bytes of an "
                               "emulated caching allocator (see `assumed`)")
         plan.memory_fingerprint = fingerprint(config)

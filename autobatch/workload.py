@@ -108,6 +108,9 @@ def sft_config(config: Config, device: str, output_dir: str, **overrides: Any):
     kwargs.setdefault("report_to", "none")
     if device == "estimate":  # the cuda step, emulated: precision as configured (autobatch.estimate)
         kwargs["use_cpu"] = True
+        if kwargs.get("fp16"):  # accelerate has no fp16 autocast on cpu; bf16's activations take the same bytes
+            kwargs.update(fp16=False, bf16=True)
+            notes.append("fp16 measured with bf16 autocast on the estimate backend (the same 2-byte activations)")
     elif device != "cuda":
         wanted = kwargs.get("bf16", True) or kwargs.get("fp16", False)
         if wanted:

@@ -97,9 +97,10 @@ def test_foreach_adamw_holds_one_more_copy_of_the_parameters_than_fused(wide_tin
     assert abs(extra - params) <= 0.01 * params
 
 
-def test_estimate_keeps_the_configured_precision(wide_tiny_model):
-    _, _, precision = _trial(wide_tiny_model, bf16=False)
-    assert precision == "fp32"
+@pytest.mark.parametrize(("flags", "expected"), [({"bf16": False}, "fp32"), ({"bf16": False, "fp16": True}, "fp16")])
+def test_estimate_keeps_the_configured_precision(wide_tiny_model, flags, expected):
+    _, _, precision = _trial(wide_tiny_model, **flags)
+    assert precision == expected
 
 
 @pytest.mark.slow
