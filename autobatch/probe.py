@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from autobatch import launch, ranks
 from autobatch.config import Config, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError, WorkerError
-from autobatch.memory import MemoryBackend, alloc_conf, is_oom, make_backend
+from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, is_oom, make_backend
 from autobatch.planner import (
     Option,
     Plan,
@@ -433,6 +433,7 @@ class _Session:
         ranks.check_unsharded(config)
         self.config, self.on_trial = config, on_trial
         self.backend = make_backend(config.device, config.memory_budget_bytes)
+        check_cpu_budget(self.backend.device, config.memory_budget_bytes)
         self.headroom = resolve_headroom(config, self.backend.device)
         self.usable = int(self.backend.budget_bytes * (1 - self.headroom))
         if self.backend.device == "cuda":

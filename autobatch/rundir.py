@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from autobatch import ranks
+from autobatch.builtin import is_builtin_model_path
 from autobatch.config import Config, write_atomic
 from autobatch.errors import ConfigError
 
@@ -183,13 +184,19 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
             "auto_find_batch_size: it restarts training at a smaller batch and fights the plan (autobatch's "
             "own OOM fallback keeps the effective batch); set auto_find_batch_size false or remove it"
         )
-    if config.dataset_name is None and config.model_name_or_path is not None:  # train._datasets, before probing
-        raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
+    check_training_data(config)
     ranks.check_unsharded(config)
     check_output_dir_state(config, resume, overwrite)
     if resume:
         resume_checkpoint(config)
     check_eval_split(config)
+
+
+def check_training_data(config: Config) -> None:
+    """A model of the user's needs --dataset (the built-in model trains on its built-in sample): before probing."""
+    model = config.model_name_or_path
+    if config.dataset_name is None and model is not None and not is_builtin_model_path(model):
+        raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
 
 
 def check_eval_split(config: Config) -> None:
