@@ -265,7 +265,7 @@ def _memory_rows(config: Config) -> list[tuple[str, Any]]:
     rows = [
         ("checkpointing", "true (SFTConfig default)" if checkpointing is None else checkpointing),
         ("dtype", config.model_args.get("dtype", "float32 (TRL ModelConfig default)")),
-        ("bf16", args.get("bf16", "SFTConfig default: on where supported (off on cpu/estimate)")),
+        ("bf16", args.get("bf16", "SFTConfig default: on where supported (off on cpu)")),
     ]
     if args.get("fp16"):
         rows.append(("fp16", True))
@@ -338,6 +338,13 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.checkpointing is not None:
         lines.append(f"  checkpointing    {_checkpointing_text(plan.checkpointing)}")
+    if plan.assumed:  # what an estimate emulated: the card it plans for
+        a = plan.assumed
+        lines += [f"  assumed device   {a['device']}, {format_bytes(a['memory_bytes'])}",
+                  f"  assumed step     {a['precision']}, optimizer {a['optimizer']}, attention {a['attention']}",
+                  (f"  assumed memory   {a['allocator']['name']}, expandable_segments "
+                   f"{a['allocator']['expandable_segments']}, cuBLAS workspace "
+                   f"{format_bytes(a['cublas_workspace_bytes'])} per handle (reserved bytes, the CUDA context not counted)")]
     if plan.per_device_eval_batch_size:
         eval_peak = plan.eval_peak_memory_bytes or 0
         lines.append(f"  eval batch       {plan.per_device_eval_batch_size} (peak {format_bytes(eval_peak)} with "

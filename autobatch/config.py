@@ -718,6 +718,8 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
             **modern_names(config.training_args), "activation_checkpointing": choice.activation_checkpointing})
     written = _as_written(config, plan.device, plan.precision)
     model = written.model_name_or_path or (str(model_path) if model_path is not None else None)
+    if plan.assumed:  # an estimate: the GPU run builds the optimizer the estimate emulated, named
+        written.training_args.setdefault("optim", plan.assumed["optim"])
     body: dict[str, Any] = {}
     if model is not None:
         body["model_name_or_path"] = model

@@ -8,10 +8,10 @@ Three backends share one interface (`budget_bytes`, `measure()`, `tensor_mode()`
 - `cpu`: a virtual device with a budget. A `TorchDispatchMode` counts the bytes of every live tensor
   storage (each once, released when freed), the quantity `torch.cuda.max_memory_allocated` reports, and
   raises a CUDA-style `torch.OutOfMemoryError` when an op pushes that count past the budget.
-- `estimate`: the same counting under `FakeTensorMode`: no compute, no memory, so a model far bigger
-  than this machine is measured from its config alone; a size past the budget is measured in full
-  (it does not fit, but its whole peak is known). Blind to scratch allocated inside one kernel
-  (flash attention, cuBLAS workspace) and to fragmentation: its figures are estimates.
+- `estimate`: the cuda step emulated under `FakeTensorMode` (autobatch.estimate): no compute, no memory, so a
+  model far bigger than this machine is measured from its config alone; the peak is the reserved bytes of an
+  emulated caching allocator (autobatch.allocator). A size past the budget is measured in full (it does not
+  fit, but its whole peak is known).
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ class CpuBackend(MemoryBackend):
 
 
 class EstimateBackend(CpuBackend):
-    """The cpu counting under `FakeTensorMode`: shapes and bytes without compute."""
+    """The cuda step under `FakeTensorMode`, counted by an emulated caching allocator (`autobatch.estimate`)."""
 
     device = "estimate"
     fake = True
@@ -213,8 +213,27 @@ class EstimateBackend(CpuBackend):
 
         self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
 
-    def tensor_mode(self) -> contextlib.AbstractContextManager:
-        return self._fake_mode
+    @contextlib.contextmanager
+    def tensor_mode(self) -> Iterator[None]:
+        from autobatch.estimate import cuda_step
+
+        with self._fake_mode, cuda_step():
+            yield
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[Measurement]:
+        """Peak reserved bytes of the emulated caching allocator (allocated: its blocks' bytes)."""
+        from autobatch.estimate import AllocatorMode
+
+        result = Measurement()
+        mode = AllocatorMode()
+        try:
+            with mode:
+                yield result
+        finally:
+            mode.stop()
+            result.peak_bytes = result.held_peak_bytes = mode.allocator.peak_reserved_bytes
+            result.allocated_peak_bytes = mode.allocator.peak_allocated_bytes
 
 
 class CudaBackend(MemoryBackend):

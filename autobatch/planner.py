@@ -436,6 +436,7 @@ class Plan:
     cache_path: str | None = None  # the probe cache file used, None with --no-cache
     stopped_at_need: bool = False  # max_micro_batch_size is what the target needs; the true max may be larger
     checkpointing: CheckpointingChoice | None = None  # what the run trains with; None: the config's, unmeasured
+    assumed: dict | None = None  # estimate backend: the device, precision, optimizer, attention, allocator emulated
     trial_process: str = "same"  # "fresh": the edge and the planned size were measured in fresh worker processes
     pytorch_cuda_alloc_conf: str | None = None  # the allocator setting the cuda trials ran under (None: default)
 

@@ -120,6 +120,8 @@ class Prober:
         for quiet in (PrinterCallback, ProgressCallback):  # a trial's end-of-train metrics are not news
             trainer.remove_callback(quiet)
         self._attach(trainer)
+        if backend.device == "estimate" and modern_names(config.training_args).get("fp16"):
+            self.precision = "fp16"  # measured with bf16 autocast, the same bytes (sft_config's note)
 
     @classmethod
     def for_trainer(
@@ -239,6 +241,8 @@ class Prober:
         accelerator = self.trainer.accelerator
         for name in ("_optimizers", "_schedulers", "_dataloaders", "_models"):
             getattr(accelerator, name, []).clear()
+        handler = self.trainer.callback_handler  # it keeps the last optimizer (and its state) alive too
+        handler.optimizer = handler.lr_scheduler = handler.train_dataloader = None
         self.backend.cleanup()
 
     def _held_batches(self, micro_batch_size: int, count: int) -> list[dict]:
@@ -565,7 +569,11 @@ class _Session:
                 f"stopped at --max-micro-batch-size {config.max_micro_batch_size}: a larger micro-batch may fit"
             )
         if backend.device == "estimate":
-            plan.notes.append("estimate backend: peaks are estimates (no kernel workspaces, no fragmentation)")
+            from autobatch.estimate import assumptions
+
+            plan.assumed = assumptions(self.prober.args, backend.budget_bytes, self.prober.precision)
+            plan.notes.append("estimate backend: the cuda step emulated under fake tensors, reserved bytes of an "
+                              "emulated caching allocator (see `assumed`)")
         plan.memory_fingerprint = fingerprint(config)
         plan.search_seconds = time.perf_counter() - started
         plan.trial_process = "fresh" if self.fresh else "same"
