@@ -60,6 +60,8 @@ _VALUE_FLAGS = [
     ("--micro-batch-size", "per_device_train_batch_size",
      "check this micro-batch instead of searching (= per_device_train_batch_size)"),
     ("--world-size", "world_size", "number of processes (default: $WORLD_SIZE or 1)"),
+    ("--nproc-per-node", "nproc_per_node",
+     "FSDP: ranks per trial, launched from here (estimate: one rank of N traced); sets --world-size"),
     ("--max-length", "max_length", "tokens per example after truncation (SFTConfig max_length)"),
     ("--cache", "cache", "probe cache file (default: $XDG_CACHE_HOME/autobatch/probes.sqlite3)"),
 ]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from autobatch import ranks
+from autobatch import ranks, sharding
 from autobatch.config import Config, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
 from autobatch.memory import MemoryBackend, is_oom, make_backend
@@ -60,9 +60,9 @@ class Prober:
 
     def __init__(
         self, config: Config, backend: MemoryBackend, usable_bytes: int, per_device: int | None = None,
-        ddp: bool = False,
+        ddp: bool = False, sharded: bool = False,
     ) -> None:
-        self._setup(backend, usable_bytes, per_device, ddp)
+        self._setup(backend, usable_bytes, per_device, ddp, sharded)
         try:
             self._build(config, backend)
         except BaseException:
@@ -87,6 +87,20 @@ class Prober:
         for quiet in (PrinterCallback, ProgressCallback):  # a trial's end-of-train metrics are not news
             trainer.remove_callback(quiet)
         self._attach(trainer)
+        if self.sharded:
+            self._shard()
+
+    def _shard(self) -> None:
+        """FSDP: shard the model once, before any trial measures (accelerate's own `prepare`).
+
+        The run loads each rank's full copy on the host and moves only its shards to the device
+        (accelerate fsdp_utils.py `fsdp2_prepare_model`): the unsharded copy is never device memory, so no
+        trial may count it. Later trials reuse the sharded model (prepare skips what is already sharded).
+        """
+        trainer = self.trainer
+        with self.backend.tensor_mode():
+            trainer.model = trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)
+        self._forget_prepared()  # and collect the unsharded copy, held in reference cycles
 
     @classmethod
     def for_trainer(
@@ -125,7 +139,9 @@ class Prober:
             raise
         return prober
 
-    def _setup(self, backend: MemoryBackend, usable_bytes: int, per_device: int | None, ddp: bool = False) -> None:
+    def _setup(
+        self, backend: MemoryBackend, usable_bytes: int, per_device: int | None, ddp: bool = False, sharded: bool = False
+    ) -> None:
         self.backend = backend
         self.usable_bytes = usable_bytes
         self.per_device = per_device
@@ -135,8 +151,11 @@ class Prober:
         self.on_trial_shown = False  # a training trial's line is printed by the caller
         # Under a launcher the trainer lives in a single-process world until close(): no DDP, no collective
         # inside a trial (ranks.local_only). The ranks agree between trials over the default process group.
+        # FSDP (`sharded`) trials run on every rank of the group with the run's sharding instead.
+        self.sharded = sharded
         self._world = contextlib.ExitStack()
-        self._world.enter_context(ranks.local_only())
+        if not sharded:
+            self._world.enter_context(ranks.local_only())
         self.snapshot = None
         self.workdir = tempfile.TemporaryDirectory(prefix="autobatch-probe-")
         self.timer = _StepTimer(self._sync)
@@ -350,20 +369,32 @@ class _Session:
 
     def __init__(self, config: Config, per_device: int | None, on_trial: Callable[[Trial], None] | None,
                  trainer=None) -> None:
-        ranks.check_unsharded(config)
+        sharding.check_shardable(config.training_args)
+        sharded = sharding.fsdp_requested(config.training_args)
+        if sharded and trainer is not None:
+            raise ConfigError("plan_trainer does not plan an FSDP trainer: plan from its config with "
+                              "autobatch.plan(...) or `autobatch plan` (the fsdp keys in the YAML)")
         self.config, self.on_trial = config, on_trial
         self.backend = make_backend(config.device, config.memory_budget_bytes)
         self.headroom = resolve_headroom(config, self.backend.device)
         self.usable = int(self.backend.budget_bytes * (1 - self.headroom))
         if self.backend.device == "cuda":
             self.backend.cap_bytes = self.usable  # the allocator itself refuses past it: a trial over is a real OOM
-        ranks.init_group(self.backend.device)
-        self.search_usable = ranks.smallest(self.usable)  # every rank's search aims at the same line
-        ddp = config.world_size > 1
-        if trainer is None:
-            self.prober = Prober(config, self.backend, self.usable, per_device, ddp=ddp)
-        else:
-            self.prober = Prober.for_trainer(trainer, self.backend, self.usable, per_device, ddp=ddp)
+        # FSDP: the trials run sharded on every rank (estimate: one rank traced on a fake group of world size)
+        self._scope = contextlib.ExitStack()
+        if sharded:
+            self._scope.enter_context(sharding.sharded_trials(self.backend.device, config.world_size))
+        try:
+            ranks.init_group(self.backend.device)
+            self.search_usable = ranks.smallest(self.usable)  # every rank's search aims at the same line
+            ddp = config.world_size > 1 and not sharded
+            if trainer is None:
+                self.prober = Prober(config, self.backend, self.usable, per_device, ddp=ddp, sharded=sharded)
+            else:
+                self.prober = Prober.for_trainer(trainer, self.backend, self.usable, per_device, ddp=ddp)
+        except BaseException:
+            self._scope.close()
+            raise
         self.prober.on_trial_shown = on_trial is not None
         self.trials: list[Trial] = []
         self.cached: list[Trial] = []  # the answers the cache gave
@@ -399,6 +430,7 @@ class _Session:
     def close(self) -> None:
         """Give the trainer back; split the search's list into trials run and answers the cache gave."""
         self.prober.close()
+        self._scope.close()
         self.run, self.from_cache = self.trials, []
         if self.cache:
             self.cache.close()

@@ -153,3 +153,18 @@ def fake_group(world_size: int, rank: int = 0) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextlib.contextmanager
+def sharded_trials(device: str, world_size: int) -> Iterator[None]:
+    """Where FSDP trials run: `estimate` traces rank 0 of `world_size` on a fake group; cpu ranks keep the
+    FSDP plugin (`fsdp_on_cpu`); cuda needs nothing (accelerate shards there itself)."""
+    with contextlib.ExitStack() as stack:
+        if device == "estimate":
+            if world_size < 2:
+                raise ConfigError("--device estimate with fsdp traces one rank of several: pass --world-size N "
+                                  "(or --nproc-per-node N), N >= 2")
+            stack.enter_context(fake_group(world_size))
+        if device in ("estimate", "cpu"):
+            stack.enter_context(fsdp_on_cpu())
+        yield
