@@ -136,6 +136,7 @@ class ProbeCache:
         self.description = description
         self.fingerprint = workload_key(description)
         self.budget_bytes = budget_bytes
+        self.fresh_process = description.get("trial_process") == "fresh"  # its trials ran in worker processes
         self.broken: str | None = None
         self._connection: sqlite3.Connection | None = None
         self._guard(self._open)
@@ -178,8 +179,11 @@ class ProbeCache:
         peak, oom, seconds, budget = row
         size = eval_batch_size or micro_batch_size
         if oom:  # it ran out of `budget`: that says nothing about a larger one
-            return Trial(size, peak, fits=False, seconds=0.0, oom=True) if self.budget_bytes <= budget else None
-        return Trial(size, peak, fits=peak <= usable_bytes, seconds=seconds, oom=False)
+            if self.budget_bytes > budget:
+                return None
+            return Trial(size, peak, fits=False, seconds=0.0, oom=True, fresh_process=self.fresh_process)
+        return Trial(size, peak, fits=peak <= usable_bytes, seconds=seconds, oom=False,
+                     fresh_process=self.fresh_process)
 
     def store(self, micro_batch_size: int, accumulation: int, eval_batch_size: int | None, trial: Trial) -> None:
         def write():

@@ -64,6 +64,9 @@ _VALUE_FLAGS = [
      "FSDP: ranks per trial, launched from here (estimate: one rank of N traced); sets --world-size"),
     ("--max-length", "max_length", "tokens per example after truncation (SFTConfig max_length)"),
     ("--cache", "cache", "probe cache file (default: $XDG_CACHE_HOME/autobatch/probes.sqlite3)"),
+    ("--trial-process", "trial_process",
+     ("fresh: the plan's edge (max, max + 1, the planned size) measured in fresh worker processes; same: every "
+      "trial in this process; auto (default): fresh on cuda, same elsewhere")),
 ]
 #: Switches, each setting its config key to true.
 _SWITCH_FLAGS = [
@@ -85,7 +88,7 @@ _VALUE_FLAGS += [
 ]
 _STRING_KEYS = frozenset({
     "model_name_or_path", "dataset_name", "dataset_config", "dataset_train_split", "dataset_test_split",
-    "dataset_text_field", "output_dir", "run_name", "device", "model_revision", "hub_model_id", "cache",
+    "dataset_text_field", "output_dir", "run_name", "device", "model_revision", "hub_model_id", "cache", "trial_process",
 })
 
 _EPILOG = (
@@ -296,7 +299,8 @@ def _trial_line(trial: Trial, budget_bytes: int | None, label: str = "micro") ->
     status = "fits" if trial.fits else ("OOM" if trial.oom else "does not fit")
     share = f" ({trial.peak_memory_bytes / budget_bytes:.0%} of budget)" if budget_bytes else ""
     speed = f" {trial.seconds:.2f} s/step" if trial.fits and label == "micro" else ""
-    return f"{label}={trial.micro_batch_size} {status} peak={format_bytes(trial.peak_memory_bytes)}{share}{speed}"
+    fresh = " (fresh process)" if trial.fresh_process else ""
+    return f"{label}={trial.micro_batch_size} {status} peak={format_bytes(trial.peak_memory_bytes)}{share}{speed}{fresh}"
 
 
 def format_plan(plan: Plan) -> str:
@@ -323,6 +327,7 @@ def format_plan(plan: Plan) -> str:
         f"  left at peak     {format_bytes(left)} ({_pct(left, budget)} of budget)",
         f"  max micro-batch  {limit}",
         f"  trials           {len(plan.trials)}" + (f" ({ooms} OOM)" if ooms else "")
+        + (f", {sum(t.fresh_process for t in plan.trials)} in fresh processes" if plan.trial_process == "fresh" else "")
         + (f" + {len(plan.cached_trials)} from the probe cache" if plan.cached_trials else "")
         + f", search {plan.search_seconds:.1f} s",
         f"  device           {plan.device}, max_length {plan.max_length}",

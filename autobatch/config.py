@@ -117,9 +117,13 @@ class Config:
     find_max: bool = False  # search past what the target effective batch needs, to the true maximum
     cache: str | None = None  # probe cache file; None: $XDG_CACHE_HOME/autobatch/probes.sqlite3
     no_cache: bool = False  # neither read nor write the probe cache
+    trial_process: str = "auto"  # fresh: the edge's trials in worker processes; same: all in this one; auto: fresh on cuda
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+#: Where trials run: `fresh` judges the edge in worker processes (autobatch.launch), `same` runs every trial
+#: in the planning process, `auto` is fresh on cuda (allocator history: issue 19) and same elsewhere.
+TRIAL_PROCESSES = ("auto", "fresh", "same")
 _PLAIN_FIELDS = frozenset(_FIELDS) - {"lora", "model_args", "training_args", "memory_budget_bytes"}
 
 #: Every top-level key with a meaning before SFTConfig is consulted (for closest-key suggestions).
@@ -491,6 +495,9 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
             problems.append(f"{name(key)} must be true or false, got {getattr(out, key)!r}")
         else:
             setattr(out, key, flag)
+    if out.trial_process not in TRIAL_PROCESSES:
+        problems.append(f"{name('trial_process')} must be one of {', '.join(TRIAL_PROCESSES)}, "
+                        f"got {out.trial_process!r}")
     if out.cache is not None and (not isinstance(out.cache, str) or not out.cache.strip()):
         problems.append(f"{name('cache')} must be a file path, got {out.cache!r}")
 
@@ -745,6 +752,8 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         "effective_batch_size": plan.effective_batch_size, "world_size": world, "seconds_per_step": plan.seconds_per_step,
         "memory_fingerprint": memory_fingerprint(written, str(model_path) if model_path else None),
     }
+    if plan.device == "cuda":  # the allocator setting the trials ran under; `run --plan` warns when it differs
+        meta["pytorch_cuda_alloc_conf"] = plan.pytorch_cuda_alloc_conf
     if trainer_only:  # read back by autobatch (build_config), invisible to trl sft
         meta["autobatch_only"] = trainer_only
     lines.append(PLAN_META_PREFIX + json.dumps(meta, sort_keys=True, default=str))

@@ -29,3 +29,16 @@ class Interrupted(AutobatchError):
         self.exit_code = 128 + signum
         self.signum = signum
         self.checkpoint = checkpoint
+
+
+class WorkerError(AutobatchError):
+    """A worker process (autobatch.launch) crashed, hung past its timeout, or reported an error.
+
+    `kind`: `crash` (non-zero exit or a signal), `timeout`, `cuda` (a CUDA error other than OOM), `oom`
+    or `error` (what the worker raised); `rank`: the first rank of a group to fail (None for a timeout).
+    """
+
+    def __init__(self, message: str, kind: str, rank: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.rank = rank

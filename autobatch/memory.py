@@ -217,10 +217,7 @@ class MemoryBackend:
 
     def identity(self) -> dict[str, Any]:
         """What about this device changes a trial's peak (a probe-cache key): kind and allocator settings."""
-        import os
-
-        return {"device": self.device, "torch_device": self.torch_device,
-                "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")}
+        return {"device": self.device, "torch_device": self.torch_device, "alloc_conf": alloc_conf()}
 
 
 class CpuBackend(MemoryBackend):
@@ -315,6 +312,15 @@ class CudaBackend(MemoryBackend):
         index = torch.cuda.current_device()
         properties = torch.cuda.get_device_properties(index)
         return {**super().identity(), "name": properties.name, "total_memory_bytes": properties.total_memory}
+
+
+def alloc_conf() -> str | None:
+    """The caching allocator's setting in this process: PYTORCH_CUDA_ALLOC_CONF (or torch's newer name,
+    PYTORCH_ALLOC_CONF); None is torch's default. On an H200 `expandable_segments:True` fitted 43 where the
+    default fitted 39 (issue 19), so a plan holds only under the setting it was measured with."""
+    import os
+
+    return os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")
 
 
 def cuda_capacity_bytes(device_index: int = 0) -> int:

@@ -34,6 +34,8 @@ class Trial:
     seconds: float  # per training step, steady state
     oom: bool = False  # the trial raised out-of-memory (its peak is where it stopped)
     peak_allocated_bytes: int | None = None  # tensors alone; peak_memory_bytes (reserved on cuda) decides
+    fresh_process: bool = False  # measured in a worker process of its own (no allocator history before it)
+    rank_peak_bytes: list[int] | None = None  # FSDP group trials: each rank's peak, rank order (None: one rank)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +152,49 @@ def search_max_micro_batch(
     return SearchResult(lo, list(trials.values()), capped=capped, stopped_at_need=bounded and lo == bound)
 
 
+def confirm_edge(probe: Probe, found: int, limit_bytes: int, bound: int) -> int:
+    """The largest size ≤ `bound` that fits as `probe` sees it, starting from the search's answer `found`.
+
+    `probe` is a trial in a fresh process: on a GPU the search's in-process trials read high or low by
+    allocator history (issue 19: 39 there, 40 fresh), so the edge is judged again where the run will meet it.
+    From `found` it walks up one size at a time (then along the line through the last two fits, as the search
+    does) until a size fails, or down (1, 2, 4, … sizes, then bisecting) until one fits; the answer is a size
+    that fit with the next shown not to, unless the answer is `bound` (the cap, or what the plan needs).
+    Raises BudgetTooSmallError when even size 1 fails.
+    """
+    trials: dict[int, Trial] = {}
+    lo, hi = 0, None
+
+    def run(size: int) -> bool:
+        trials[size] = trial = probe(size)
+        if size == 1 and not trial.fits:
+            raise BudgetTooSmallError("micro-batch 1 does not fit the memory budget", trial)
+        return trial.fits
+
+    found = max(1, min(found, bound))
+    if run(found):
+        lo = found
+    else:
+        hi, step = found, 1
+        while lo == 0:  # walk down until a size fits
+            size = max(1, hi - step)
+            if run(size):
+                lo = size
+            else:
+                hi, step = size, 2 * step
+    while lo < bound and (hi is None or hi > lo + 1):
+        fitting = [b for b, t in trials.items() if t.fits]
+        if len(fitting) < 2:  # no line yet: one step up, or the middle of the bracket
+            size = lo + 1 if hi is None else (lo + hi) // 2
+        else:
+            size = _next_size(trials, lo, hi, limit_bytes, bound, jump_to_bound=False)
+        if run(size):
+            lo = size
+        else:
+            hi = size
+    return lo
+
+
 @dataclass
 class Option:
     """One way to reach the effective batch: micro × accumulation × world size."""
@@ -247,6 +292,8 @@ class Plan:
     cached_trials: list[Trial] = field(default_factory=list)  # answers the probe cache gave; not in `trials`
     cache_path: str | None = None  # the probe cache file used, None with --no-cache
     stopped_at_need: bool = False  # max_micro_batch_size is what the target needs; the true max may be larger
+    trial_process: str = "same"  # "fresh": the edge and the planned size were measured in fresh worker processes
+    pytorch_cuda_alloc_conf: str | None = None  # the allocator setting the cuda trials ran under (None: default)
 
     def to_dict(self) -> dict:
         data = asdict(self)

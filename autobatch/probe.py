@@ -10,22 +10,35 @@ step when the run accumulates, because the second backward adds into existing gr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from autobatch import ranks, sharding
+from autobatch import launch, ranks, sharding
 from autobatch.config import Config, format_bytes, modern_names
-from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
-from autobatch.memory import MemoryBackend, is_oom, make_backend
-from autobatch.planner import Option, Plan, Trial, check_effective_batch, plan_options, search_max_micro_batch
+from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError, WorkerError
+from autobatch.memory import MemoryBackend, alloc_conf, is_oom, make_backend
+from autobatch.planner import (
+    Option,
+    Plan,
+    Trial,
+    check_effective_batch,
+    confirm_edge,
+    plan_options,
+    search_max_micro_batch,
+)
 from autobatch.workload import build_trainer, fingerprint, load_train_dataset, sft_config
 
 logger = logging.getLogger(__name__)
 
 CUDA_DEFAULT_HEADROOM = 0.05  # fragmentation and kernel workspaces the peak counters do not show
+#: A trial worker still running after this long is hung: the whole process group is ended (autobatch.launch).
+#: A trial is a model load and two steps; an hour covers a large model read from a slow disk.
+TRIAL_TIMEOUT_S = 3600.0
 
 
 class _StepTimer:
@@ -341,6 +354,65 @@ def describe_trial(trial: Trial, usable_bytes: int) -> str:
     )
 
 
+class FreshTrials:
+    """`run_trial` in a worker process of its own (autobatch.trial_worker, through autobatch.launch).
+
+    The worker loads the workload from `config` and measures one trial under the same budget, usable
+    budget (the cuda allocator capped there) and accumulation as the planning process's Prober, which it
+    reads for what changes during a plan (`per_device`) and for the progress callbacks.
+    """
+
+    def __init__(self, config: Config, backend: MemoryBackend, prober: Prober) -> None:
+        self.config, self.backend, self.prober = config, backend, prober
+
+    def spec(self, micro_batch_size: int, eval_batch_size: int | None) -> dict:
+        return {
+            "config": dataclasses.asdict(self.config), "device": self.backend.device,
+            "budget_bytes": self.backend.budget_bytes, "usable_bytes": self.prober.usable_bytes,
+            "per_device": self.prober.per_device, "ddp": self.prober.ddp,
+            "micro_batch_size": micro_batch_size, "eval_batch_size": eval_batch_size,
+        }
+
+    def __call__(self, micro_batch_size: int, eval_batch_size: int | None = None) -> Trial:
+        prober = self.prober
+        if prober.on_start:
+            prober.on_start(micro_batch_size, eval_batch_size)
+        try:
+            result = launch.run_worker("autobatch.trial_worker", self.spec(micro_batch_size, eval_batch_size),
+                                       TRIAL_TIMEOUT_S, env=self._device_env())
+        except WorkerError as exc:  # which trial, then what happened to it
+            what = f"eval batch {eval_batch_size} after micro-batch" if eval_batch_size else "micro-batch"
+            raise WorkerError(f"trial of {what} {micro_batch_size}: {exc}", exc.kind, exc.rank) from None
+        trial = Trial(**{**result["trial"], "fresh_process": True})
+        if eval_batch_size and prober.on_eval_trial:
+            prober.on_eval_trial(trial)
+        elif not prober.on_trial_shown:
+            logger.debug("%s (fresh process)", describe_trial(trial, prober.usable_bytes))
+        return trial
+
+    def _device_env(self) -> dict[str, str]:
+        """The worker sees only this process's GPU (a rank's, under a launcher), as its device 0."""
+        if self.backend.device != "cuda":
+            return {}
+        index = self.backend.device_index
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        return {"CUDA_VISIBLE_DEVICES": visible[index] if index < len(visible) else str(index)}
+
+
+def trial_process(config: Config, device: str, trainer=None) -> str:
+    """`fresh` or `same`: where the trials that decide the plan's edge run (config `trial_process`).
+
+    `auto` is fresh on cuda, where a trial after other trials carries their allocator history (issue 19),
+    and same on cpu and estimate, which count live tensors and have no history. A caller's own trainer
+    cannot be rebuilt in a worker: its trials stay in this process.
+    """
+    if trainer is not None:
+        return "same"
+    if config.trial_process == "auto":
+        return "fresh" if device == "cuda" else "same"
+    return config.trial_process
+
+
 def resolve_headroom(config: Config, device: str) -> float:
     if config.headroom is not None:
         return config.headroom
@@ -382,30 +454,68 @@ class _Session:
             self.backend.cap_bytes = self.usable  # the allocator itself refuses past it: a trial over is a real OOM
         # FSDP: the trials run sharded on every rank (estimate: one rank traced on a fake group of world size)
         self._scope = contextlib.ExitStack()
-        if sharded:
+        group = sharded and sharding.launches_groups(config, self.backend.device)  # --nproc-per-node from a shell
+        if sharded and not group:
             self._scope.enter_context(sharding.sharded_trials(self.backend.device, config.world_size))
         try:
-            ranks.init_group(self.backend.device)
-            self.search_usable = ranks.smallest(self.usable)  # every rank's search aims at the same line
             ddp = config.world_size > 1 and not sharded
-            if trainer is None:
-                self.prober = Prober(config, self.backend, self.usable, per_device, ddp=ddp, sharded=sharded)
+            if group:
+                self.search_usable = self.usable
+                self.prober = sharding.GroupProber(config, self.backend.device,
+                                                   [self.backend.budget_bytes] * config.world_size,
+                                                   [self.usable] * config.world_size, per_device)
             else:
-                self.prober = Prober.for_trainer(trainer, self.backend, self.usable, per_device, ddp=ddp)
+                ranks.init_group(self.backend.device)
+                self.search_usable = ranks.smallest(self.usable)  # every rank's search aims at the same line
+                if trainer is None:
+                    self.prober = Prober(config, self.backend, self.usable, per_device, ddp=ddp, sharded=sharded)
+                else:
+                    self.prober = Prober.for_trainer(trainer, self.backend, self.usable, per_device, ddp=ddp)
         except BaseException:
             self._scope.close()
             raise
         self.prober.on_trial_shown = on_trial is not None
+        self.trial_process = "same" if group else trial_process(config, self.backend.device, trainer)
+        self.fresh = False  # set by go_fresh: every probe from then on runs in a worker process
         self.trials: list[Trial] = []
         self.cached: list[Trial] = []  # the answers the cache gave
+        self.caches = []  # the probe caches opened, in-process trials' and fresh trials' (separate workloads)
         try:  # a caller's own trainer (collator, loss, callbacks) has no fingerprint the cache could trust
-            self.cache = _open_cache(config, self.prober, self.backend) if trainer is None else None
+            self.cache = _open_cache(config, self.prober, self.backend) if trainer is None and not group else None
         except BaseException:
             self.prober.close()
             raise
-        run_trial = self.prober.run_trial
-        self.run_trial = self.cache.wrap(run_trial, self.prober._accumulation, self.usable, self.cached) \
-            if self.cache else run_trial
+        self.run_trial = self._cached(self.prober.run_trial)
+
+    def _cached(self, run_trial):
+        """`run_trial` behind the probe cache (if any): `self.cache`'s answers first."""
+        if self.cache is None:
+            return run_trial
+        self.caches.append(self.cache)
+        return self.cache.wrap(run_trial, self.prober._accumulation, self.usable, self.cached)
+
+    def go_fresh(self) -> None:
+        """From here on every probe is a trial in a fresh worker process (`trial_process` fresh).
+
+        The in-process prober is closed first, so its model and the allocator's cached segments are given
+        back before a worker needs the device. Fresh trials have a probe-cache workload of their own: an
+        in-process answer is never taken for a fresh one.
+        """
+        if self.fresh:
+            return
+        self.prober.close()
+        self.fresh = True
+        if self.cache is not None:
+            self.cache = _open_cache(self.config, self.prober, self.backend, self.prober.description_fresh)
+        self.run_trial = self._cached(FreshTrials(self.config, self.backend, self.prober))
+
+    def confirm(self, found: int, bound: int) -> int:
+        """The search's answer judged in fresh processes: a size that fits there, the next shown not to."""
+        self.go_fresh()
+        try:
+            return confirm_edge(self.probe, found, self.search_usable, bound)
+        except BudgetTooSmallError as exc:
+            raise _budget_error(exc.trial, self.usable, self.config) from None
 
     def probe(self, size: int) -> Trial:
         """One answer at `size`, from the cache or a trial, agreed by every rank (one rank's OOM is everyone's)."""
@@ -432,8 +542,9 @@ class _Session:
         self.prober.close()
         self._scope.close()
         self.run, self.from_cache = self.trials, []
+        for cache in self.caches:
+            cache.close()
         if self.cache:
-            self.cache.close()
             given = {id(t) for t in self.cached}
             self.run = [t for t in self.trials if id(t) not in given]
             self.from_cache = [t for t in self.trials if id(t) in given]
@@ -464,6 +575,9 @@ class _Session:
             plan.notes.append("estimate backend: peaks are estimates (no kernel workspaces, no fragmentation)")
         plan.memory_fingerprint = fingerprint(config)
         plan.search_seconds = time.perf_counter() - started
+        plan.trial_process = "fresh" if self.fresh else "same"
+        if backend.device == "cuda":  # in the probe cache's key already; `run --plan` compares it
+            plan.pytorch_cuda_alloc_conf = alloc_conf()
 
 
 def make_plan(
@@ -490,13 +604,28 @@ def make_plan(
     try:
         if isinstance(config.per_device_train_batch_size, int):
             micro = config.per_device_train_batch_size
+            if session.trial_process == "fresh":
+                session.go_fresh()
             trial = session.probe(micro)
             max_micro, capped = (micro if trial.fits else 0), False
         else:  # the plan never uses more than per_device: the search stops there unless --find-max
             result = session.search(needed=per_device, find_max=config.find_max)
             max_micro, capped = result.max_micro_batch_size, result.capped
             stopped_at_need = result.stopped_at_need
+            if session.trial_process == "fresh":  # the edge as a fresh run meets it (issue 19)
+                bound = max_micro if stopped_at_need else config.max_micro_batch_size
+                max_micro = session.confirm(max_micro, bound)
+                capped = max_micro == config.max_micro_batch_size
+                stopped_at_need = stopped_at_need and max_micro == bound
         plan = _choose(config, session.prober, per_device, max_micro, session.trials, session.probe)
+        while session.fresh and not _last_trial(session.trials, plan.per_device_train_batch_size).fresh_process:
+            # a smaller split was chosen from in-process trials: its peak, too, is the fresh process's
+            micro = plan.per_device_train_batch_size
+            if not session.probe(micro).fits:
+                max_micro = micro - 1
+                if max_micro < 1:
+                    raise _budget_error(session.trials[-1], session.usable, config)
+            plan = _choose(config, session.prober, per_device, max_micro, session.trials, session.probe)
         if plan.fits and evaluates(config):
             plan.per_device_eval_batch_size, plan.eval_trials = _plan_eval(
                 config, session.prober, plan, session.search_usable, session.run_trial)
@@ -509,17 +638,26 @@ def make_plan(
     return plan
 
 
-def _open_cache(config: Config, prober: Prober, backend: MemoryBackend):
-    """The probe cache for this workload, or None with --no-cache."""
+def _open_cache(config: Config, prober: Prober, backend: MemoryBackend, description: dict | None = None):
+    """The probe cache for this workload (or for `description`), or None with --no-cache.
+
+    Also keeps, on the prober, the description of the same workload's fresh-process trials.
+    """
     if config.no_cache:
         return None
     from autobatch.cache import ProbeCache, cache_path, workload_description
 
-    description = workload_description(
-        fingerprint(config), prober.trainer.model, prober.args, prober.max_length, prober.padded,
-        backend.identity(), config.world_size,
-    )
+    if description is None:
+        description = workload_description(
+            fingerprint(config), prober.trainer.model, prober.args, prober.max_length, prober.padded,
+            backend.identity(), config.world_size,
+        )
+        prober.description_fresh = {**description, "trial_process": "fresh"}
     return ProbeCache(cache_path(config.cache), description, backend.budget_bytes)
+
+
+def _last_trial(trials: list[Trial], micro_batch_size: int) -> Trial:
+    return [t for t in trials if t.micro_batch_size == micro_batch_size][-1]
 
 
 def evaluates(config: Config) -> bool:

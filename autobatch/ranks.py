@@ -22,16 +22,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from autobatch.errors import ConfigError
+from autobatch.launch import LAUNCHER_VARIABLES
 
 if TYPE_CHECKING:
     from autobatch.planner import Trial
 
-#: Variables by which torchrun, accelerate launch and MPI tell a process it is one of several.
-LAUNCHER_VARIABLES = (
-    "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
-    "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
-    "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK",
-)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from autobatch.config import (
 )
 from autobatch.errors import AutobatchError, ConfigError, Interrupted
 from autobatch.interrupt import SignalStop
-from autobatch.memory import is_oom, make_backend
+from autobatch.memory import alloc_conf, is_oom, make_backend
 from autobatch.planner import Plan
 from autobatch.rundir import (  # noqa: F401 - check_can_run and check_output_dir are train's API too
     CHECKPOINT_NAME,
@@ -401,6 +401,7 @@ def load_plan(path: str, config: Config) -> Plan:
     micro, accumulation = saved.per_device_train_batch_size, saved.gradient_accumulation_steps
     if not (isinstance(micro, int) and isinstance(accumulation, int)):
         raise ConfigError(f"--plan {path}: per_device_train_batch_size and gradient_accumulation_steps must be set")
+    _warn_alloc_conf(path, meta)
     return Plan(
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation,
@@ -418,7 +419,20 @@ def load_plan(path: str, config: Config) -> Plan:
         notes=[f"reused {path}: no probing"],
         memory_fingerprint=current,
         per_device_eval_batch_size=saved.training_args.get("per_device_eval_batch_size"),
+        pytorch_cuda_alloc_conf=meta.get("pytorch_cuda_alloc_conf"),
     )
+
+
+def _warn_alloc_conf(path: str, meta: dict) -> None:
+    """One line when this run's allocator setting is not the one the plan was measured under: the edge
+    moves with it (an H200 fitted 43 with expandable_segments:True, 39 without; issue 19)."""
+    if "pytorch_cuda_alloc_conf" not in meta:  # not a cuda plan, or written before the setting was recorded
+        return
+    planned, now = meta["pytorch_cuda_alloc_conf"], alloc_conf()
+    if planned != now:
+        logger.warning("--plan %s was measured with PYTORCH_CUDA_ALLOC_CONF=%s but this run has %s: the largest "
+                       "micro-batch may differ; run with the plan's setting or plan again", path,
+                       planned or "(unset)", now or "(unset)")
 
 
 def saved_plan(config: Config) -> Plan | None:

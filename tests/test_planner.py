@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from autobatch.errors import BudgetTooSmallError, ConfigError
-from autobatch.planner import Trial, check_effective_batch, plan_options, search_max_micro_batch
+from autobatch.planner import Trial, check_effective_batch, confirm_edge, plan_options, search_max_micro_batch
 
 MB = 10**6
 
@@ -231,3 +231,34 @@ def test_failed_prediction_halves_the_bracket_instead_of_stepping_down(limit):
     steps_down = [(a, b) for a, b in itertools.pairwise(failures) if a - b == 1]
     assert not steps_down, tried
     assert len(tried) <= 10, tried  # the old step-down search took 7, 11, 12 and 13
+
+
+# ---- the edge confirmed in fresh processes (issue 19) ---------------------------------------------------------
+
+@pytest.mark.parametrize(("found", "bound", "expected_sequence", "expected"), [
+    (40, 512, [40, 41], 40),  # the search was right: two fresh trials
+    (39, 512, [39, 40, 41], 40),  # the search read high (H200: 39 in the search, 40 fresh)
+    (30, 512, [30, 31, 40, 41], 40),  # ~9% high: the line through two fresh fits lands on the edge
+    (42, 512, [42, 41, 39, 40], 40),  # the search read low: down 1, 2, then bisect
+    (40, 40, [40], 40),  # the bound (cap or need) fits: nothing above it is asked
+    (45, 40, [40], 40),  # never past the bound
+])
+def test_confirm_edge_sequence(found, bound, expected_sequence, expected):
+    probe, tried = make_probe(lambda b: 1000 + 100 * b, 5000)
+    assert confirm_edge(probe, found, 5000, bound) == expected
+    assert tried == expected_sequence
+
+
+@pytest.mark.parametrize("found", [1, 2, 7, 20, 39, 40, 41, 55, 90])
+def test_confirm_edge_lands_on_the_edge_with_the_next_size_failing(found):
+    curve = lambda b: 1000 + 100 * b + (b * b) // 7  # a bent curve
+    probe, tried = make_probe(curve, 5000)
+    edge = confirm_edge(probe, found, 5000, 512)
+    assert edge == truth(curve, 5000)
+    assert edge in tried and edge + 1 in tried
+
+
+def test_confirm_edge_size_one_failing_is_an_error():
+    probe, _ = make_probe(lambda b: 6000 * b, 5000)
+    with pytest.raises(BudgetTooSmallError):
+        confirm_edge(probe, 3, 5000, 512)
