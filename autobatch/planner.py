@@ -294,6 +294,7 @@ class Plan:
     stopped_at_need: bool = False  # max_micro_batch_size is what the target needs; the true max may be larger
     trial_process: str = "same"  # "fresh": the edge and the planned size were measured in fresh worker processes
     pytorch_cuda_alloc_conf: str | None = None  # the allocator setting the cuda trials ran under (None: default)
+    rank_peak_bytes: list[int] | None = None  # FSDP group trials: each rank's peak at the planned micro-batch
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -474,6 +474,9 @@ class _Session:
         except BaseException:
             self._scope.close()
             raise
+        if sharded and self.backend.device == "estimate":
+            self.prober.notes.append(f"FSDP: rank 0 of {config.world_size} traced on a fake process group; FSDP2 "
+                                     "shards every parameter evenly (padded), so each rank's peak is this one")
         self.prober.on_trial_shown = on_trial is not None
         self.trial_process = "same" if group else trial_process(config, self.backend.device, trainer)
         self.fresh = False  # set by go_fresh: every probe from then on runs in a worker process
@@ -754,6 +757,7 @@ def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: i
         usable_memory_bytes=0,
         headroom=0.0,
         peak_memory_bytes=trial.peak_memory_bytes,
+        rank_peak_bytes=trial.rank_peak_bytes,
         device="",
         max_length=prober.max_length,
         trials=trials,
