@@ -455,6 +455,12 @@ class _Session:
         # FSDP: the trials run sharded on every rank (estimate: one rank traced on a fake group of world size)
         self._scope = contextlib.ExitStack()
         group = sharded and sharding.launches_groups(config, self.backend.device)  # --nproc-per-node from a shell
+        if sharded and ranks.current().launched and self.backend.device != "estimate":
+            raise ConfigError(
+                "FSDP is planned from a shell, not under a launcher (a rank's OOM inside one shared group would "
+                "stall the others): autobatch plan --nproc-per-node N --output plan.yaml, then run under the "
+                "launcher with --plan plan.yaml"
+            )
         if sharded and not group:
             self._scope.enter_context(sharding.sharded_trials(self.backend.device, config.world_size))
         try:

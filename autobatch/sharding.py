@@ -275,3 +275,25 @@ class GroupProber:
 
     def close(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def sharded_run(training_args: dict[str, Any], device: str) -> Iterator[None]:
+    """Around building the run's trainer: on cpu ranks the FSDP plugin is kept and the launcher's group made
+    with a short timeout first (a rank that stops leaves the others blocked for at most that long)."""
+    if not (fsdp_requested(training_args) and device == "cpu"):
+        yield
+        return
+    init_short_group()
+    with fsdp_on_cpu():
+        yield
+
+
+def shard_before_training(trainer) -> None:
+    """Shard the model before the run's memory is measured: on a GPU the unsharded host copy the Trainer
+    loads is never device memory (accelerate moves only the shards), so it is not the run's peak either."""
+    import gc
+
+    trainer.model = trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)
+    trainer.accelerator._models.clear()
+    gc.collect()

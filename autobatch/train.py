@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from autobatch import ranks
+from autobatch import ranks, sharding
 from autobatch.config import (
     Config,
     build_config,
@@ -358,7 +358,7 @@ def _stop_if_ranks(world_size: int, step: int, inputs: dict) -> None:
     size = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)), "?")
     raise AutobatchError(
         f"out of memory at step {step} on rank {ranks.current().rank} of {world_size} (micro-batch {size}): "
-        "the ranks cannot split one step together inside DDP, so the run stops; resume from the last "
+        "the ranks cannot split one step together inside DDP or FSDP, so the run stops; resume from the last "
         "checkpoint with --resume after planning with a smaller --memory-budget or --micro-batch-size"
     )
 
@@ -512,9 +512,12 @@ def run(
     train, evaluation = _datasets(config)
     gc.collect()
     callbacks = [*(callbacks or []), *([stop.callback()] if stop else [])]
-    trainer = build_trainer(
-        config, args, train_dataset=train, eval_dataset=evaluation, trainer_cls=trainer_class(), callbacks=callbacks
-    )
+    with sharding.sharded_run(config.training_args, backend.device):
+        trainer = build_trainer(
+            config, args, train_dataset=train, eval_dataset=evaluation, trainer_cls=trainer_class(), callbacks=callbacks
+        )
+    if sharding.fsdp_requested(config.training_args):
+        sharding.shard_before_training(trainer)
     trainer.fallbacks, trainer.eval_fallbacks, trainer.on_fallback = [], [], on_fallback
     for callback in callbacks or []:
         if hasattr(callback, "attach"):  # callbacks that hook the model (gns) need the trainer itself

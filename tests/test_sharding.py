@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -148,3 +149,46 @@ def test_rank_1_out_of_memory_ends_the_trial_on_both_ranks(tiny_model_dir, caplo
     assert trial.rank_peak_bytes[1] > 12 * 10**6
     assert prober.failures == ["micro-batch 2: rank 1 of 2 ran out of memory; the trial was ended on every rank"]
     assert prober.run_trial(1).fits  # the next trial is a fresh group: nothing of the last one is left
+
+
+def _fsdp_plan_yaml(model, dataset, path, budget: str) -> None:
+    from autobatch.cli import main
+
+    assert main(["plan", "--model", str(model), "--dataset", str(dataset), "--device", "cpu", "--memory-budget",
+                 budget, "--headroom", "0", "--nproc-per-node", "2", "--max-length", "64", "--fsdp",
+                 "full_shard auto_wrap", "--fsdp-config", "{fsdp_version: 2}", "--gradient-checkpointing", "false",
+                 "--micro-batch-size", "2", "--effective-batch-size", "8", "--no-cache", "--output", str(path)]) == 0
+
+
+def _torchrun_run(plan, out_dir):
+    from tests.test_ranks import AUTOBATCH, TORCHRUN
+
+    return subprocess.run(
+        [TORCHRUN, "--nproc_per_node", "2", "--standalone", AUTOBATCH, "run", "--plan", str(plan), "--config",
+         str(plan), "--device", "cpu", "--max-steps", "2", "--output-dir", str(out_dir)],
+        check=False, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_plan_yaml_carries_fsdp_and_torchrun_trains_it_then_a_mid_run_oom_stops_every_rank(
+    tiny_model_dir, tiny_dataset_file, tmp_path
+):
+    import yaml
+
+    plan = tmp_path / "plan.yaml"
+    _fsdp_plan_yaml(tiny_model_dir("llama"), tiny_dataset_file, plan, "24MiB")
+    body = yaml.safe_load(plan.read_text())
+    assert (body["fsdp"], body["fsdp_config"]) == ("full_shard auto_wrap", {"fsdp_version": 2})
+    assert body["per_device_train_batch_size"] * body["gradient_accumulation_steps"] * 2 == 8
+    done = _torchrun_run(plan, tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
+    # the same plan at twice the micro-batch: past the 24MiB a rank holds, at the first step
+    plan.write_text(plan.read_text().replace("per_device_train_batch_size: 2", "per_device_train_batch_size: 4")
+                    .replace("gradient_accumulation_steps: 2", "gradient_accumulation_steps: 1"))
+    stopped = _torchrun_run(plan, tmp_path / "oom")
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("autobatch: error:")]
+    assert stopped.returncode != 0 and errors
+    assert all(re.match(r"autobatch: error: out of memory at step 0 on rank [01] of 2 \(micro-batch 4\)", e)
+               for e in errors), errors
