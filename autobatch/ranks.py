@@ -219,10 +219,3 @@ def per_rank_budget(text: str, name: str = "--memory-budget") -> str:
             "or one per rank"
         )
     return parts[ranks.rank]
-
-
-def check_unsharded(config) -> None:
-    """DeepSpeed is refused with the reason and what to use; FSDP (FSDP2) is planned sharded (`autobatch.sharding`)."""
-    from autobatch.sharding import check_shardable
-
-    check_shardable(config.training_args)

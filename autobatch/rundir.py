@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from autobatch import ranks
+from autobatch import ranks, sharding
 from autobatch.config import Config
 from autobatch.errors import ConfigError
 
@@ -96,7 +96,7 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
             "auto_find_batch_size: it restarts training at a smaller batch and fights the plan (autobatch's "
             "own OOM fallback keeps the effective batch); set auto_find_batch_size false or remove it"
         )
-    ranks.check_unsharded(config)
+    sharding.check_shardable(config.training_args)
     if (config.nproc_per_node or 1) > 1 and not ranks.current().launched:
         raise ConfigError(
             f"--nproc-per-node {config.nproc_per_node}: autobatch run trains under your launcher: plan with "

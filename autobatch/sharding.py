@@ -172,9 +172,8 @@ def sharded_trials(device: str, world_size: int) -> Iterator[None]:
 
 def launches_groups(config, device: str) -> bool:
     """Trials are groups of `--nproc-per-node` ranks launched from here (not under a launcher, not estimate)."""
-    from autobatch import ranks
-
-    return device != "estimate" and (config.nproc_per_node or 1) > 1 and not ranks.current().launched
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    return device != "estimate" and (config.nproc_per_node or 1) > 1 and not launched
 
 
 #: A trial group's gloo timeout: a rank blocked in a collective gives up after this (transformers passes
@@ -192,89 +191,6 @@ def init_short_group(timeout_s: float = GROUP_TIMEOUT_S) -> None:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
-
-
-class GroupProber:
-    """FSDP trials from one coordinator: each trial is a fresh group of `nproc` ranks (autobatch.launch).
-
-    Every rank runs the trial with the run's sharding on its own budget; the trial fits when every rank
-    fits, its peak is the highest rank's and `rank_peak_bytes` keeps each. A rank that runs out of memory
-    exits, and the launcher ends the others at once (a rank left waiting in an all-gather would otherwise
-    wait for the group timeout): the trial is an OOM and one line names the rank. A fresh group per trial
-    is also a fresh allocator per trial, as DeepSpeed's autotuner launches its experiments.
-    """
-
-    sharded, ddp, trainer = True, False, None
-
-    def __init__(self, config, device: str, budgets: list[int], usable: list[int], per_device: int | None,
-                 timeout_s: float = TRIAL_GROUP_TIMEOUT_S) -> None:
-        self.config, self.device, self.budgets, self.usables = config, device, budgets, usable
-        self.usable_bytes = min(usable)
-        self.per_device, self.timeout_s = per_device, timeout_s
-        self.nproc = len(budgets)
-        self.on_start = self.on_eval_trial = None
-        self.on_trial_shown = False
-        self.max_length, self.padded, self.precision = 0, True, "fp32"
-        self.notes = [(f"FSDP: each trial ran on {self.nproc} ranks launched together (a fresh process group per "
-                      "trial); a size fits when every rank fits, its peak is the highest rank's")]
-        self.failures: list[str] = []  # one line per trial a rank ended (OOM or crash)
-
-    def _accumulation(self, micro_batch_size: int) -> int:
-        return -(-self.per_device // micro_batch_size) if self.per_device else 1
-
-    def spec(self, micro_batch_size: int, report_dir: str) -> dict:
-        import dataclasses
-
-        return {"config": dataclasses.asdict(self.config), "device": self.device, "budgets": self.budgets,
-                "usables": self.usables, "per_device": self.per_device, "micro_batch_size": micro_batch_size,
-                "report_dir": report_dir, "group_timeout_s": GROUP_TIMEOUT_S}
-
-    def run_trial(self, micro_batch_size: int, eval_batch_size: int | None = None):
-        import json
-        import tempfile
-        from pathlib import Path
-
-        from autobatch import launch
-        from autobatch.errors import WorkerError
-        from autobatch.planner import Trial
-
-        if eval_batch_size:
-            raise ConfigError("evaluation batches are not planned under FSDP yet: set per_device_eval_batch_size "
-                              "or --eval-strategy no")
-        if self.on_start:
-            self.on_start(micro_batch_size, None)
-        with tempfile.TemporaryDirectory(prefix="autobatch-fsdp-") as report_dir:
-            failed = None
-            try:
-                launch.run_group(self.nproc, "autobatch.fsdp_worker", self.spec(micro_batch_size, report_dir),
-                                 self.timeout_s)
-            except WorkerError as exc:
-                if exc.kind != "oom":
-                    raise WorkerError(f"FSDP trial of micro-batch {micro_batch_size}: {exc}", exc.kind, exc.rank) from None
-                failed = exc
-            reports = [json.loads(p.read_text()) for p in sorted(Path(report_dir).glob("rank-*.json"))]
-        by_rank = {r["rank"]: r for r in reports}
-        for report in reports[:1]:
-            self.max_length, self.padded, self.precision = report["max_length"], report["padded"], report["precision"]
-        peaks = [by_rank[r]["trial"]["peak_memory_bytes"] if r in by_rank else None for r in range(self.nproc)]
-        if failed is not None:
-            line = (f"micro-batch {micro_batch_size}: rank {failed.rank} of {self.nproc} ran out of memory; "
-                    f"the trial was ended on every rank")
-            self.failures.append(line)
-            import logging
-
-            logging.getLogger(__name__).info(line)
-            known = [p for p in peaks if p is not None]
-            return Trial(micro_batch_size, max(known) if known else max(self.budgets) + 1, fits=False, seconds=0.0, oom=True,
-                         rank_peak_bytes=[p if p is not None else -1 for p in peaks], fresh_process=True)
-        trials = [by_rank[r]["trial"] for r in range(self.nproc)]
-        return Trial(micro_batch_size, max(peaks), fits=all(t["fits"] for t in trials),
-                     seconds=max(t["seconds"] for t in trials), oom=any(t["oom"] for t in trials),
-                     peak_allocated_bytes=max(t["peak_allocated_bytes"] or 0 for t in trials),
-                     rank_peak_bytes=peaks, fresh_process=True)
-
-    def close(self) -> None:
-        pass
 
 
 @contextlib.contextmanager

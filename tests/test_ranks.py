@@ -14,6 +14,7 @@ import pytest
 from autobatch import ranks
 from autobatch.config import build_config
 from autobatch.errors import ConfigError
+from autobatch.sharding import check_shardable
 
 MiB = 2**20
 
@@ -74,11 +75,12 @@ def test_local_only_hides_the_launcher_from_the_trainer_but_not_from_us(monkeypa
 def test_deepspeed_and_fsdp1_are_refused(overrides, message):
     config = build_config(overrides=overrides)
     with pytest.raises(ConfigError, match=message):
-        ranks.check_unsharded(config)
+        check_shardable(config.training_args)
 
 
 def test_fsdp2_is_accepted():
-    ranks.check_unsharded(build_config(overrides={"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2}}))
+    config = build_config(overrides={"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2}})
+    check_shardable(config.training_args)
 
 
 _LOCKSTEP = textwrap.dedent("""
