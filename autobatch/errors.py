@@ -35,7 +35,8 @@ class WorkerError(AutobatchError):
     """A worker process (autobatch.launch) crashed, hung past its timeout, or reported an error.
 
     `kind`: `crash` (non-zero exit or a signal), `timeout`, `cuda` (a CUDA error other than OOM), `oom`
-    or `error` (what the worker raised); `rank`: the first rank of a group to fail (None for a timeout).
+    or `error` (what the worker raised); `rank`: the first rank of a group to fail, or the first still running
+    at a timeout (None for a single worker).
     """
 
     def __init__(self, message: str, kind: str, rank: int | None = None) -> None:

@@ -139,8 +139,11 @@ def _wait(children: list[_Child], module: str, timeout_s: float | None) -> None:
             return
         if deadline is not None and now > deadline:
             _end(children)
-            raise WorkerError(f"{_name(module, children[0].rank, len(children))} did not finish within "
-                              f"{timeout_s:g} s (hung?): ended it and everything it started", kind="timeout")
+            running = [c.rank for c in children if c.ended is None]
+            who = f"worker {module}" + (f" rank {', '.join(map(str, running))} of {len(children)}"
+                                        if len(children) > 1 else "")
+            raise WorkerError(f"{who} did not finish within {timeout_s:g} s (hung?): ended it and everything it "
+                              "started", kind="timeout", rank=running[0] if len(children) > 1 else None)
         time.sleep(POLL_S)
 
 

@@ -39,6 +39,8 @@ CUDA_DEFAULT_HEADROOM = 0.05  # fragmentation and kernel workspaces the peak cou
 #: A trial worker still running after this long is hung: the whole process group is ended (autobatch.launch).
 #: A trial is a model load and two steps; an hour covers a large model read from a slow disk.
 TRIAL_TIMEOUT_S = 3600.0
+#: Reserved bytes the planning process may keep (its CUDA context is outside them) before a plan says so.
+FRESH_HELD_NOTE_BYTES = 64 * 2**20
 
 
 class _StepTimer:
@@ -590,6 +592,14 @@ class _Session:
             return
         self.prober.close()
         self.fresh = True
+        if self.backend.device == "cuda":  # what this process still holds is not the worker's to use
+            import torch
+
+            held = torch.cuda.memory_reserved(self.backend.device_index)
+            if held > FRESH_HELD_NOTE_BYTES:
+                self.prober.notes.append(f"the planning process still held {format_bytes(held)} of the GPU while "
+                                         "fresh trials ran: with a budget near the card's free memory they may "
+                                         "have run out early")
         if self.cache is not None:
             self.cache = _open_cache(self.config, self.prober, self.backend, self.prober.description_fresh)
         self.run_trial = self._cached(FreshTrials(self.config, self.backend, self.prober))
@@ -903,6 +913,11 @@ def plan_ladder(
         rungs = ladder_rungs(effective_batch_sizes, max_micro, world, config.effective_batch_size)
         if not known:  # the default ladder accumulates up to 16 micro-batches: confirm m holds beside them
             prober.per_device = max(rungs) // world
+        if session.trial_process == "fresh":  # the edge as a fresh run meets it, at that accumulation
+            max_micro = session.confirm(max_micro, config.max_micro_batch_size)
+            capped = max_micro == config.max_micro_batch_size
+            rungs = ladder_rungs(effective_batch_sizes, max_micro, world, config.effective_batch_size)
+        elif not known:
             while max_micro > 1 and not session.probe(max_micro).fits:
                 max_micro -= 1
         for rung in rungs:

@@ -4,12 +4,15 @@ What it checks (each in fresh processes, so nothing leaks from one check into th
 1. plan: `autobatch plan` of a ~100M-parameter Llama built from a config (random weights, nothing
    downloaded) on long local texts, under a budget far below the card's capacity, while `nvidia-smi` is
    sampled: the probe's footprint as the driver sees it must stay within budget + the CUDA context.
-2. trl-alone: plain TRL `SFTTrainer.train()` (no autobatch code in the step) with the allocator capped at the
-   plan's usable budget (`set_per_process_memory_fraction`): the planned max trains, max + 1 runs out of memory.
+2. trl-alone: plain TRL `SFTTrainer.train()` (no autobatch code in the step), each size in a fresh process, with
+   the allocator capped at the plan's usable budget (`set_per_process_memory_fraction`), on a dataset of more
+   than twice max + 1 rows (every step a full batch): the planned max trains, max + 1 runs out of memory.
+   Then: the plan's reported peak at the planned size against plain TRL's fresh peak there (within 1%, safe side).
 3. shared: a plan with the default budget while another process holds a big block of the card.
 4. expandable: a plan with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`.
-5. fallback: `autobatch run` where a ballast tensor is allocated at step 2, so a real OOM happens mid-run:
-   the fallback splits the step and the run finishes.
+5. fallback: `autobatch run` where a ballast tensor is allocated at step 2, sized from the allocator's room
+   under the cap at that moment, so a real OOM happens mid-run: passes only if the fallback split step 2 and
+   the run finished.
 6. sweep: `autobatch sweep --validate-tokens` over B = max and 2·max: every rung exact and fitting, real
    validation runs on the card, a gradient noise scale measured in them (the hooks and accelerate's norm).
 7. gns overhead: `benchmarks/gns_overhead.py` (A/B step times, every other step with `--gns`) on ~150M and
@@ -28,6 +31,7 @@ commit the output under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -105,7 +109,8 @@ class SmiSampler:
 
 
 def run_json(cmd: list[str], env: dict | None = None, sampler: SmiSampler | None = None) -> tuple[int, dict, int]:
-    """Run a command that prints one JSON object last; (exit code, the object or {}, driver peak MiB)."""
+    """Run a command that prints one JSON object last; (exit code, the object or {}, driver peak MiB of the
+    process that showed the most: the command, or a trial worker it started)."""
     with sampler or SmiSampler() as smi:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, **(env or {})})
@@ -113,7 +118,7 @@ def run_json(cmd: list[str], env: dict | None = None, sampler: SmiSampler | None
     if proc.returncode:
         log(err[-2000:])
     lines = [line for line in out.strip().splitlines() if line.startswith("{")]
-    return proc.returncode, (json.loads(lines[-1]) if lines else {}), smi.peak_mib.get(proc.pid, 0)
+    return proc.returncode, (json.loads(lines[-1]) if lines else {}), max(smi.peak_mib.values(), default=0)
 
 
 def plan_args(model: Path, data: Path, device: str, max_length: int, budget: int | None) -> list[str]:
@@ -137,7 +142,8 @@ def context_mib(device: str) -> int:
 
 
 def worker_train(model: str, data: str, device: str, micro: int, max_length: int, usable: int) -> dict:
-    """Plain TRL at `micro` for 3 steps with the allocator capped at `usable`: {"micro", "fits"}."""
+    """Plain TRL at `micro` for 3 steps with the allocator capped at `usable`, in this fresh process:
+    {"micro", "fits", "peak_bytes"} (peak reserved on cuda, the virtual device's live bytes on cpu)."""
     import torch
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
@@ -148,20 +154,18 @@ def worker_train(model: str, data: str, device: str, micro: int, max_length: int
     trainer = SFTTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=data, split="train"))
     if device == "cuda":
         torch.cuda.set_per_process_memory_fraction(usable / torch.cuda.mem_get_info()[1])
-        cap = None
+        cap = contextlib.nullcontext()
     else:  # a CPU has no allocator cap: autobatch's virtual device is the only one there is
         from autobatch.memory import CpuBackend
 
         cap = CpuBackend(usable).measure()
     try:
-        if cap is not None:
-            with cap:
-                trainer.train()
-        else:
+        with cap as measured:
             trainer.train()
     except torch.OutOfMemoryError:
         return {"micro": micro, "fits": False}
-    return {"micro": micro, "fits": True}
+    peak = torch.cuda.max_memory_reserved() if device == "cuda" else measured.peak_bytes
+    return {"micro": micro, "fits": True, "peak_bytes": peak}
 
 
 def worker_fallback(model: str, data: str, device: str, max_length: int, plan_file: str) -> dict:
@@ -180,21 +184,44 @@ def worker_fallback(model: str, data: str, device: str, max_length: int, plan_fi
         "memory_budget": plan.memory_budget_bytes, "max_length": max_length, "max_steps": 4,
         "output_dir": tempfile.mkdtemp(), "save_strategy": "no",
     })
-    peaks = {t.micro_batch_size: t.peak_memory_bytes for t in plan.trials if t.fits}
-    # Leave room for half the planned micro-batch but not all of it.
-    room = peaks[1] + (plan.peak_memory_bytes - peaks[1]) * 3 // 4
     held: list = []
+    sizing: dict = {}
 
     class Ballast(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 2 and not held:
-                in_use = torch.cuda.memory_reserved() if device == "cuda" else 0
-                size = max(plan.usable_memory_bytes - room - (in_use if device == "cuda" else 0), MiB)
-                held.append(torch.empty(size, dtype=torch.uint8, device="cuda" if device == "cuda" else "cpu"))
+                sizing.update(ballast_sizing(device))
+                held.append(torch.empty(max(sizing["ballast"], MiB), dtype=torch.uint8,
+                                        device="cuda" if device == "cuda" else "cpu"))
 
     result = train.run(config, plan, callbacks=[Ballast()])
     return {"planned_micro": plan.per_device_train_batch_size, "global_step": result.global_step,
-            "fallbacks": [vars(f) for f in result.fallbacks], "ballast_bytes": held[0].nbytes if held else 0}
+            "fallbacks": [vars(f) for f in result.fallbacks], "ballast_bytes": held[0].nbytes if held else 0,
+            **sizing}
+
+
+def ballast_sizing(device: str) -> dict:
+    """How much to hold at step 2 so the planned micro-batch cannot fit but a split of it can.
+
+    Sized from the allocator at that moment: `room` is what it may still reserve under the cap (its cached
+    blocks given back first, so the ballast takes fresh memory), `need` what step 1 at the planned size
+    took on top of what is live between steps. Holding room - 2/3 need leaves two thirds of a step: the
+    full step runs out, a step split in two or three fits (the split step's gradients are the same size).
+    """
+    import torch
+
+    if device == "cuda":
+        step_peak = torch.cuda.max_memory_reserved()  # step 1 at the planned micro-batch (and the load before)
+        torch.cuda.empty_cache()
+        now = torch.cuda.memory_reserved()
+        cap = int(torch.cuda.get_per_process_memory_fraction() * torch.cuda.mem_get_info()[1])
+    else:  # the cpu virtual device: its counter is the allocator and its budget the cap
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        mode = _get_current_dispatch_mode()
+        step_peak, now, cap = mode.peak_bytes, mode.live_bytes, mode.budget_bytes
+    room, need = cap - now, step_peak - now
+    return {"room": room, "need": need, "ballast": room - need * 2 // 3}
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -216,16 +243,20 @@ def check(device: str, root: Path) -> list[dict]:
     if not ok:
         return rows
     best, usable = plan["max_micro_batch_size"], plan["usable_memory_bytes"]
+    # Every step a full batch: with fewer rows than the batch, max and max + 1 would both train on all of them.
+    big = write_long_texts(root / "long-big.jsonl", max_length, 5 * (best + 2))
+    data_rows = sum(1 for _ in big.open())
     outcomes = {}
     for micro in (best, best + 1):
-        _, out, _ = run_json([sys.executable, __file__, "--worker", "train", "--device", device, "--model",
-                              str(model), "--data", str(data), "--micro", str(micro), "--max-length",
-                              str(max_length), "--budget", str(usable)])
-        outcomes[micro] = out.get("fits")
+        _, outcomes[micro], _ = run_json([sys.executable, __file__, "--worker", "train", "--device", device, "--model",
+                                          str(model), "--data", str(big), "--micro", str(micro), "--max-length",
+                                          str(max_length), "--budget", str(usable)])
+    fits = {micro: out.get("fits") for micro, out in outcomes.items()}
     rows.append({"check": "TRL alone, allocator capped: max trains, max + 1 OOMs",
-                 "passed": outcomes[best] is True and outcomes[best + 1] is False,
-                 "detail": f"micro {best}: {'trains' if outcomes[best] else 'OOM'}; micro {best + 1}: "
-                           f"{'trains' if outcomes[best + 1] else 'OOM'}"})
+                 "passed": fits[best] is True and fits[best + 1] is False and data_rows > 2 * (best + 1),
+                 "detail": f"micro {best}: {'trains' if fits[best] else 'OOM'}; micro {best + 1}: "
+                           f"{'trains' if fits[best + 1] else 'OOM'}; {data_rows} rows"})
+    rows.append(check_reported_peak(plan, outcomes[best]))
 
     if device == "cuda":
         import torch
@@ -254,14 +285,31 @@ def check(device: str, root: Path) -> list[dict]:
     plan_file = root / "plan.json"
     plan_file.write_text(json.dumps(plan))
     _, run, _ = run_json([sys.executable, __file__, "--worker", "fallback", "--device", device, "--model",
-                          str(model), "--data", str(data), "--max-length", str(max_length), "--plan", str(plan_file)])
+                          str(model), "--data", str(big), "--max-length", str(max_length), "--plan", str(plan_file)])
+    fallbacks = run.get("fallbacks") or []
+    split = bool(fallbacks) and fallbacks[0]["global_step"] == 2 \
+        and fallbacks[0]["per_device_train_batch_size"] < run.get("planned_micro", 0)
     rows.append({"check": "real OOM mid-run (ballast at step 2): fallback, run finishes",
-                 "passed": run.get("global_step") == 4 and bool(run.get("fallbacks")),
-                 "detail": f"micro {run.get('planned_micro')}, fallbacks {run.get('fallbacks')}, "
+                 "passed": run.get("global_step") == 4 and split,
+                 "detail": f"micro {run.get('planned_micro')}, ballast {run.get('ballast_bytes')} B (room "
+                           f"{run.get('room')} B, step needs {run.get('need')} B), fallbacks {fallbacks}, "
                            f"steps {run.get('global_step')}"})
     rows.append(check_sweep(model, data, device, max_length, budget, best, root))
     rows.append(check_gns_overhead(device))
     return rows
+
+
+def check_reported_peak(plan: dict, trl: dict) -> dict:
+    """The plan's reported peak at the planned size against plain TRL's in a fresh process at that size:
+    within 1%, on the safe side (the plan not lower)."""
+    reported, measured = plan.get("peak_memory_bytes"), trl.get("peak_bytes")
+    name = "plan's peak vs plain TRL's fresh peak at the planned size: within 1%, safe side"
+    if not (reported and measured):
+        return {"check": name, "passed": False, "detail": f"plan {reported} B, TRL {measured} B (TRL did not train?)"}
+    gap = (reported - measured) / measured
+    return {"check": name, "passed": 0 <= gap <= 0.01,
+            "detail": f"micro {plan['per_device_train_batch_size']}: plan {reported} B "
+                      f"({plan.get('trial_process')} process), TRL {measured} B, {gap:+.2%}"}
 
 
 def check_sweep(model: Path, data: Path, device: str, max_length: int, budget: int, best: int, root: Path) -> dict:

@@ -14,6 +14,14 @@ probe cache, and under a 10% smaller budget from the cache. A found maximum is c
 trials themselves (it fits, the next size does not); with --exhaustive every size up to it is measured too.
 
     python benchmarks/search_cost.py [--quick] [--shape NAME] [--exhaustive]   # --quick: opt-350m, target rows
+
+`--design cpu|cuda` measures instead what judging the edge in fresh processes costs (issue 19): the same plans
+(gpu_check's workload: a tiny Llama at 64 tokens on cpu, the ~100M Llama at 1024 tokens, 6 GiB on cuda) with every
+trial in the planning process (`trial_process: same`) and with the edge confirmed in fresh worker processes
+(`fresh`, the cuda default): trials in each kind of process, model loads, seconds per plan, and what a design
+with every trial fresh would cost at the measured price of one fresh trial.
+
+    python benchmarks/search_cost.py --design cpu > benchmarks/results/search_cost-design-cpu.md
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -90,12 +99,69 @@ def exhaustive_max(model_dir: str, max_length: int, budget: int, up_to: int, per
         prober.close()
 
 
+def design_rows(device: str) -> list[dict]:
+    """Plans of gpu_check's workload with trials in this process, then with the edge judged in fresh ones."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_check import SIZES, write_long_texts
+
+    from autobatch.builtin import save_tiny_model
+    from autobatch.config import build_config
+    from autobatch.probe import make_plan
+
+    overrides, max_length, budget = SIZES[device]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="autobatch-design-") as tmp:
+        model = str(save_tiny_model(os.path.join(tmp, "model"), "llama", **overrides))
+        data = str(write_long_texts(Path(tmp, "long.jsonl"), max_length, 64))
+        for target in (None, 8):
+            for process in ("same", "fresh"):
+                config = build_config(overrides={
+                    "model_name_or_path": model, "dataset_name": data, "device": device, "memory_budget": budget,
+                    "max_length": max_length, "no_cache": True, "trial_process": process,
+                    "effective_batch_size": target,
+                })
+                started = time.perf_counter()
+                plan = make_plan(config)
+                seconds = time.perf_counter() - started
+                fresh = sum(t.fresh_process for t in plan.trials)
+                row = {"case": f"{device}, {'no target' if target is None else f'target {target}'}",
+                       "process": process, "same": len(plan.trials) - fresh, "fresh": fresh, "loads": 1 + fresh,
+                       "seconds": seconds, "max": plan.max_micro_batch_size,
+                       "plan": f"{plan.per_device_train_batch_size} × {plan.gradient_accumulation_steps}",
+                       "peak": plan.peak_memory_bytes,
+                       "sizes": [f"{t.micro_batch_size}{'f' if t.fresh_process else ''}" for t in plan.trials]}
+                log(f"  {row}")
+                rows.append(row)
+    return rows
+
+
+def print_design(rows: list[dict]) -> None:
+    print("| case | trial_process | trials in-process | trials fresh | model loads | s per plan | max | plan | "
+          "peak B | sizes (f: fresh) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['process']} | {r['same']} | {r['fresh']} | {r['loads']} | {r['seconds']:.1f} | "
+              f"{r['max']} | {r['plan']} | {r['peak']} | {' '.join(r['sizes'])} |")
+    pairs = [(a, b) for a, b in zip(rows[::2], rows[1::2], strict=True) if b["fresh"]]
+    for same, fresh in pairs:
+        per_fresh = (fresh["seconds"] - same["seconds"]) / fresh["fresh"]
+        every = per_fresh * same["same"]  # each of the search's trials in a worker of its own
+        print(f"\n{fresh['case']}: one fresh trial costs {per_fresh:.1f} s more than an in-process one; every trial "
+              f"fresh would be about {every:.0f} s per plan ({same['same']} trials) against {fresh['seconds']:.0f} s "
+              f"for the search in-process + {fresh['fresh']} fresh")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="opt-350m only, target rows only")
     parser.add_argument("--exhaustive", action="store_true", help="also measure every size up to the maximum")
     parser.add_argument("--shape", choices=[case[0] for case in CASES], help="only this shape")
+    parser.add_argument("--design", choices=("cpu", "cuda"),
+                        help="cost of trials in fresh processes on this device (issue 19) instead")
     options = parser.parse_args()
+    if options.design:
+        print_design(design_rows(options.design))
+        return 0
     from autobatch.builtin import save_model_shape
 
     rows = []

@@ -44,7 +44,8 @@ def budget_between(config, size: int) -> int:
 @pytest.mark.slow
 def test_fresh_edge_matches_the_in_process_trials_to_the_byte(tiny_model_dir):
     model = tiny_model_dir("llama")
-    config = config_for(model, trial_process="fresh", memory_budget=budget_between(config_for(model), 3))
+    config = config_for(model, trial_process="fresh", memory_budget=budget_between(config_for(model), 3),
+                        no_cache=False)
     plan = make_plan(config)
     same = {t.micro_batch_size: t for t in plan.trials if not t.fresh_process}
     fresh = {t.micro_batch_size: t for t in plan.trials if t.fresh_process}
@@ -53,6 +54,11 @@ def test_fresh_edge_matches_the_in_process_trials_to_the_byte(tiny_model_dir):
     assert fresh[3].peak_memory_bytes == same[3].peak_memory_bytes  # the cpu backend: no allocator history
     assert plan.peak_memory_bytes == fresh[3].peak_memory_bytes
     assert plan.trials[-1].fresh_process and plan.trials[-2].fresh_process  # after the in-process search
+    again = make_plan(config)  # every answer from the probe cache, the fresh ones from the fresh workload's
+    assert again.trials == [] and again.max_micro_batch_size == 3
+    assert [(t.micro_batch_size, t.fresh_process) for t in again.cached_trials if t.fresh_process] == [(3, True),
+                                                                                                         (4, True)]
+    assert again.peak_memory_bytes == plan.peak_memory_bytes
 
 
 def test_trial_process_auto_is_fresh_on_cuda_only():

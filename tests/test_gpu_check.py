@@ -18,7 +18,8 @@ def test_gpu_check_passes_on_cpu(tmp_path):
     [result] = tmp_path.glob("gpu_check-cpu-*.json")
     checks = {c["check"]: c["passed"] for c in json.loads(result.read_text())["checks"]}
     assert checks["TRL alone, allocator capped: max trains, max + 1 OOMs"] is True
+    assert checks["plan's peak vs plain TRL's fresh peak at the planned size: within 1%, safe side"] is True
     assert checks["real OOM mid-run (ballast at step 2): fallback, run finishes"] is True
     assert checks["sweep --validate-tokens: rungs exact, runs on the device, noise scale measured"] is True
-    assert list(checks.values()).count(True) == 4 and list(checks.values()).count(None) == 3
-    assert (tmp_path / result.name.replace(".json", ".md")).read_text().count("| pass |") == 4
+    assert list(checks.values()).count(True) == 5 and list(checks.values()).count(None) == 3
+    assert (tmp_path / result.name.replace(".json", ".md")).read_text().count("| pass |") == 5

@@ -119,3 +119,22 @@ def test_one_failed_rank_ends_the_group(worker: str, tmp_path: Path) -> None:
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip("process groups and /proc: linux")
+
+
+def test_crashed_rank_is_named_and_the_others_ended(worker: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(launch.FAULT_ENV, "crash")
+    monkeypatch.setenv(launch.FAULT_RANK_ENV, "1")
+    pidfile = str(tmp_path / "pid")
+    with pytest.raises(WorkerError, match=r"^worker echo_worker rank 1 of 3 was killed by SIGSEGV") as info:
+        launch.run_group(3, worker, {"value": 1, "sleep_s": 600, "pidfile": pidfile}, timeout_s=120)
+    assert info.value.rank == 1 and info.value.kind == "crash"
+    survivors = [int(p) for r in ("0", "2") if Path(pidfile + r).exists() for p in Path(pidfile + r).read_text().split()]
+    assert _gone(survivors)
+
+
+def test_hung_group_is_ended_whole(worker: str, tmp_path: Path) -> None:
+    pidfile = str(tmp_path / "pid")
+    with pytest.raises(WorkerError, match=r"^worker echo_worker rank 0, 1 of 2 did not finish within 3 s") as info:
+        launch.run_group(2, worker, {"value": 1, "sleep_s": 600, "pidfile": pidfile}, timeout_s=3)
+    assert info.value.kind == "timeout"
+    assert _gone([int(Path(pidfile + r).read_text()) for r in ("0", "1")])
