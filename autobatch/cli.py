@@ -306,7 +306,7 @@ def _trial_line(trial: Trial, budget_bytes: int | None, label: str = "micro") ->
 
 def _rank_peaks(peaks: list[int] | None) -> str:
     """` ranks 0..N-1: 10.5MiB, 10.6MiB` for an FSDP group trial (a rank ended before reporting: `?`)."""
-    if not peaks:
+    if not peaks or len(peaks) < 2:
         return ""
     return f" ranks 0..{len(peaks) - 1}: " + ", ".join(format_bytes(p) if p >= 0 else "?" for p in peaks)
 
@@ -333,7 +333,7 @@ def format_plan(plan: Plan) -> str:
         (f"  peak memory      {format_bytes(peak)} of {format_bytes(usable)} usable "
          f"({_pct(peak, usable)}; budget {format_bytes(budget)}, headroom {plan.headroom:g})"),
         f"  left at peak     {format_bytes(left)} ({_pct(left, budget)} of budget)",
-        *([f"  peak per rank   {_rank_peaks(plan.rank_peak_bytes).strip()}"] if plan.rank_peak_bytes else []),
+        *([f"  peak per rank   {_rank_peaks(plan.rank_peak_bytes).strip()}"] if _rank_peaks(plan.rank_peak_bytes) else []),
         f"  max micro-batch  {limit}",
         f"  trials           {len(plan.trials)}" + (f" ({ooms} OOM)" if ooms else "")
         + (f", {sum(t.fresh_process for t in plan.trials)} in fresh processes" if plan.trial_process == "fresh" else "")

@@ -23,6 +23,11 @@ def run(spec: dict) -> dict:
     from autobatch.memory import make_backend
     from autobatch.probe import Prober
 
+    if "WORLD_SIZE" not in os.environ:  # a group of one (launch sets these for two or more): FSDP still needs them
+        from autobatch.launch import free_port
+
+        os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     rank = int(os.environ.get("RANK", "0"))
     config = Config(**spec["config"])
     backend = make_backend(spec["device"], spec["budgets"][rank])

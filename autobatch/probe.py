@@ -422,7 +422,7 @@ class GroupProber:
         self.on_start = self.on_eval_trial = None
         self.on_trial_shown = False
         self.max_length, self.padded, self.precision = 0, True, "fp32"
-        self.notes = [(f"FSDP: each trial ran on {self.nproc} ranks launched together (a fresh process group per "
+        self.notes = [(f"FSDP: each trial ran on {self.nproc} rank(s) launched together (a fresh process group per "
                       "trial); a size fits when every rank fits, its peak is the highest rank's")]
         self.failures: list[str] = []  # one line per trial a rank ended (OOM or crash)
 
@@ -532,7 +532,7 @@ class _Session:
             self.backend.cap_bytes = self.usable  # the allocator itself refuses past it: a trial over is a real OOM
         # FSDP: the trials run sharded on every rank (estimate: one rank traced on a fake group of world size)
         self._scope = contextlib.ExitStack()
-        group = sharded and sharding.launches_groups(config, self.backend.device)  # --nproc-per-node from a shell
+        group = sharded and sharding.launches_groups(self.backend.device)  # --nproc-per-node from a shell
         if sharded and ranks.current().launched and self.backend.device != "estimate":
             raise ConfigError(
                 "FSDP is planned from a shell, not under a launcher (a rank's OOM inside one shared group would "

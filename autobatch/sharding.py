@@ -170,10 +170,11 @@ def sharded_trials(device: str, world_size: int) -> Iterator[None]:
         yield
 
 
-def launches_groups(config, device: str) -> bool:
-    """Trials are groups of `--nproc-per-node` ranks launched from here (not under a launcher, not estimate)."""
+def launches_groups(device: str) -> bool:
+    """FSDP trials are groups of world-size ranks launched from here (`--nproc-per-node N`; one rank without
+    it), unless under a launcher or traced (estimate)."""
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
-    return device != "estimate" and (config.nproc_per_node or 1) > 1 and not launched
+    return device != "estimate" and not launched
 
 
 #: A trial group's gloo timeout: a rank blocked in a collective gives up after this (transformers passes
