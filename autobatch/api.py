@@ -95,7 +95,10 @@ def run_plan(
 
     rundir.check_can_run(config, resume=resume, overwrite=overwrite)
     if plan_file is not None:
-        return train.load_plan(str(plan_file), config)
+        plan = train.load_plan(str(plan_file), config)
+        if resume:
+            train.check_resume_batch(config, plan, str(plan_file))
+        return plan
     if resume:
         return train.resume_plan(config)
     return make_plan(config, on_trial=on_trial, on_start=on_start, on_eval_trial=on_eval_trial)

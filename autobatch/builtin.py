@@ -107,6 +107,11 @@ def _cache_root() -> Path:
     return Path(os.environ.get("AUTOBATCH_CACHE") or Path.home() / ".cache" / "autobatch").expanduser()
 
 
+def is_builtin_model_path(path: str | os.PathLike) -> bool:
+    """Whether `path` is where the built-in model is saved (a plan.yaml names it by that path)."""
+    return Path(path).expanduser().resolve() == (_cache_root() / BUILTIN_MODEL_NAME).resolve()
+
+
 def builtin_model_dir() -> Path:
     """The built-in default model: a tiny Llama saved under the cache dir on first use, then reused.
 

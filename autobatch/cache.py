@@ -60,6 +60,15 @@ def workload_key(description: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def memory_args(args) -> dict[str, Any]:
+    """Every SFTConfig field of `args` except those `NOT_MEMORY_KEYS` names with a reason: keyed by
+    construction, so a field nobody thought of (pad_to_multiple_of) still keys the cache."""
+    from autobatch.config import NOT_MEMORY_KEYS
+
+    values = args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
+    return {key: value for key, value in sorted(values.items()) if key not in NOT_MEMORY_KEYS}
+
+
 def workload_description(memory_fingerprint: dict[str, Any], model, args, example_length: int, padded: bool,
                          device: dict[str, Any], world_size: int) -> dict[str, Any]:
     """Everything that changes a trial's peak: the config's memory keys, the model's own config as loaded,
@@ -68,7 +77,6 @@ def workload_description(memory_fingerprint: dict[str, Any], model, args, exampl
     from importlib.metadata import PackageNotFoundError, version
 
     from autobatch import __version__
-    from autobatch.config import MEMORY_KEYS
 
     model_config = getattr(model, "config", None)
     shape = model_config.to_dict() if hasattr(model_config, "to_dict") else {}
@@ -87,7 +95,7 @@ def workload_description(memory_fingerprint: dict[str, Any], model, args, exampl
         "model_class": type(model).__name__,
         "dtype": str(parameter.dtype) if parameter is not None else None,
         "attn_implementation": getattr(model_config, "_attn_implementation", None),
-        "training_args": {key: getattr(args, key, None) for key in MEMORY_KEYS},
+        "training_args": memory_args(args),
         "example_length": example_length,
         "padded": padded,
         "device": device,
@@ -106,8 +114,39 @@ class Entry:
     last_used: float
 
 
+class NotACache(sqlite3.DatabaseError):
+    """The file is some other program's (an optuna study): it is neither written nor changed."""
+
+
+APPLICATION_ID = 0x61627063  # "abpc": PRAGMA application_id of a probe cache (0 in caches written before it)
+
+
+def check_own(path: Path) -> None:
+    """Raise NotACache unless `path` is absent, empty, or a probe cache: read-only, so nothing changes.
+
+    Opening with WAL or creating the tables would alter any other SQLite file (an optuna study's journal
+    mode, its tables); this looks first through a read-only connection.
+    """
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return
+    connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+    try:  # a corrupt file raises sqlite3.DatabaseError here: reported as an unreadable cache
+        tables = {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+        application = connection.execute("PRAGMA application_id").fetchone()[0]
+    finally:
+        connection.close()
+    if tables != {"workloads", "trials"} or application not in (0, APPLICATION_ID):
+        shown = ", ".join(sorted(tables)[:4]) or "none"
+        raise NotACache(f"{path} is not an autobatch probe cache (its tables: {shown})")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
-    """Open (creating) the database: WAL so readers never block the writer, a busy timeout for writers."""
+    """Open (creating) the database: WAL so readers never block the writer, a busy timeout for writers.
+
+    A file that is not a probe cache is refused (NotACache) before anything is written to it.
+    """
+    check_own(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
@@ -118,6 +157,7 @@ def _connect(path: Path) -> sqlite3.Connection:
             raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
         connection.executescript(_SCHEMA)
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
     except BaseException:
         connection.close()
         raise
@@ -157,8 +197,9 @@ class ProbeCache:
             return action()
         except (sqlite3.Error, OSError) as exc:
             self.broken = f"{type(exc).__name__}: {exc}"
-            logger.warning("probe cache %s ignored (%s): trials run as without a cache; "
-                           "`autobatch cache clear` or --no-cache", self.path, self.broken)
+            fix = "pass another --cache" if isinstance(exc, NotACache) else "`autobatch cache clear`"
+            logger.warning("probe cache %s ignored (%s): trials run as without a cache; %s or --no-cache",
+                           self.path, self.broken, fix)
             self.close()
             return None
 

@@ -28,6 +28,7 @@ from autobatch.config import (
     BUILTIN_CONFIG,
     Config,
     build_config,
+    check_model_available,
     check_output_path,
     format_bytes,
     parse_value,
@@ -52,7 +53,8 @@ _VALUE_FLAGS = [
     ("--device", "device",
      "cuda, cpu (virtual device with a budget) or estimate (fake tensors); default: cuda if any, else cpu"),
     ("--memory-budget", "memory_budget",
-     "300MiB, 80GB, 2.5GiB or bytes (default: free GPU memory / available RAM or the cgroup limit)"),
+     ("300MiB, 80GB, 2.5GiB or bytes; G = GiB = 2^30 bytes, GB = 10^9 "
+      "(default: free GPU memory / available RAM or the cgroup limit)")),
     ("--headroom", "headroom", "fraction of the budget kept free, 0 <= h < 1 (default: by device)"),
     ("--max-micro-batch-size", "max_micro_batch_size", "largest micro-batch tried (default: 512)"),
     ("--effective-batch-size", "effective_batch_size",
@@ -215,7 +217,10 @@ def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
     path = args.config
     if path is None and "model_name_or_path" not in overrides:
         path = BUILTIN_CONFIG
-    return build_config(path, overrides, names)
+    # sweep --validate-tokens evaluates on the eval split or fraction whatever eval_strategy says (issue 24)
+    config = build_config(path, overrides, names, evaluates=bool(getattr(args, "validate_tokens", None)))
+    check_model_available(config, names.get("model_name_or_path", "model_name_or_path"))
+    return config
 
 
 def _print_setup(config: Config, command: str) -> None:
@@ -432,7 +437,8 @@ def _write_output(config: Config, plan: Plan, output: str | None) -> None:
 def _cmd_plan(args: argparse.Namespace, extras: list[str]) -> int:
     config = _config_from_args(args, extras)
     plots = _plot_dir(args)
-    _print_setup(config, "plan")
+    if not args.json:  # --json: one JSON object on stdout and nothing else
+        _print_setup(config, "plan")
     _quiet_third_party(args.verbose)
     plan = _probe(config, _progress_wanted(args))
     print(_plan_json(plan) if args.json else format_plan(plan), flush=True)
@@ -466,11 +472,14 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
         if args.gns_every < 1:
             raise ConfigError(f"--gns-every {args.gns_every}: measure one step in N needs N >= 1 (1: every step)")
         args.gns = True
+    if args.plan:
+        _check_plan_yaml(args.plan)
     if args.plan and not args.config:
         args.config = args.plan  # a plan.yaml is a whole config: run it as it was planned
     config = _config_from_args(args, extras)
     plots = _plot_dir(args)
-    _print_setup(config, "run")
+    if not args.json:  # --json: one JSON object on stdout and nothing else
+        _print_setup(config, "run")
     _quiet_third_party(args.verbose)
     from autobatch import api, rundir
 
@@ -513,6 +522,20 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
             lines.insert(-1, "gradient noise scale: " + gns_text(noise))
         print("\n".join(lines), flush=True)
     return 0
+
+
+def _check_plan_yaml(path: str) -> None:
+    """`--plan OUTPUT_DIR/plan.json` is the record of a run, not a plan to run: said, with what to pass instead."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            is_json = f.read(1) == "{"
+    except OSError:
+        return  # read_yaml names the problem
+    if is_json:
+        folder = Path(path).parent
+        raise ConfigError(f"--plan {path}: this is a plan.json, the record a run keeps in its output dir; --plan "
+                          "takes a plan.yaml (autobatch plan --output plan.yaml, or sweep --output); to continue "
+                          f"that run: autobatch run --output-dir {shlex.quote(str(folder))} --resume")
 
 
 def _resume_command(argv: list[str] | None) -> str:
@@ -598,9 +621,10 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
         raise ConfigError("--validate-tokens trains, and --device estimate cannot: use --device cpu or cuda")
     gns_report = _read_gns_file(args.gns_file) if args.gns_file else None
     plots = _plot_dir(args)
-    _print_setup(config, "sweep")
+    if not args.json:  # --json: one JSON object on stdout and nothing else
+        _print_setup(config, "sweep")
     _quiet_third_party(args.verbose)
-    from autobatch.probe import plan_ladder
+    from autobatch.probe import evaluates, plan_ladder
     from autobatch.train import check_output_dir
 
     output_dir = str(check_output_dir(config))
@@ -608,6 +632,8 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     # A study that may exist is opened (and refused without --resume) before minutes of probing; a new
     # default one is created after the probe, so a sweep that fails there leaves nothing on disk.
     study = sweep.open_study(storage, args.study_name, args.resume) if not sweep.is_new(storage) else None
+    if study is not None:
+        sweep.check_validation_budget(study, args.validate_tokens)  # before the probe
     if args.validate_tokens:
         _err(_validation_budget(config, sizes, len(multipliers), args.validate_tokens, args.max_trials))
     with contextlib.redirect_stdout(sys.stderr):
@@ -616,10 +642,12 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
         study = sweep.open_study(storage, args.study_name, args.resume)
     rungs, recommended, reason, notes = _verdict(config, ladder.plans, ladder.examples, args.lr_scaling, gns_report)
     points = [sweep.Point(r, r.learning_rate * m, m) for r in rungs for m in multipliers]
+    results: list = []
     if args.validate_tokens:
-        recommended, reason, gns_report = _validate(config, args, study, points, ladder, gns_report, output_dir)
-        b_noise = gns_report.get("b_simple") if gns_report and gns_report.get("resolved") else None
-        sweep.predict(rungs, b_noise)
+        recommended, reason, gns_report, verdict_notes, results = _validate(
+            config, args, study, points, ladder, gns_report, output_dir)
+        notes += verdict_notes
+        sweep.predict(rungs, _usable_noise_scale(gns_report, rungs, notes))
     else:
         sweep.record_predictions(study, points, "predicted time to target" if gns_report else "epoch seconds")
     chosen = next(r for r in rungs if r.effective_batch_size == recommended)
@@ -632,19 +660,24 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
             "gradient_noise_scale": gns_report,
             "recommended_effective_batch_size": recommended,
             "recommendation_reason": reason,
+            "eval_losses": sweep.eval_bars(results),
             "notes": notes,
             "study": study_info,
         }
         print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
     else:
-        print(format_sweep(rungs, ladder, gns_report, recommended, reason, notes), flush=True)
+        print(format_sweep(rungs, ladder, gns_report, recommended, reason, notes, results), flush=True)
         _err(f"study {args.study_name!r} in {storage} (open it with optuna.load_study or optuna-dashboard)")
     if plots is not None:
-        _plot_sweep(plots, study, rungs, chosen, gns_report)
+        _plot_sweep(plots, study, rungs, chosen, gns_report, results)
     if args.output:
+        # its own output_dir: training into the sweep's folder would land the model beside sweep.db
         rung_config = dataclasses.replace(
             config, effective_batch_size=recommended,
-            training_args={**config.training_args, "learning_rate": chosen.learning_rate})
+            training_args={**config.training_args, "learning_rate": chosen.learning_rate,
+                           "output_dir": str(Path(output_dir).resolve() / f"run-B{recommended}")})
+        if not evaluates(config):  # eval data only the validation runs used: a run without eval_strategy refuses it
+            rung_config = dataclasses.replace(rung_config, eval_fraction=None, dataset_test_split=None)
         _write_output(rung_config, chosen.plan, args.output)
     return 0
 
@@ -696,6 +729,7 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
              f"after {attrs['tokens_seen']} tokens, {attrs['wall_seconds']:.1f} s")
         return loss, attrs
 
+    sweep.check_validation_budget(study, tokens, examples)
     sweep.run_validation_study(study, points, validate, args.max_trials, args.timeout)
     ladder_sizes = {p.rung.effective_batch_size for p in points}
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -704,11 +738,19 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
         [t.user_attrs["gradient_noise_scale"] for t in done if t.user_attrs.get("gradient_noise_scale")])
     if not done:
         raise AutobatchError("no validation trial finished: raise --timeout or --max-trials, then --resume")
-    best = min(done, key=lambda t: t.value)
     seen = f"the same {examples} examples" if isinstance(examples, int) else f"about {tokens} tokens"
+    results = [sweep.EvalResult(t.params["effective_batch_size"], t.params["learning_rate"], t.user_attrs["eval_losses"],
+                                t.user_attrs.get("lr_multiplier", 1.0)) for t in done if t.user_attrs.get("eval_losses")]
+    if results and len(results) == len(done):
+        speed = {p.rung.effective_batch_size: p.rung.tokens_per_s for p in points}
+        verdict = sweep.judge(results, speed)
+        reason, notes = sweep.verdict_text(verdict, ladder.tokens_per_example, seen)
+        return verdict.recommended, reason, noise, notes, results
+    best = min(done, key=lambda t: t.value)  # a study from before per-example losses were stored
     reason = (f"lowest eval loss after {seen} (measured: {best.value:.4f} at learning rate "
               f"{best.params['learning_rate']:.3g})")
-    return best.params["effective_batch_size"], reason, noise
+    return best.params["effective_batch_size"], reason, noise, [
+        "no per-example eval losses in the study, so no error bars: this difference may be noise"], []
 
 
 def _validation_examples(tokens: int, sizes: list[int], tokens_per_example: float) -> float:
@@ -729,14 +771,20 @@ def _validation_examples(tokens: int, sizes: list[int], tokens_per_example: floa
     return examples
 
 
-def _plot_sweep(directory, study, rungs: list, chosen, gns_report: dict | None) -> None:
-    """memory.png, time_to_target.png, and from validation runs loss_vs_tokens.png and noise_scale.png."""
+def _plot_sweep(directory, study, rungs: list, chosen, gns_report: dict | None, results: list) -> None:
+    """memory.png, time_to_target.png, and from validation runs eval_loss.png (the verdict's losses with their
+    error bars), loss_vs_tokens.png (training loss) and noise_scale.png."""
     import optuna
 
-    from autobatch import plots
+    from autobatch import plots, sweep
 
     _plot_memory(directory, chosen.plan)
-    _err(f"wrote {plots.plot_time_to_target(rungs, chosen.effective_batch_size, directory)}")
+    if gns_report and not any(r.time_to_target_s is not None for r in rungs):
+        _err("time_to_target.png not drawn: no usable noise scale to predict time to a loss from (see the notes)")
+    else:
+        _err(f"wrote {plots.plot_time_to_target(rungs, chosen.effective_batch_size, directory)}")
+    if results:
+        _err(f"wrote {plots.plot_eval_losses(sweep.eval_bars(results), chosen.effective_batch_size, directory)}")
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     curves = {f"B={t.params['effective_batch_size']} lr={t.params['learning_rate']:.3g}": t.user_attrs["loss_curve"]
               for t in done if t.user_attrs.get("loss_curve")}
@@ -767,10 +815,11 @@ def _verdict(config: Config, plans: list, examples: int, rule: str | None, gns_r
     optim = str(args.get("optim", "adamw_torch"))
     rule = rule or sweep.default_lr_rule(optim)
     base_batch = config.effective_batch_size or plans[0].effective_batch_size
-    b_noise = gns_report.get("b_simple") if gns_report and gns_report.get("resolved") else None
+    notes = []
+    b_noise = _usable_noise_scale(gns_report, plans, notes)
     rungs = sweep.make_rungs(plans, examples, base_lr=base_lr, base_batch=base_batch, lr_rule=rule, b_noise=b_noise)
     recommended, reason = sweep.recommend(rungs, b_noise, lora=config.lora is not None)
-    notes = sweep.notes(rungs, config.lora is not None)
+    notes += sweep.notes(rungs, config.lora is not None)
     if gns_report and not gns_report.get("resolved"):
         notes.append(f"gradient noise scale unresolved (B_noise > {gns_report.get('low') or 0:.0f}): no verdict on loss")
     notes.append(f"learning rate: {rule} scaling from {base_lr:g} at effective batch {base_batch}"
@@ -778,8 +827,23 @@ def _verdict(config: Config, plans: list, examples: int, rule: str | None, gns_r
     return rungs, recommended, reason, notes
 
 
+def _usable_noise_scale(gns_report: dict | None, rungs: list, notes: list[str]) -> float | None:
+    """B_noise when resolved and not below the smallest rung; else None, the reason added to `notes` once."""
+    from autobatch import sweep
+
+    b_noise = gns_report.get("b_simple") if gns_report and gns_report.get("resolved") else None
+    sizes = [r.effective_batch_size for r in rungs]
+    if sweep.noise_scale_below_rungs(b_noise, sizes):
+        note = (f"B_noise {b_noise:.3g} is below the smallest rung ({min(sizes)}): every rung is past the noise scale, "
+                "so no efficiency or time-to-target is predicted (they would be numbers with nothing behind them)")
+        if note not in notes:
+            notes.append(note)
+        return None
+    return b_noise
+
+
 def format_sweep(rungs: list, ladder, gns_report: dict | None, recommended: int, reason: str,
-                 notes: list[str]) -> str:
+                 notes: list[str], results: list = ()) -> str:
     """The sweep table: measured cost per rung, then the model's predictions when B_noise is known."""
     predicted = any(r.sample_efficiency is not None for r in rungs)
     head = (f"  {'B':>5}  {'micro×acc×W':>12}  {'peak':>9}  {'tokens/s':>9}  {'s/step':>7}  {'epoch s':>8}  "
@@ -806,6 +870,11 @@ def format_sweep(rungs: list, ladder, gns_report: dict | None, recommended: int,
                      "steps to the same loss / S_min, time×S_min = steps× · s/step")
     if gns_report:
         lines.append("gradient noise scale: " + gns_text(gns_report))
+    if results:
+        lines += ["", f"  {'B':>5}  {'lr':>9}  {'eval loss':>9}  {'± s.e.':>7}  {'examples':>8}   (validation, measured)"]
+        for r in sorted(results, key=lambda r: (r.effective_batch_size, r.learning_rate)):
+            lines.append(f"  {r.effective_batch_size:>5}  {r.learning_rate:>9.3g}  {r.mean:>9.4f}  {r.sem:>7.4f}  "
+                         f"{len(r.losses):>8}")
     lines += ["", f"recommended effective batch {recommended}: {reason}"]
     lines += [f"note: {note}" for note in notes]
     return "\n".join(lines)
@@ -841,6 +910,9 @@ def _cmd_cache(args: argparse.Namespace, extras: list[str]) -> int:
             print(f"cleared {count} trial(s) from {path}", flush=True)
             return 0
         entries = cache.list_entries(path)
+    except cache.NotACache as exc:
+        raise ConfigError(f"--cache {path}: {exc}; it was not changed: pass the probe cache's path "
+                          "(`autobatch cache path`)") from None
     except (sqlite3.Error, OSError) as exc:
         raise AutobatchError(f"--cache {path}: cannot read it ({exc}); delete the file or pass another "
                              "--cache") from None
@@ -920,12 +992,25 @@ def _quiet_third_party(verbose: bool) -> None:
         datasets.disable_progress_bars()
 
 
+def _join_dash_values(argv: list[str]) -> list[str]:
+    """`--memory-budget -5GiB` as `--memory-budget=-5GiB`: argparse reads a value that starts with a dash
+    as a flag and says only "expected one argument"; joined, it reaches the check that says what is wrong."""
+    flags = {flag for flag, _, _ in _VALUE_FLAGS}
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in flags and arg[:1] == "-" and arg[1:2] in tuple("0123456789."):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `autobatch` command; returns the exit code (0 ok, 1 runtime error, 2 bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
-        args, extras = _make_parser().parse_known_args(argv)
+        args, extras = _make_parser().parse_known_args(_join_dash_values(argv))
         if args.command is None:
             raise ConfigError("choose a command: plan, run, sweep or cache (see autobatch --help)")
         args.argv = argv

@@ -1,8 +1,8 @@
 """Configuration: dataclass defaults, then YAML (`--config`), then CLI flags; validation. No torch here.
 
 Keys are TRL's (SFTConfig/TrainingArguments, ScriptArguments, ModelConfig) plus autobatch's own fields.
-Every key that is not autobatch's goes to `Config.training_args` untouched; the SFTConfig field check
-happens where trl is imported (`check_known_keys` gives it the closest-key messages). Validation
+Every key that is not autobatch's goes to `Config.training_args` untouched; its name and plain type are
+checked against SFTConfig's fields read from TRL's source (`autobatch.fields`), before torch loads. Validation
 collects every problem and raises one `ConfigError`. Also owns plan.yaml: the config with the planned
 batch filled in, written with keys `trl sft --config` accepts.
 """
@@ -11,21 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 import logging
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from autobatch.binding import model_content
 from autobatch.errors import AutobatchError, ConfigError
+from autobatch.fields import key_problems
+from autobatch.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
     from autobatch.planner import Plan
@@ -130,43 +132,6 @@ _PLAIN_FIELDS = frozenset(_FIELDS) - {"lora", "model_args", "training_args", "me
 AUTOBATCH_KEYS = frozenset(_PLAIN_FIELDS | {"memory_budget", "memory_budget_bytes", "lora", "use_peft", "datasets",
                                             "test_split_size"}
                            | set(MODEL_CONFIG_LORA_KEYS) | set(MODEL_ARGS_KEYS))
-
-
-# ---------------------------------------------------------------------------------------------- sizes
-
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-}
-
-
-def parse_bytes(text: str | int, name: str = "--memory-budget") -> int:
-    """'300MiB', '80GB', '2.5GiB' or plain bytes -> bytes (GB is 10^9, GiB is 2^30)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ConfigError(
-                f"{name}: cannot read {text!r} as a size; write e.g. 300MiB, 80GB, 2.5GiB or plain bytes"
-            )
-        value, unit = float(match.group(1)), match.group(2).lower()
-    result = int(value * _UNITS[unit])
-    if result <= 0:
-        raise ConfigError(f"{name} must be positive, got {text!r}")
-    return result
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable binary size: 1536 -> '1.5KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return f"{value:.1f}TiB"
 
 
 # ----------------------------------------------------------------------------------------------- YAML
@@ -347,6 +312,8 @@ def build_config(
     path: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
     names: Mapping[str, str] | None = None,
+    *,
+    evaluates: bool = False,
 ) -> Config:
     """Dataclass defaults < the YAML file at `path` < `overrides` (CLI flags), validated.
 
@@ -362,12 +329,7 @@ def build_config(
         merged.apply(data, {key: f"{key} (in {where})" for key in data if isinstance(key, str)})
     if overrides:
         merged.apply(overrides, names or {})
-    return _validate(merged.config(), merged.names, list(merged.problems))
-
-
-def load_config(path: str | os.PathLike) -> Config:
-    """The validated Config of one YAML file (no CLI overrides)."""
-    return build_config(path)
+    return _validate(merged.config(), merged.names, list(merged.problems), evaluates)
 
 
 def validate_config(config: Config) -> Config:
@@ -399,7 +361,8 @@ def _as_bool(value: Any) -> bool | None:
     return None
 
 
-def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> Config:
+def _validate(config: Config, names: Mapping[str, str], problems: list[str], evaluates: bool = False) -> Config:
+    """`evaluates`: the command evaluates whatever eval_strategy says (sweep --validate-tokens)."""
     def name(key: str) -> str:
         if key in names:
             return names[key]
@@ -434,7 +397,7 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
         elif out.dataset_test_split is not None:
             problems.append(f"{name('eval_fraction')} and {name('dataset_test_split')} both choose the eval "
                             "data: keep one")
-    problems.extend(_ignored_input_problems(out, name, local_file))
+    problems.extend(_ignored_input_problems(out, name, local_file, evaluates))
 
     # Batch arithmetic.
     ok_batch = True
@@ -510,6 +473,8 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
                     problems.append(f"{name(key)} must be true or false, got {value!r}")
                 else:
                     args[key] = flag
+    problems.extend(key_problems(out.training_args, names, AUTOBATCH_KEYS, skip=TRAINER_KEYS))
+    problems.extend(_model_problems(out.model_name_or_path, name("model_name_or_path")))
     max_length = out.training_args.get("max_length")
     if max_length is not None and not (_is_int(max_length) and max_length > 0):
         problems.append(f"{name('max_length')} must be a positive integer (tokens per example), "
@@ -527,7 +492,39 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str]) -> 
     return out
 
 
-def _ignored_input_problems(config: Config, name, local_file: bool) -> list[str]:
+def _model_problems(model: Any, name: str) -> list[str]:
+    """A model that is not there fails here, before torch loads (issue 24: it took 104 s to say so)."""
+    if not isinstance(model, str) or not model.strip():
+        return []  # reported above
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            return [(f"{name} {model}: not a model directory (no config.json); pass a directory written by "
+                     "save_pretrained or a hub name")]
+        return []
+    if path.startswith((".", "/", "~")) or os.path.exists(path):
+        return [f"{name} {model}: no such directory; pass a model directory or a hub name"]
+    return []
+
+
+def check_model_available(config: Config, flag: str = "--model") -> None:
+    """Offline (HF_HUB_OFFLINE=1), a hub name that is not in the local hub cache cannot load: said before torch
+    loads. Not part of validation, so a config file validates the same on any machine."""
+    model = config.model_name_or_path
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline or not isinstance(model, str) or os.path.exists(os.path.expanduser(model)):
+        return
+    from huggingface_hub import constants  # no torch, no network
+
+    if not os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "models--" + model.replace("/", "--"))):
+        # runtime (exit 1), as when the download itself fails: the name may be right, the machine offline
+        raise AutobatchError(f"{flag}: could not load {model!r}: not a local directory, and it could not be "
+                             f"downloaded from the hub (HF_HUB_OFFLINE=1, not in the hub cache "
+                             f"{constants.HF_HUB_CACHE}): download it where the hub is reachable, or pass "
+                             "--model /path/to/local/copy")
+
+
+def _ignored_input_problems(config: Config, name, local_file: bool, evaluates: bool = False) -> list[str]:
     """Inputs that would reach nothing: each is an error saying what to do instead (issue 11)."""
     problems = []
     if local_file:
@@ -542,7 +539,7 @@ def _ignored_input_problems(config: Config, name, local_file: bool) -> list[str]
             problems.append(f"{name('dataset_config')} {config.dataset_config!r}: {where} and no configs; drop it")
     args = config.training_args
     strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
-    if strategy in ("no", None):
+    if strategy in ("no", None) and not evaluates:
         for key in ("eval_fraction", "dataset_test_split"):
             if getattr(config, key) is not None:
                 problems.append(f"{name(key)} {getattr(config, key)!r} is never used: eval_strategy is no; add "
@@ -607,24 +604,6 @@ def _lora_problems(lora: dict, names: Mapping[str, str]) -> list[str]:
     return problems
 
 
-def check_known_keys(keys: Iterable[str], valid_keys: Iterable[str], what: str = "SFTConfig") -> None:
-    """One ConfigError for every key not in `valid_keys`, each naming the closest valid key.
-
-    For the caller that has trl imported: `check_known_keys(config.training_args, sft_config_field_names)`.
-    """
-    valid = set(valid_keys)
-    candidates = sorted(valid | AUTOBATCH_KEYS)
-    problems = []
-    for key in keys:
-        if key in valid:
-            continue
-        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else f"see the {what} documentation for valid keys"
-        problems.append(f"unknown key {key!r}: {hint}")
-    if problems:
-        raise ConfigError(("" if len(problems) == 1 else f"{len(problems)} problems: ") + "; ".join(problems))
-
-
 # ----------------------------------------------------------------------------------------- plan.yaml
 
 def check_output_path(path: str | os.PathLike, flag: str = "--output") -> Path:
@@ -636,36 +615,74 @@ def check_output_path(path: str | os.PathLike, flag: str = "--output") -> Path:
     if not parent.is_dir():
         raise ConfigError(f"{flag} {path}: directory {parent} does not exist; create it or choose another "
                           "path")
+    try:  # the honest test: os.access says yes to root on a read-only or special filesystem
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write in {parent} ({exc.strerror or exc}); choose another "
+                          "path") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the file is not writable; choose another path")
     return path
 
 
 #: SFTConfig's default for (gradient|activation)_checkpointing (trl/trainer/sft_config.py: True, unlike Trainer).
 SFT_CHECKPOINTING_DEFAULT = True
 
-#: SFTConfig/TrainingArguments keys that change what a training step holds in memory.
-MEMORY_KEYS = (
-    "max_length", "packing", "packing_strategy", "padding_free", "gradient_checkpointing",
-    "activation_checkpointing", "gradient_checkpointing_kwargs", "activation_checkpointing_kwargs", "bf16",
-    "fp16", "optim", "optim_args", "max_grad_norm", "torch_compile", "use_liger_kernel", "model_init_kwargs",
-    "dataset_text_field", "completion_only_loss", "assistant_only_loss", "loss_type", "neftune_noise_alpha",
-    "activation_offloading", "fsdp", "fsdp_config",
-)
 PLAN_META_PREFIX = "# autobatch-plan: "
+
+#: SFTConfig/TrainingArguments fields that do NOT change a trial's peak, each with the reason. Every other
+#: field is in the probe cache key (`cache.memory_args`): a new or forgotten field is keyed, never ignored.
+NOT_MEMORY_KEYS: dict[str, str] = {
+    **dict.fromkeys(("output_dir", "max_steps", "num_train_epochs", "save_strategy", "eval_strategy",
+                     "logging_strategy", "disable_tqdm", "report_to", "train_sampling_strategy",
+                     "auto_find_batch_size"), "the probe sets its own value for every trial (probe.Prober._build)"),
+    **dict.fromkeys(("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"),
+                    "a column of the trial's own row in the cache (micro_batch_size, accumulation, eval_batch_size)"),
+    **dict.fromkeys(("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "adam_beta1",
+                     "adam_beta2", "adam_epsilon"),
+                    "a scalar of the update or its schedule, not the size of any tensor (weight_decay is keyed: "
+                    "plain Adam adds it to the gradients out of place)"),
+    **dict.fromkeys(("logging_steps", "logging_first_step", "log_on_each_node", "log_level", "log_level_replica",
+                     "run_name", "project", "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id"),
+                    "logging: trials log nothing"),
+    **dict.fromkeys(("eval_steps", "eval_delay", "eval_on_start"), "when evaluation runs, not what it holds"),
+    **dict.fromkeys(("save_steps", "save_on_each_node", "save_total_limit", "save_only_model",
+                     "enable_jit_checkpoint", "push_to_hub", "hub_private_repo", "hub_model_id", "hub_strategy",
+                     "hub_always_push", "hub_revision", "load_best_model_at_end", "metric_for_best_model",
+                     "greater_is_better", "resume_from_checkpoint", "ignore_data_skip",
+                     "restore_callback_states_from_checkpoint"), "saving and resuming: trials save nothing"),
+    "hub_token": "a credential: never stored, and it changes no tensor",
+    "seed": "which random numbers, not how many",
+    "data_seed": "which examples, not their length: trials copy the longest one (example_length is keyed)",
+    "do_train": "not read by Trainer.train()",
+    "do_eval": "not read by Trainer.train()",
+    "do_predict": "not read by Trainer.train()",
+    "local_rank": "set by the launcher; the world size is keyed",
+    "dataset_num_proc": "processes that tokenize the data before training, not the training step",
+}
 
 
 def memory_fingerprint(config: Config, model_path: str | None = None) -> dict[str, Any]:
     """Everything in a config that changes the memory a training step needs (the key a plan is valid for)."""
-    args = config.training_args
-    return {
-        "model_name_or_path": config.model_name_or_path or model_path,
+    return {  # local paths resolved: `./model` and `/abs/model` are the same workload
+        "model_name_or_path": _resolved(config.model_name_or_path or model_path),
         "model_args": dict(sorted(config.model_args.items())),
         "lora": dict(sorted((config.lora or {}).items())),
-        "dataset_name": config.dataset_name,
+        "dataset_name": _resolved(config.dataset_name),
         "dataset_config": config.dataset_config,
         "dataset_train_split": config.dataset_train_split,
         "world_size": config.world_size,
-        **{key: args[key] for key in MEMORY_KEYS if key in args},
+        **{key: value for key, value in memory_training_args(config.training_args).items()},
     }
+
+
+def memory_training_args(training_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The training args that can change memory: all but `NOT_MEMORY_KEYS`, under current names, with
+    SFTConfig's checkpointing default said (so `gradient_checkpointing: true` and no key at all compare equal)."""
+    args = modern_names(training_args)
+    args.setdefault("activation_checkpointing", SFT_CHECKPOINTING_DEFAULT)
+    return {key: value for key, value in sorted(args.items()) if key not in NOT_MEMORY_KEYS}
 
 
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -704,8 +721,8 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
     if not plan.fits:
         raise AutobatchError(f"micro-batch {plan.per_device_train_batch_size} does not fit the memory "
                              "budget: no plan to write")
-    model = config.model_name_or_path or (str(model_path) if model_path is not None else None)
     written = _as_written(config, plan.device, plan.precision)
+    model = written.model_name_or_path or (str(model_path) if model_path is not None else None)
     body: dict[str, Any] = {}
     if model is not None:
         body["model_name_or_path"] = model
@@ -751,6 +768,9 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         "peak_memory_bytes": peak, "max_micro_batch_size": plan.max_micro_batch_size, "max_length": plan.max_length,
         "effective_batch_size": plan.effective_batch_size, "world_size": world, "seconds_per_step": plan.seconds_per_step,
         "memory_fingerprint": memory_fingerprint(written, str(model_path) if model_path else None),
+        "per_device_train_batch_size": plan.per_device_train_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "model_content": model_content(model),  # the plan holds for this model, wherever it is saved
     }
     if plan.device == "cuda":  # the allocator setting the trials ran under; `run --plan` warns when it differs
         meta["pytorch_cuda_alloc_conf"] = plan.pytorch_cuda_alloc_conf
@@ -807,10 +827,16 @@ def _as_written(config: Config, device: str, precision: str | None = None) -> Co
         args["bf16"] = False
         if args.get("fp16"):
             args["fp16"] = False
-    dataset = config.dataset_name
-    if isinstance(dataset, str) and os.path.exists(os.path.expanduser(dataset)):
-        dataset = os.path.abspath(os.path.expanduser(dataset))  # trl sft may be started from elsewhere
-    return dataclasses.replace(config, training_args=args, dataset_name=dataset)
+    # trl sft may be started from elsewhere: local model and data alike are written as absolute paths
+    return dataclasses.replace(config, training_args=args, dataset_name=_resolved(config.dataset_name),
+                               model_name_or_path=_resolved(config.model_name_or_path))
+
+
+def _resolved(name: Any) -> Any:
+    """A local path as an absolute one (the same file from any working directory); a hub name as it is."""
+    if isinstance(name, str) and os.path.exists(os.path.expanduser(name)):
+        return os.path.abspath(os.path.expanduser(name))
+    return name
 
 
 def _dataset_keys(config: Config) -> dict[str, Any]:

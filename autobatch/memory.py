@@ -32,12 +32,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
-from autobatch.config import format_bytes
 from autobatch.errors import ConfigError
+from autobatch.units import format_bytes
 
 logger = logging.getLogger(__name__)
 
-DEVICES = ("cuda", "cpu", "estimate")
 
 # Every message torch, CUDA, cuDNN and cuBLAS use for an allocation failure, beside what accelerate's
 # utils/memory.py `should_reduce_batch_size` recognises.

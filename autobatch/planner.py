@@ -209,6 +209,17 @@ class Option:
         """0 when step times are unknown (estimate backend): then every option ties."""
         return self.micro_batch_size / self.seconds_per_step if self.seconds_per_step > 0 else 0.0
 
+    def to_dict(self) -> dict:
+        """The `--json` form: the fields and samples_per_s."""
+        return {**asdict(self), "samples_per_s": self.samples_per_s}
+
+    def __getitem__(self, key: str):
+        """`option["micro_batch_size"]`: `Plan.options` read as the `--json` dicts, as the README shows them."""
+        try:
+            return self.to_dict()[key]
+        except KeyError:
+            raise KeyError(f"{key!r}: an option has {', '.join(self.to_dict())}") from None
+
 
 def check_effective_batch(effective_batch_size: int, world_size: int) -> int:
     """Samples each device must contribute per optimizer step; errors name the nearest reachable values."""
@@ -248,18 +259,77 @@ def _seconds_at(size: int, trials: list[Trial]) -> tuple[float, bool]:
     return (value if value > 0 else min(s for _, s in timed)), False
 
 
-def plan_options(per_device: int, max_micro_batch_size: int, trials: list[Trial]) -> list[Option]:
+#: Step times of two sizes closer than this share are within timing noise: the same workload and budget came out
+#: 4×8 from the CLI, 2×16 from the API and 1×32 in the classic example on one loaded 2-core machine (issue 24).
+#: Within it the larger micro-batch wins: fewer optimizer-step overheads, and the same memory the probe measured.
+TIMING_NOISE = 0.10
+
+
+def plan_options(per_device: int, max_micro_batch_size: int, trials: list[Trial],
+                 noise: float | None = None) -> list[Option]:
     """Every micro-batch ≤ the max that divides the per-device samples exactly, fastest first.
 
-    Ties within 3% of the best samples/s (timing noise) go to the larger micro-batch.
+    Options within `noise` (default TIMING_NOISE) of the best samples/s are ties, and ties go to the larger
+    micro-batch, so which size timed fastest on a loaded machine does not decide the plan.
     """
+    noise = TIMING_NOISE if noise is None else noise
     options = []
     for size in range(1, min(per_device, max_micro_batch_size) + 1):
         if per_device % size == 0:
             seconds, measured = _seconds_at(size, trials)
             options.append(Option(size, per_device // size, seconds, measured))
     best = max(o.samples_per_s for o in options)
-    return sorted(options, key=lambda o: (o.samples_per_s < 0.97 * best, -o.micro_batch_size))
+    return sorted(options, key=lambda o: (o.samples_per_s < (1 - noise) * best, -o.micro_batch_size))
+
+
+@dataclass
+class Nearby:
+    """An effective batch near the target whose divisors allow a much larger micro-batch."""
+
+    effective_batch_size: int
+    micro_batch_size: int
+    speedup: float  # samples/s at that micro-batch over the chosen option's
+    measured: bool  # the micro-batch's step time was measured, not interpolated
+
+
+def nearby_targets(per_device: int, world: int, max_micro_batch_size: int, trials: list[Trial], chosen: Option,
+                   reach: float = 0.15, min_speedup: float = 1.25) -> list[Nearby]:
+    """The fastest effective batch below and above the target (within `reach` of it, the nearer on a tie) that
+    allows a micro-batch at least twice the chosen one and `min_speedup` times its samples/s: what an awkward
+    target (37 = 1 × 37 where 5 fits) costs. [] when step times are unknown (the estimate backend) or nothing near
+    is faster."""
+    if chosen.samples_per_s <= 0:
+        return []
+    timed = [t for t in trials if t.fits]
+    below: Nearby | None = None
+    above: Nearby | None = None
+    low, high = max(1, math.floor(per_device * (1 - reach))), math.ceil(per_device * (1 + reach))
+    for share in range(low, high + 1):
+        if share == per_device:
+            continue
+        micro = max(d for d in range(1, min(share, max_micro_batch_size) + 1) if share % d == 0)
+        if micro < 2 * chosen.micro_batch_size:
+            continue
+        seconds, measured = _seconds_at(micro, timed)
+        speedup = (micro / seconds) / chosen.samples_per_s if seconds > 0 else 0.0
+        if speedup < min_speedup:
+            continue
+        found = Nearby(share * world, micro, speedup, measured)
+        if share < per_device:  # ascending: a later one below is nearer, so it wins a tie
+            below = found if below is None or round(speedup, 3) >= round(below.speedup, 3) else below
+        elif above is None or round(speedup, 3) > round(above.speedup, 3):  # an earlier one above is nearer
+            above = found
+    return sorted((n for n in (below, above) if n is not None), key=lambda n: -n.speedup)
+
+
+def nearby_note(target: int, chosen: Option, nearby: list[Nearby]) -> str | None:
+    """`effective batch 37 allows micro-batch 1 at most; 35 would allow 5 (2.9× the samples/s, measured), ...`."""
+    if not nearby:
+        return None
+    offers = ", ".join(f"{n.effective_batch_size} would allow {n.micro_batch_size} ({n.speedup:.1f}× the samples/s, "
+                       f"{'measured' if n.measured else 'interpolated'})" for n in nearby)
+    return (f"effective batch {target} divides into micro-batches of at most {chosen.micro_batch_size} here; "
+            f"{offers}: --effective-batch-size {nearby[0].effective_batch_size} trains faster")
 
 
 @dataclass
@@ -298,22 +368,23 @@ class Plan:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["options"] = [
-            {**asdict(o), "samples_per_s": o.samples_per_s} for o in self.options
-        ]
+        data["options"] = [o.to_dict() for o in self.options]
         return data
 
+    # apply/save are the public `autobatch.apply_plan`/`autobatch.save_plan`, looked up on the package at call
+    # time: they build on config, train and workload, which all import this module, so importing them here
+    # would close a circle through the whole package. The planner stays pure data and arithmetic.
     def apply(self, trainer, *, oom_fallback: bool = False):
-        """Set this plan on a built trainer: `autobatch.apply_plan(trainer, self)` (the trainer code lives there)."""
-        from autobatch.api import apply_plan
+        """Set this plan on a built trainer: `autobatch.apply_plan(trainer, self)`."""
+        import autobatch
 
-        return apply_plan(trainer, self, oom_fallback=oom_fallback)
+        return autobatch.apply_plan(trainer, self, oom_fallback=oom_fallback)
 
     def save(self, path, config=None) -> str:
         """Write plan.json (`.json`) or plan.yaml (anything else): `autobatch.save_plan(self, path, config)`."""
-        from autobatch.api import save_plan
+        import autobatch
 
-        return save_plan(self, path, config)
+        return autobatch.save_plan(self, path, config)
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:

@@ -1,4 +1,4 @@
-"""Pictures for `--plot DIR`: memory against micro-batch, loss against tokens, B_noise over steps, time per rung.
+"""Pictures for `--plot DIR`: memory against micro-batch, eval and training loss, B_noise over steps, time per rung.
 
 matplotlib is imported only here and only when a plot is asked for (the `plot` extra), with the Agg backend
 so no display is needed. Each function writes one PNG and returns its path.
@@ -97,8 +97,28 @@ def plot_loss_curves(curves: dict[str, list[dict]], directory: Path) -> Path:
         points = [(c["tokens"], c["loss"]) for c in curve if c.get("tokens") is not None]
         if points:
             ax.plot(*zip(*points), marker=".", label=label)
-    return _finish(fig, ax, ("tokens seen", "training loss", "Loss against tokens, per rung"),
+    return _finish(fig, ax, ("tokens seen", "training loss",
+                             "Training loss against tokens (the verdict uses eval_loss.png)"),
                    directory / "loss_vs_tokens.png")
+
+
+def plot_eval_losses(bars: list[dict], recommended: int, directory: Path) -> Path:
+    """The eval loss the verdict uses, per rung and rate, with ±2 standard errors: the noise it judged against."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    by_multiplier: dict[float, list[dict]] = {}
+    for bar in bars:
+        by_multiplier.setdefault(bar.get("lr_multiplier", 1.0), []).append(bar)
+    for shift, (multiplier, group) in enumerate(sorted(by_multiplier.items())):
+        group.sort(key=lambda b: b["effective_batch_size"])
+        nudge = 1.03 ** (shift - (len(by_multiplier) - 1) / 2)  # side by side, so the bars do not hide each other
+        ax.errorbar([b["effective_batch_size"] * nudge for b in group], [b["eval_loss"] for b in group],
+                    yerr=[2 * b["standard_error"] if math.isfinite(b["standard_error"]) else 0 for b in group],
+                    marker="o", capsize=4, label=f"lr × {multiplier:g} of the rung's rate")
+    ax.axvline(recommended, color="tab:green", linestyle=":", label=f"recommended B={recommended}")
+    ax.set_xscale("log", base=2)
+    return _finish(fig, ax, ("effective batch size", "eval loss (mean per example, ±2 s.e.)",
+                             "Eval loss per rung, with its noise"), directory / "eval_loss.png")
 
 
 def plot_noise_scale(report: dict, directory: Path) -> Path:

@@ -28,6 +28,8 @@ from autobatch.planner import (
     Trial,
     check_effective_batch,
     confirm_edge,
+    nearby_note,
+    nearby_targets,
     plan_options,
     search_max_micro_batch,
 )
@@ -549,7 +551,7 @@ class _Session:
                                            [self.backend.budget_bytes] * config.world_size,
                                            [self.usable] * config.world_size, per_device)
             else:
-                ranks.init_group(self.backend.device)
+                ranks.init_group(self.backend.device, ranks.group_timeout_s(config, self.backend.device))
                 self.search_usable = ranks.smallest(self.usable)  # every rank's search aims at the same line
                 if trainer is None:
                     self.prober = Prober(config, self.backend, self.usable, per_device, ddp=ddp, sharded=sharded)
@@ -796,6 +798,21 @@ def _plan_eval(
     return result.max_micro_batch_size, trials
 
 
+def _plan_ladder_eval(config: Config, session: _Session, plans: list[Plan]) -> None:
+    """The eval batch of every fitting rung, searched once per distinct micro-batch (at the ladder's largest
+    accumulation, the worst case); without it `run --plan` evaluates at TRL's default of 8."""
+    by_micro: dict[int, tuple[int, list[Trial]]] = {}
+    for plan in plans:
+        if not plan.fits:
+            continue
+        micro = plan.per_device_train_batch_size
+        if micro not in by_micro:
+            by_micro[micro] = _plan_eval(config, session.prober, plan, session.search_usable, session.run_trial)
+        plan.per_device_eval_batch_size, plan.eval_trials = by_micro[micro]
+        chosen = [t for t in plan.eval_trials if t.micro_batch_size == plan.per_device_eval_batch_size]
+        plan.eval_peak_memory_bytes = chosen[-1].peak_memory_bytes
+
+
 def _measured_options(per_device: int, max_micro: int, accumulation, trials: list[Trial], probe) -> list:
     """Options fastest first, re-ranked until the fastest has been measured, not just interpolated.
 
@@ -839,6 +856,11 @@ def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: i
         options = _measured_options(per_device, max_micro, accumulation, trials, probe)
     chosen = options[0]
     trial = [t for t in trials if t.micro_batch_size == chosen.micro_batch_size][-1]
+    notes = []
+    if per_device is not None and not isinstance(config.per_device_train_batch_size, int):
+        nearby = nearby_targets(per_device, world, max_micro, trials, chosen)
+        note = nearby_note(per_device * world, chosen, nearby)
+        notes = [note] if note else []
     return Plan(
         per_device_train_batch_size=chosen.micro_batch_size,
         gradient_accumulation_steps=chosen.gradient_accumulation_steps,
@@ -856,6 +878,7 @@ def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: i
         fits=trial.fits,
         seconds_per_step=trial.seconds,
         options=options,
+        notes=notes,
     )
 
 
@@ -923,6 +946,8 @@ def plan_ladder(
         for rung in rungs:
             rung_config = dataclasses.replace(sweep_config, effective_batch_size=rung)
             plans.append(_choose(rung_config, prober, rung // world, max_micro, session.trials, session.probe))
+        if evaluates(config):  # each rung's plan.yaml must evaluate as it trains: one eval plan per micro-batch
+            _plan_ladder_eval(config, session, plans)
     finally:
         session.close()
     for plan in plans:  # every rung holds the same two lists

@@ -98,19 +98,39 @@ def select_cuda_device() -> int:
     return 0
 
 
-def init_group(device: str) -> None:
+#: How long a cpu rank waits in a collective for a peer (ddp_timeout overrides it). With use_cpu transformers
+#: does not hand ddp_timeout to the process group, so gloo's 30-minute default applied: a rank left alive
+#: after its peer failed blocked the other that long (150 s measured, no error).
+CPU_GROUP_TIMEOUT_S = 300
+CUDA_GROUP_TIMEOUT_S = 1800  # TrainingArguments' ddp_timeout default
+
+
+def group_timeout_s(config, device: str) -> int:
+    """The process group's timeout: the config's ddp_timeout, else CPU_GROUP_TIMEOUT_S off cuda."""
+    timeout = config.training_args.get("ddp_timeout")
+    if timeout is not None:
+        return int(timeout)
+    return CUDA_GROUP_TIMEOUT_S if device == "cuda" else CPU_GROUP_TIMEOUT_S
+
+
+def init_group(device: str, timeout_s: int | None = None) -> None:
     """The default process group for the ranks' agreement (and later DDP), if launched and not yet made.
 
     On cuda the group carries cpu tensors over gloo and cuda tensors over NCCL, so agreeing never
-    touches the GPU's memory.
+    touches the GPU's memory. Made here first, with `timeout_s`, the Trainer joins it instead of making
+    one with gloo's default: a peer that stops taking part ends the waiting rank with an error after
+    `timeout_s`.
     """
     ranks = current()
     if not ranks.launched:
         return
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device == "cuda" else "gloo")
+        timeout = timedelta(seconds=timeout_s or (CUDA_GROUP_TIMEOUT_S if device == "cuda" else CPU_GROUP_TIMEOUT_S))
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device == "cuda" else "gloo", timeout=timeout)
         atexit.register(_destroy_group)
 
 
@@ -164,18 +184,6 @@ def smallest(value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if it is true on any (an OOM one rank met during the run)."""
-    if not _group_ready():
-        return flag
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor([int(flag)], dtype=torch.int64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
 
 
 @contextlib.contextmanager

@@ -5,18 +5,22 @@ run is refused in well under a second rather than after the torch import and min
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 from pathlib import Path
 
 from autobatch import ranks, sharding
-from autobatch.config import Config
+from autobatch.config import Config, write_atomic
 from autobatch.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
+#: Written by `autobatch run` into the output dir it trains in: what autobatch may later resume, overwrite or
+#: delete there is known by this file, not by name patterns (a model's own folder has config.json too).
+MARKER_FILE = ".autobatch-run"
 STATE_FILE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME: written last into a checkpoint
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + "-" + step
 
@@ -39,9 +43,42 @@ def earlier_run_files(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if CHECKPOINT_NAME.match(p.name) or p.name == PLAN_FILE)
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether autobatch claimed `path` for a run (its marker file is there)."""
+    return (path / MARKER_FILE).is_file()
+
+
+def claim_output_dir(path: Path) -> None:
+    """Create the output dir and mark it as autobatch's, before anything is written into it."""
+    from autobatch import __version__
+
+    path.mkdir(parents=True, exist_ok=True)
+    if not is_run_dir(path):
+        write_atomic(path / MARKER_FILE, json.dumps({"written_by": "autobatch run", "version": __version__}) + "\n")
+
+
+def foreign_files(path: Path) -> list[str]:
+    """The entries of an existing output dir that autobatch did not write: all of them, unless it holds the marker."""
+    if not path.is_dir() or is_run_dir(path):
+        return []
+    return sorted(p.name for p in path.iterdir())
+
+
 def check_output_dir_state(config: Config, resume: bool, overwrite: bool) -> None:
-    """Refuse a dir holding an earlier run unless --resume or --overwrite-output-dir; delete nothing."""
+    """Refuse a dir autobatch did not claim (a model's folder, anyone's files) whatever the flags, and one
+    holding an earlier run unless --resume or --overwrite-output-dir; delete nothing."""
     path = check_output_dir(config)
+    foreign = foreign_files(path)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        model = config.model_name_or_path
+        whose = (" (it is the --model folder: the final save would overwrite the model)"
+                 if model and os.path.isdir(os.path.expanduser(model)) and path.resolve() ==
+                 Path(model).expanduser().resolve() else "")
+        raise ConfigError(
+            f"output_dir {path} holds files autobatch did not write ({shown}){whose}: choose a new or empty "
+            f"--output-dir; nothing was changed"
+        )
     found = earlier_run_files(path)
     if found and not (resume or overwrite):
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
@@ -51,40 +88,90 @@ def check_output_dir_state(config: Config, resume: bool, overwrite: bool) -> Non
         )
 
 
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """checkpoint-N folders holding trainer_state.json (the Trainer writes it last), newest first."""
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint folder `path` cannot be resumed from (naming the file), or None when it is whole.
+
+    Read without torch: trainer_state.json must be JSON with a global_step (the Trainer writes it last, so a
+    folder without it was cut mid-save); every torch save (*.pt, *.pth, *.bin: zip archives) must have its
+    central directory; every *.safetensors its header and all the bytes the header promises.
+    """
+    import zipfile
+
+    state = path / STATE_FILE
+    if not state.is_file():
+        return f"no {STATE_FILE}, it was cut mid-save"
+    try:
+        step = json.loads(state.read_text()).get("global_step")
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{STATE_FILE} is unreadable ({type(exc).__name__})"
+    if not isinstance(step, int):
+        return f"{STATE_FILE} has no global_step"
+    for file in sorted(path.iterdir()):
+        if file.suffix in (".pt", ".pth", ".bin") and file.is_file():
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    archive.infolist()
+            except (OSError, zipfile.BadZipFile):
+                return f"{file.name} is truncated or corrupt (not a complete torch save)"
+        elif file.suffix == ".safetensors" and file.is_file() and not _whole_safetensors(file):
+            return f"{file.name} is truncated or corrupt"
+    return None
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """The safetensors header parses and the file holds every byte its tensors' offsets name."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size >= 8 + size + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """Every checkpoint-N folder, newest first."""
     path = Path(output_dir)
     if not path.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in path.iterdir()
              if (m := CHECKPOINT_NAME.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found, reverse=True) if (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found, reverse=True)]
 
 
-def resume_checkpoint(config: Config, warn: bool = True) -> Path:
-    """The newest complete checkpoint to resume from, checked before any probing.
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """checkpoint-N folders that are whole (`checkpoint_problem`), newest first."""
+    return [p for p in checkpoint_folders(output_dir) if checkpoint_problem(p) is None]
 
-    A newer folder without trainer_state.json was cut mid-save: it is skipped with a warning.
+
+def resume_checkpoint(config: Config, warn: bool = False) -> Path:
+    """The newest whole checkpoint to resume from, checked before any probing.
+
+    A newer folder that is not whole (cut mid-save, an empty trainer_state.json, a truncated optimizer.pt) is
+    skipped; with `warn` (once, where the run resumes) each is named with its problem.
     """
     path = check_output_dir(config)
-    complete = complete_checkpoints(path)
-    newest = complete[0] if complete else None
-    folders = path.iterdir() if path.is_dir() else []
-    cut = [p.name for p in folders if CHECKPOINT_NAME.match(p.name) and p not in complete]
-    for name in sorted(cut, key=lambda n: int(n.split("-")[1])):
-        if warn and (newest is None or int(name.split("-")[1]) > int(newest.name.split("-")[1])):
-            logger.warning("--resume: skipping %s: no %s, it was cut mid-save", path / name, STATE_FILE)
-    if newest is None:
-        what = f"only incomplete ones ({', '.join(sorted(cut))})" if cut else "none"
+    broken: list[str] = []
+    for folder in checkpoint_folders(path):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        broken.append(folder.name)
+        if warn:
+            logger.warning("--resume: skipping %s: %s", folder, problem)
+    if broken:
         raise ConfigError(
-            f"--resume: no complete checkpoint in {path} ({what}); run without --resume to start training"
+            f"--resume: no complete checkpoint in {path}, only incomplete ones ({', '.join(reversed(broken))}): "
+            "pass --overwrite-output-dir instead of --resume to start over (they are removed), or choose another "
+            "--output-dir"
         )
-    return newest
+    raise ConfigError(f"--resume: no complete checkpoint in {path} (none); run without --resume to start training")
 
 
 def check_can_run(config: Config, resume: bool = False, overwrite: bool = False) -> None:
-    """What makes a run fail, checked before minutes of probing rather than after: the device, the output
-    dir (writable; an earlier run there only with --resume or --overwrite-output-dir), a checkpoint for
+    """What makes a run fail, checked before minutes of probing rather than after: the device, training data,
+    the output dir (writable; an earlier run there only with --resume or --overwrite-output-dir), a checkpoint for
     --resume, and the eval split evaluation needs."""
     if config.device == "estimate":
         raise ConfigError(
@@ -96,6 +183,8 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
             "auto_find_batch_size: it restarts training at a smaller batch and fights the plan (autobatch's "
             "own OOM fallback keeps the effective batch); set auto_find_batch_size false or remove it"
         )
+    if config.dataset_name is None and config.model_name_or_path is not None:  # train._datasets, before probing
+        raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
     sharding.check_shardable(config.training_args)
     if (config.nproc_per_node or 1) > 1 and not ranks.current().launched:
         raise ConfigError(

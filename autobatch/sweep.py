@@ -283,6 +283,48 @@ def _measured(rung: Rung) -> dict:
             "lr_rule": rung.lr_rule}
 
 
+def _fail_dead_trials(study, fail_stale_trials) -> None:
+    """Fail (and, by the retry callback, queue again once) the trials a killed sweep left RUNNING.
+
+    Resumed within the heartbeat grace period of the kill, their heartbeat is not stale yet: they were
+    queued again here, then failed and retried by optuna at the next trial start, so one point ran twice.
+    Waiting out the grace period (at most a few seconds, only while such a trial exists) lets optuna fail
+    each one first, and its retry is the only copy queued.
+    """
+    import time
+
+    import optuna
+
+    running = (optuna.trial.TrialState.RUNNING,)
+    storage = study._storage
+    grace = getattr(storage, "grace_period", None) or 2 * HEARTBEAT_S
+    deadline = time.monotonic() + grace + (getattr(storage, "heartbeat_interval", None) or HEARTBEAT_S) + 1
+    while True:
+        with _quiet_optuna():
+            fail_stale_trials(study)
+        if not study.get_trials(deepcopy=False, states=running) or time.monotonic() > deadline:
+            return
+        time.sleep(0.25)
+
+
+def check_validation_budget(study, tokens: int | None, examples: float | None = None) -> None:
+    """A study's validation runs all train on one budget: a resumed sweep with another --validate-tokens is
+    refused, so a result is never labelled with examples it did not see. The first sweep records it."""
+    stored_tokens = study.user_attrs.get("validate_tokens")
+    stored_examples = study.user_attrs.get("validate_examples")
+    if tokens is None or stored_tokens is None and examples is None:
+        return
+    if stored_tokens not in (None, tokens) or (examples is not None and stored_examples not in (None, examples)):
+        raise ConfigError(
+            f"--validate-tokens {tokens}: the study's validation runs trained with --validate-tokens {stored_tokens} "
+            f"({stored_examples} examples each); resume with --validate-tokens {stored_tokens}, or validate the new "
+            "budget into another --output-dir / --storage"
+        )
+    if examples is not None:
+        study.set_user_attr("validate_tokens", tokens)
+        study.set_user_attr("validate_examples", examples)
+
+
 class ProbeMiss(Exception):
     """A validation run ran out of memory at a point the probe said fits: a failed trial, flagged, not a crash."""
 
@@ -295,11 +337,11 @@ def run_validation_study(study, points: list[Point], validate, max_trials: int |
     from optuna.storages import fail_stale_trials
 
     states = optuna.trial.TrialState
-    with _quiet_optuna():
-        fail_stale_trials(study)
+    _fail_dead_trials(study, fail_stale_trials)
     by_key = {_key(p.params()): p for p in points}
+    # RUNNING left after the wait: a live process is heartbeating it; its point is not queued twice either
     seen = {_key(t.params or t.system_attrs.get("fixed_params", {}))  # a queued trial's params are still fixed ones
-            for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.WAITING))}
+            for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.WAITING, states.RUNNING))}
     for key, point in by_key.items():
         if key not in seen:
             study.enqueue_trial(point.params(), skip_if_exists=False)
@@ -392,6 +434,7 @@ def validate_point(config, point: Point, examples: float, device: str, output_di
     trainer.train()
     seconds = _time.perf_counter() - started
     eval_loss = trainer.evaluate()["eval_loss"]
+    losses = per_example_losses(trainer)
     curve = [{"tokens": e.get("num_input_tokens_seen"), "loss": e["loss"]}
              for e in trainer.state.log_history if "loss" in e]
     noise = callback.report(resamples=200)
@@ -401,7 +444,31 @@ def validate_point(config, point: Point, examples: float, device: str, output_di
     seen = trainer.state.num_input_tokens_seen
     return eval_loss, {"eval_loss": eval_loss, "tokens_seen": int(seen), "steps": steps, "wall_seconds": seconds,
                        "trained_micro_batch_size": micro, "trained_gradient_accumulation_steps": accumulation,
-                       "loss_curve": curve, "gradient_noise_scale": _plain(noise)}
+                       "loss_curve": curve, "gradient_noise_scale": _plain(noise),
+                       "eval_losses": [round(v, 6) for v in losses]}
+
+
+def per_example_losses(trainer) -> list[float]:
+    """Mean token loss of every eval example, in the eval loader's (sequential) order: the same examples in the
+    same order for every validation run, so rungs compare example by example. The eval batch is the run's."""
+    import torch
+
+    model = trainer.model
+    model.eval()
+    losses: list[float] = []
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            batch = trainer._prepare_inputs(batch)
+            labels = batch["labels"]
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            logits = model(**inputs).logits[:, :-1]
+            target = labels[:, 1:]
+            token = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), target, ignore_index=-100,
+                                                      reduction="none")
+            counted = (target != -100).sum(1)
+            losses.extend((token.sum(1) / counted.clamp(min=1)).tolist())
+            del logits, token
+    return losses
 
 
 def _plain(report: dict) -> dict:
@@ -416,3 +483,147 @@ def best_noise_scale(reports: list[dict]) -> dict | None:
     if not resolved:
         return max(reports, key=lambda r: (r.get("low") or 0, r.get("steps") or 0), default=None)
     return min(resolved, key=lambda r: (r["high"] - r["low"]) / r["b_simple"])
+
+
+# ------------------------------------------------------------------------------- the verdict and its noise
+
+NOISE_Z = 2.0  # a difference counts when it is more than twice its standard error (about 95%, two-sided)
+
+
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of `values` (sample standard deviation / √n); inf for fewer than 2."""
+    n = len(values)
+    if n < 2:
+        return math.inf
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def difference(a: list[float], b: list[float]) -> tuple[float, float, bool]:
+    """mean(b) − mean(a), its standard error, and whether it was paired. The same eval examples in the same
+    order (equal lengths) are compared example by example, which cancels what the examples share (a hard
+    example is hard for every rung); otherwise the two standard errors add in quadrature."""
+    if len(a) == len(b) and len(a) >= 2:
+        diffs = [y - x for x, y in zip(a, b)]
+        return sum(diffs) / len(diffs), standard_error(diffs), True
+    mean_a = sum(a) / len(a) if a else math.nan
+    mean_b = sum(b) / len(b) if b else math.nan
+    return mean_b - mean_a, math.hypot(standard_error(a), standard_error(b)), False
+
+
+@dataclass
+class EvalResult:
+    """One validation run's eval losses, one per eval example in the eval set's order."""
+
+    effective_batch_size: int
+    learning_rate: float
+    losses: list[float]
+    multiplier: float = 1.0  # of the rung's scaled rate (--lr-multipliers)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.losses) / len(self.losses)
+
+    @property
+    def sem(self) -> float:
+        return standard_error(self.losses)
+
+
+@dataclass
+class Verdict:
+    """What the validation runs say, noise included: a winner only beyond it."""
+
+    best: EvalResult  # lowest mean eval loss, each rung at its best tried rate
+    per_rung: dict[int, EvalResult]  # each rung at its best tried rate
+    tied: list[int]  # rungs whose difference from the best is within NOISE_Z standard errors
+    paired: bool  # every comparison was example by example
+    unresolved: dict[int, str]  # rungs whose best rate is at the grid's edge: "highest" or "lowest"
+    eval_examples: int
+    examples_needed: int | None = None  # eval examples that would resolve the closest tie (estimate)
+    recommended: int = 0
+
+    @property
+    def resolved(self) -> bool:
+        return not self.tied
+
+
+def judge(results: list[EvalResult], speed: dict[int, float] | None = None, z: float = NOISE_Z) -> Verdict:
+    """Compare validation runs: each rung at its best tried learning rate, then rungs against the best.
+
+    A rung within `z` standard errors of the best is tied with it; among tied rungs the recommendation is
+    the fastest (`speed`: tokens/s per rung), since loss cannot tell them apart. The eval examples that would
+    separate the closest tie follow from the standard error's 1/√n: n·(z·se/d)². A rung whose best rate was
+    the highest or lowest of two or more tried is unresolved: its best may lie past the grid.
+    """
+    by_rung: dict[int, list[EvalResult]] = {}
+    for result in results:
+        by_rung.setdefault(result.effective_batch_size, []).append(result)
+    per_rung, unresolved = {}, {}
+    for batch, runs in sorted(by_rung.items()):
+        best = min(runs, key=lambda r: r.mean)
+        per_rung[batch] = best
+        rates = sorted(r.learning_rate for r in runs)
+        if len(rates) >= 2 and best.learning_rate in (rates[0], rates[-1]):
+            unresolved[batch] = "highest" if best.learning_rate == rates[-1] else "lowest"
+    best = min(per_rung.values(), key=lambda r: (r.mean, r.effective_batch_size))
+    tied, paired, factor = [], True, 0.0
+    for batch, other in per_rung.items():
+        if batch == best.effective_batch_size:
+            continue
+        gap, se, was_paired = difference(best.losses, other.losses)
+        paired = paired and was_paired
+        if not gap > z * se:
+            tied.append(batch)
+            factor = math.inf if gap <= 0 or not math.isfinite(se) else max(factor, (z * se / gap) ** 2)
+    examples = len(best.losses)
+    needed = None if not tied or not math.isfinite(factor) else math.ceil(examples * factor)
+    pool = [best.effective_batch_size, *tied]
+    recommended = max(pool, key=lambda b: ((speed or {}).get(b, 0.0), -b)) if tied else best.effective_batch_size
+    return Verdict(best, per_rung, sorted(tied), paired, unresolved, examples, needed, recommended)
+
+
+def verdict_text(verdict: Verdict, tokens_per_example: float, seen: str) -> tuple[str, list[str]]:
+    """The recommendation's reason and the notes beside it, error bars included."""
+    best = verdict.best
+    how = "paired over the same eval examples" if verdict.paired else "unpaired"
+    bar = f"{best.mean:.4f} ± {best.sem:.4f}"
+    notes = []
+    if len(verdict.per_rung) == 1:
+        reason = (f"the only rung validated (eval loss after {seen}: {bar} at learning rate "
+                  f"{best.learning_rate:.3g}); nothing to compare it with")
+    elif verdict.resolved:
+        reason = (f"lowest eval loss after {seen} (measured: {bar} at learning rate {best.learning_rate:.3g}; "
+                  f"every other rung is more than {NOISE_Z:g} standard errors worse, {how})")
+    else:
+        tied = ", ".join(str(b) for b in [best.effective_batch_size, *verdict.tied])
+        reason = (f"rungs {tied} are indistinguishable at this budget (eval losses within {NOISE_Z:g} standard "
+                  f"errors, {how}; lowest {bar} at B={best.effective_batch_size}): the fastest of them is "
+                  "recommended")
+        if verdict.examples_needed is not None:
+            more = verdict.examples_needed / max(verdict.eval_examples, 1)
+            notes.append(f"to tell them apart: about {verdict.examples_needed} eval examples "
+                         f"(≈{verdict.examples_needed * tokens_per_example:,.0f} tokens, {more:.1f}× the "
+                         f"{verdict.eval_examples} used; a larger --dataset-test-split or --eval-fraction), or more "
+                         "--validate-tokens if the runs keep drifting apart")
+        else:
+            notes.append("no difference measured at all between the tied rungs: a larger eval set or more "
+                         "--validate-tokens may separate them")
+    for batch, edge in verdict.unresolved.items():
+        side = "raise" if edge == "highest" else "lower"
+        notes.append(f"B={batch}: its best learning rate {verdict.per_rung[batch].learning_rate:.3g} is the {edge} "
+                     f"tried, so B={batch} is unresolved (its best may lie past the grid): {side} --lr-multipliers "
+                     "past the edge to compare it at its own best rate")
+    return reason, notes
+
+
+def noise_scale_below_rungs(b_noise: float | None, sizes: list[int]) -> bool:
+    """B_noise below the smallest rung: every rung is past it, so the model's efficiency and time-to-target
+    columns would compare rungs all on the flat part of the curve, numbers with nothing behind them."""
+    return bool(b_noise) and bool(sizes) and b_noise < min(sizes)
+
+
+def eval_bars(results: list[EvalResult]) -> list[dict]:
+    """Per rung and rate: mean eval loss and its standard error, for the loss plot and --json."""
+    return [{"effective_batch_size": r.effective_batch_size, "learning_rate": r.learning_rate,
+             "lr_multiplier": r.multiplier, "eval_loss": r.mean, "standard_error": r.sem, "examples": len(r.losses)}
+            for r in results]

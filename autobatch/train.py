@@ -46,10 +46,11 @@ from autobatch.rundir import (  # noqa: F401 - check_can_run and check_output_di
     STATE_FILE,
     check_can_run,
     check_output_dir,
+    claim_output_dir,
     complete_checkpoints,
     resume_checkpoint,
 )
-from autobatch.workload import build_trainer, fingerprint, load_train_dataset, sft_config
+from autobatch.workload import build_trainer, fingerprint, load_train_dataset, model_path, sft_config
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ def plan_from_checkpoint(config: Config, checkpoint: Path) -> Plan:
     wanted = config.per_device_train_batch_size
     if not isinstance(micro, int) or not isinstance(accumulation, int) or wanted not in ("auto", None, micro):
         raise ConfigError(
-            f"--resume: {checkpoint.parent} has no {PLAN_FILE} and {checkpoint / STATE_FILE} gives "
+            f"--resume: {checkpoint.parent} has no readable {PLAN_FILE} and {checkpoint / STATE_FILE} gives "
             f"micro-batch {micro}; pass the --effective-batch-size (or --gradient-accumulation-steps) the run used, "
             "so the data position stays exact"
         )
@@ -330,7 +331,7 @@ def plan_from_checkpoint(config: Config, checkpoint: Path) -> Plan:
 
 def resume_plan(config: Config) -> Plan:
     """The plan `--resume` trains with: OUT/plan.json, else the newest complete checkpoint's batch."""
-    checkpoint = resume_checkpoint(config, warn=False)
+    checkpoint = resume_checkpoint(config)
     return saved_plan(config) or plan_from_checkpoint(config, checkpoint)
 
 
@@ -365,13 +366,19 @@ def _stop_if_ranks(world_size: int, step: int, inputs: dict) -> None:
 
 def _output_dir(config: Config) -> str:
     path = check_output_dir(config)
-    path.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main():
+        claim_output_dir(path)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
 
 def _datasets(config: Config):
     """Train and optional eval dataset: the config's, or the built-in text sample for the built-in model."""
-    if config.dataset_name is None and config.model_name_or_path is not None:
+    from autobatch.builtin import is_builtin_model_path
+
+    model = config.model_name_or_path
+    if config.dataset_name is None and model is not None and not is_builtin_model_path(model):
         raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
     train = load_train_dataset(config)
     evaluation = None
@@ -384,23 +391,17 @@ def _datasets(config: Config):
 
 
 def load_plan(path: str, config: Config) -> Plan:
-    """A plan saved by `autobatch plan --output`, refused if memory-relevant settings differ from `config`."""
+    """A plan saved by `autobatch plan --output`, refused unless it holds for `config`: the same memory
+    settings, the same model content (wherever it is saved), and the batch its probe measured."""
     saved = build_config(path)
     meta = read_plan_meta(path)
-    current = fingerprint(config)
-    differences = fingerprint_differences(meta["memory_fingerprint"], current)
-    if config.memory_budget_bytes is not None and config.memory_budget_bytes != meta["memory_budget_bytes"]:
-        differences.append(f"memory_budget: {meta['memory_budget_bytes']} -> {config.memory_budget_bytes}")
-    if config.device not in (None, meta["device"]) and meta["device"] != "estimate":  # estimate plans for a GPU
-        differences.append(f"device: {meta['device']} -> {config.device}")
+    differences = plan_differences(meta, config, path)
     if differences:
         raise ConfigError(
             f"--plan {path} was made for other memory settings ({'; '.join(differences)}): "
             "plan again without --plan, or run with the settings it was made for"
         )
-    micro, accumulation = saved.per_device_train_batch_size, saved.gradient_accumulation_steps
-    if not (isinstance(micro, int) and isinstance(accumulation, int)):
-        raise ConfigError(f"--plan {path}: per_device_train_batch_size and gradient_accumulation_steps must be set")
+    micro, accumulation = check_planned_batch(path, meta, config, saved)
     _warn_alloc_conf(path, meta)
     return Plan(
         per_device_train_batch_size=micro,
@@ -417,10 +418,88 @@ def load_plan(path: str, config: Config) -> Plan:
         trials=[],
         seconds_per_step=meta.get("seconds_per_step", 0.0),
         notes=[f"reused {path}: no probing"],
-        memory_fingerprint=current,
+        memory_fingerprint=fingerprint(config),
         per_device_eval_batch_size=saved.training_args.get("per_device_eval_batch_size"),
         pytorch_cuda_alloc_conf=meta.get("pytorch_cuda_alloc_conf"),
     )
+
+
+def plan_differences(meta: dict, config: Config, path: str) -> list[str]:
+    """What differs between the settings and model a plan.yaml was made for and `config`'s.
+
+    The config is compared as plan.yaml writes it (current key names, cpu precision off), with keys it
+    leaves to defaults (bf16, fp16, use_cpu) taken as planned; the model by content, not by path.
+    """
+    from autobatch.binding import model_content
+    from autobatch.config import _as_written
+
+    saved = dict(meta["memory_fingerprint"])
+    current = fingerprint(_as_written(config, meta["device"]))
+    for key in ("bf16", "fp16", "use_cpu"):
+        if key not in config.training_args and key in saved:
+            current[key] = saved[key]
+    model = model_path(config)
+    if "model_content" in meta:
+        now = model_content(model)
+        if meta["model_content"] is not None and now is not None:
+            saved.pop("model_name_or_path", None)
+            current.pop("model_name_or_path", None)
+            for part in ("config", "weights"):
+                if meta["model_content"][part] != now[part]:
+                    saved[f"model {part}"], current[f"model {part}"] = meta["model_content"][part], now[part]
+    else:
+        logger.warning("--plan %s was written before plans were bound to the model's content: the model at %s is "
+                       "taken to be the one it was made for (plan again to bind it)", path, model)
+    differences = fingerprint_differences(saved, current)
+    if config.memory_budget_bytes is not None and config.memory_budget_bytes != meta["memory_budget_bytes"]:
+        differences.append(f"memory_budget: {meta['memory_budget_bytes']} -> {config.memory_budget_bytes}")
+    if config.device not in (None, meta["device"]) and meta["device"] != "estimate":  # estimate plans for a GPU
+        differences.append(f"device: {meta['device']} -> {config.device}")
+    return differences
+
+
+def check_planned_batch(path: str, meta: dict, config: Config, saved: Config) -> tuple[int, int]:
+    """The micro-batch × accumulation the plan's probe measured; a hand-edited one is refused in one line.
+
+    `config` may be another file (`--config tiny.yaml --plan plan.yaml`): where it leaves the batch to
+    autobatch (auto), the plan file's values are taken.
+    """
+    micro, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
+    micro = micro if isinstance(micro, int) else saved.per_device_train_batch_size
+    accumulation = accumulation if isinstance(accumulation, int) else saved.gradient_accumulation_steps
+    if not (isinstance(micro, int) and isinstance(accumulation, int)):
+        raise ConfigError(f"--plan {path}: per_device_train_batch_size and gradient_accumulation_steps must be set")
+    planned = (meta.get("per_device_train_batch_size", micro), meta.get("gradient_accumulation_steps", accumulation))
+    effective = micro * accumulation * config.world_size
+    wanted = config.effective_batch_size
+    if (micro, accumulation) != planned or effective != meta["effective_batch_size"] or wanted not in (None, effective):
+        raise ConfigError(
+            f"--plan {path}: per_device_train_batch_size {micro} × gradient_accumulation_steps {accumulation} is not "
+            f"what it planned ({planned[0]} × {planned[1]}, effective {meta['effective_batch_size']}; the peak it "
+            f"states is for micro-batch {planned[0]}): restore those values, or plan "
+            f"--micro-batch-size {micro} --output {path} to check the new size"
+        )
+    return micro, accumulation
+
+
+def check_resume_batch(config: Config, plan: Plan, plan_file: str) -> None:
+    """--resume --plan: the plan must state the batch the run trained with, or the effective batch changes
+    mid-run (and plan.json would be overwritten with the other one)."""
+    checkpoint = resume_checkpoint(config)
+    path = check_output_dir(config) / PLAN_FILE
+    try:
+        before = json.loads(path.read_text())
+        trained = (before["per_device_train_batch_size"], before["gradient_accumulation_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        trained = (state.get("train_batch_size"), plan.gradient_accumulation_steps)
+    if trained != (plan.per_device_train_batch_size, plan.gradient_accumulation_steps):
+        raise ConfigError(
+            f"--resume --plan {plan_file}: it states micro-batch {plan.per_device_train_batch_size} × accumulation "
+            f"{plan.gradient_accumulation_steps}, but the run in {path.parent} trained with {trained[0]} × "
+            f"{trained[1]}: resume without --plan (the run's own {PLAN_FILE} is used), or train the new plan into "
+            "another --output-dir"
+        )
 
 
 def _warn_alloc_conf(path: str, meta: dict) -> None:
@@ -446,8 +525,11 @@ def saved_plan(config: Config) -> Plan | None:
         return None
     try:
         plan = Plan.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"--resume: cannot read {path} ({exc}); run without --resume to plan again") from None
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        # The checkpoint holds the micro-batch too: resuming stays possible (advising a plain run was a dead end)
+        logger.warning("--resume: %s is unreadable (%s): the batch comes from the checkpoint instead", path,
+                       type(exc).__name__)
+        return None
     differences = fingerprint_differences(plan.memory_fingerprint, fingerprint(config))
     for key, wanted in (
         ("per_device_train_batch_size", config.per_device_train_batch_size),
@@ -463,7 +545,8 @@ def saved_plan(config: Config) -> Plan | None:
             f"--resume: {path} was planned for other settings ({'; '.join(differences)}): "
             "resume with the settings it was made for, or train into a new --output-dir"
         )
-    plan.notes = [*plan.notes, f"reused {path} to resume: no probing"]
+    note = f"reused {path} to resume: no probing"
+    plan.notes = [*plan.notes, *([] if note in plan.notes else [note])]  # a second resume: said once
     return plan
 
 
@@ -497,6 +580,7 @@ def run(
     import gc
 
     backend = _run_backend(config, plan)
+    ranks.init_group(backend.device, ranks.group_timeout_s(config, backend.device))  # before the Trainer makes one
     output_dir = _output_dir(config)
     args, notes = sft_config(
         config,
@@ -522,7 +606,7 @@ def run(
     for callback in callbacks or []:
         if hasattr(callback, "attach"):  # callbacks that hook the model (gns) need the trainer itself
             callback.attach(trainer)
-    checkpoint = resume_checkpoint(config, warn=False) if resume else None
+    checkpoint = resume_checkpoint(config, warn=True) if resume else None
     if overwrite and not resume and ranks.is_main():
         _remove_earlier_checkpoints(output_dir)
     if ranks.is_main():
@@ -530,7 +614,10 @@ def run(
     logger.info("plan: %s", json.dumps({k: v for k, v in plan.to_dict().items() if k not in ("trials", "options")}))
     started = time.perf_counter()
     with backend.measure() as measured:
-        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if checkpoint is not None and _finished(checkpoint, args.max_steps):
+            output = _load_finished(trainer, checkpoint)
+        else:
+            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop is not None and stop.signum is not None:
         raise _stopped(stop, trainer, output_dir)
     trainer.save_model(output_dir)
@@ -540,9 +627,9 @@ def run(
     return RunResult(
         output_dir=output_dir,
         global_step=trainer.state.global_step,
-        train_loss=output.training_loss,
-        samples_per_s=output.metrics.get("train_samples_per_second") or (
-            trainer.state.global_step * plan.effective_batch_size / elapsed if elapsed else None),
+        train_loss=output.training_loss if output else None,
+        samples_per_s=(output.metrics.get("train_samples_per_second") or (
+            trainer.state.global_step * plan.effective_batch_size / elapsed if elapsed else None)) if output else None,
         peak_memory_bytes=peak,
         predicted_peak_memory_bytes=max(plan.peak_memory_bytes, plan.eval_peak_memory_bytes or 0),
         memory_budget_bytes=backend.budget_bytes,
@@ -555,6 +642,25 @@ def run(
         log_history=trainer.state.log_history,
         resumed_from_step=int(Path(checkpoint).name.rpartition("-")[2]) if checkpoint else 0,
     )
+
+
+def _finished(checkpoint: Path, max_steps: int) -> bool:
+    """Whether `checkpoint` already reached the run's last step (`max_steps`, else the steps it planned).
+
+    Resumed there, the Trainer trains one step before it checks the limit: 30 -> 31 -> 32 on each --resume.
+    """
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    target = max_steps if max_steps and max_steps > 0 else state.get("max_steps") or 0
+    return 0 < target <= state.get("global_step", 0)
+
+
+def _load_finished(trainer, checkpoint: Path) -> None:
+    """The finished checkpoint's weights and state, loaded without training, for the final save."""
+    from transformers import TrainerState
+
+    logger.warning("--resume: %s is the run's last step: nothing left to train; saving the final model", checkpoint)
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / STATE_FILE))
 
 
 def _stopped(stop: SignalStop, trainer, output_dir: str) -> Interrupted:

@@ -16,7 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from autobatch.config import LOCAL_DATA_FORMATS, TRAINER_KEYS, Config, memory_fingerprint, modern_names
+from autobatch.config import (
+    AUTOBATCH_KEYS,
+    LOCAL_DATA_FORMATS,
+    TRAINER_KEYS,
+    Config,
+    memory_fingerprint,
+    modern_names,
+)
 from autobatch.errors import AutobatchError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -75,7 +82,7 @@ def check_hub_reachable(name: str, flag: str, timeout_s: float = 3.0) -> None:
 
 
 def _closest(key: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1)
+    match = difflib.get_close_matches(key, sorted(set(valid) | AUTOBATCH_KEYS), n=1)
     return f" (did you mean {match[0]}?)" if match else ""
 
 
@@ -172,9 +179,10 @@ def load_train_dataset(config: Config, split: str | None = None):
 
     name = config.dataset_name
     if name is None:
-        if config.model_name_or_path is not None:
+        from autobatch.builtin import builtin_dataset_path, is_builtin_model_path
+
+        if config.model_name_or_path is not None and not is_builtin_model_path(config.model_name_or_path):
             return None  # the probe then measures a synthetic example of max_length tokens
-        from autobatch.builtin import builtin_dataset_path
 
         name = str(builtin_dataset_path())  # the built-in model trains on the shipped text sample
     path = Path(os.path.expanduser(name))

@@ -140,13 +140,14 @@ def measure(label: str, overrides: dict, max_length: int, micro: int, device: st
         api.run(config, plan=api.plan(config), callbacks=[timer])
     steps = timer.seconds[len(CYCLE) * WARMUP:]
     triples = [dict(steps[i:i + 3]) for i in range(0, len(steps) - 2, 3)]
+    report = timer.gns.report(resamples=10)
     on, on_q = _median_and_quartiles([t[ON] / t[OFF] for t in triples])
     idle, idle_q = _median_and_quartiles([t[IDLE] / t[OFF] for t in triples])
     return {"size": label, "parameters": timer.parameters, "tokens_per_micro_batch": micro * max_length,
             "step_s_without": statistics.median(t[OFF] for t in triples),
             "step_s_with": statistics.median(t[ON] for t in triples),
             "ab_overhead": on, "ab_quartiles": on_q, "idle_overhead": idle, "idle_quartiles": idle_q,
-            "meter_overhead": timer.gns.report(resamples=10)["overhead"], "cycles": len(triples)}
+            "meter_overhead": report["overhead"], "measured_steps": report["steps"], "cycles": len(triples)}
 
 
 def main() -> int:

@@ -131,7 +131,7 @@ def run_all(jobs: list[str], out: Path, parallel: int, timeout_s: float) -> list
             cmd += ["--snapshot", str(out / f"snap-{safe}.pickle")]
         started = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+            proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout_s)
             code, err = proc.returncode, proc.stderr[-1500:]
         except subprocess.TimeoutExpired:
             code, err = "timeout", ""

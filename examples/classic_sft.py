@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 from pathlib import Path
 
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
         "collator_batches_in_run": collator.batch_sizes[len(trial_batches):],
     }
     print(json.dumps(summary, indent=2))
+    if not options.workdir:  # a temp dir is the script's, not the user's: say where it is and that it stays
+        print(f"model, data and output left in {workdir} (remove it with: rm -r {workdir}; --workdir DIR to choose)",
+              file=sys.stderr)
     return summary
 
 

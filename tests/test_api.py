@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 
 import autobatch
 from autobatch import api
@@ -18,7 +19,6 @@ from autobatch.cli import main
 from autobatch.config import Config
 from autobatch.planner import Plan, Trial
 
-ROOT = Path(__file__).resolve().parents[1]
 SEEN: list[int] = []  # micro-batches at which any copy of Recorder saw a train begin
 
 
@@ -170,7 +170,8 @@ def test_import_autobatch_stays_free_of_torch():
 def test_cli_plan_and_run_go_through_the_api(monkeypatch, tmp_path, capsys):
     from autobatch import train
 
-    calls = []
+    calls, planned, trained = [], [], []
+    result = train.RunResult(str(tmp_path), 1, 1.0, 2.0, 80, 80, 100, "cpu", 4, 2, 8)
 
     def plan(config, on_trial=None, **overrides):
         calls.append(("plan", config.effective_batch_size))
@@ -178,11 +179,13 @@ def test_cli_plan_and_run_go_through_the_api(monkeypatch, tmp_path, capsys):
 
     def run_plan(config, plan_file=None, *, resume=False, **kwargs):
         calls.append(("run_plan", plan_file, resume))
-        return _plan()
+        planned.append(_plan())
+        return planned[-1]
 
     def run(config, *, plan=None, resume=False, **kwargs):
         calls.append(("run", plan.per_device_train_batch_size))
-        return train.RunResult(str(tmp_path), 1, 1.0, 2.0, 80, 80, 100, "cpu", 4, 2, 8)
+        trained.append(plan)
+        return result
 
     monkeypatch.setattr(api, "plan", plan)
     monkeypatch.setattr(api, "run_plan", run_plan)
@@ -190,7 +193,10 @@ def test_cli_plan_and_run_go_through_the_api(monkeypatch, tmp_path, capsys):
     assert main(["plan", "--effective-batch-size", "8", "--json"]) == 0
     assert main(["run", "--json", "--output-dir", str(tmp_path)]) == 0
     assert calls == [("plan", 8), ("run_plan", None, False), ("run", 4)]
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["run"]["effective_batch_size"] == 8
+    assert trained[0] is planned[0]  # the run trains the very plan run_plan gave, not a copy or a new probe
+    # `run --json` is one object: that plan and that result, nothing dropped or recomputed on the way
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"plan": planned[0].to_dict(),
+                                                                    "run": result.to_dict()}
 
 
 @pytest.mark.slow

@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from helpers import MiB
 
 from autobatch import cache
 from autobatch.cli import main
 from autobatch.planner import Trial
 
-MiB = 2**20
 DESCRIPTION = {"config": {"model_name_or_path": "m", "max_length": 64}, "device": {"device": "cpu"}}
 
 
@@ -154,3 +154,130 @@ def test_two_plans_at_once_on_one_cache_are_both_correct(tiny_model_dir, tmp_pat
         assert report["per_device_train_batch_size"] * report["gradient_accumulation_steps"] == 4
     entries = cache.list_entries(cache_file)
     assert len(entries) == 1 and entries[0].trials >= len(reports[0]["trials"])
+
+
+# ------------------------------------------------------------------- the key, by construction (issue 23.2)
+
+#: Config fields that are not in `memory_fingerprint`, and why a stored trial stays valid when they change.
+CONFIG_NOT_KEYED = {
+    "eval_fraction": "changes which examples train; the longest one the trials copy is keyed (example_length)",
+    "dataset_test_split": "the eval data; the longest train example is keyed (example_length)",
+    "effective_batch_size": "the accumulation it implies is a column of the trial's row",
+    "per_device_train_batch_size": "a column of the trial's row",
+    "gradient_accumulation_steps": "a column of the trial's row",
+    "device": "the backend's identity is keyed (description['device'])",
+    "memory_budget_bytes": "a peak is valid under any budget; an OOM row stores the budget it ran under",
+    "headroom": "compares a stored peak with the usable bytes at lookup",
+    "max_micro_batch_size": "where the search stops, not what a trial holds",
+    "find_max": "where the search stops, not what a trial holds",
+    "cache": "where trials are stored",
+    "no_cache": "whether trials are stored",
+}
+
+
+def _sft_config(tmp_path, **values):
+    from trl import SFTConfig
+
+    return SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **values)
+
+
+def test_every_sftconfig_field_is_keyed_or_named_irrelevant_with_a_reason(tmp_path):
+    """A field that changes memory and is in neither list fails here: the key is built from every field."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from autobatch.config import NOT_MEMORY_KEYS
+
+    fields = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+    keyed = set(cache.memory_args(_sft_config(tmp_path)))
+    unaccounted = sorted(f for f in fields if f not in keyed and not NOT_MEMORY_KEYS.get(f, "").strip())
+    assert unaccounted == []
+    assert sorted(set(NOT_MEMORY_KEYS) - fields) == [], "a stale entry names no SFTConfig field"
+    known_to_change_memory = {"pad_to_multiple_of", "label_smoothing_factor", "max_length", "packing", "optim",
+                              "weight_decay", "activation_checkpointing", "model_init_kwargs", "torch_compile"}
+    assert known_to_change_memory <= keyed
+
+
+@pytest.mark.parametrize("field, value", [("pad_to_multiple_of", 256), ("label_smoothing_factor", 0.1)])
+def test_a_memory_setting_outside_the_old_list_changes_the_key(tmp_path, field, value):
+    """Reproduction: --pad-to-multiple-of 256 was answered with the peak measured without it (3.9x low)."""
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    key = [cache.workload_key(cache.workload_description({}, model, args, 64, True, {"device": "cpu"}, 1))
+           for args in (_sft_config(tmp_path), _sft_config(tmp_path, **{field: value}))]
+    assert key[0] != key[1]
+    same = cache.workload_description({}, model, _sft_config(tmp_path / "elsewhere", seed=7), 64, True,
+                                      {"device": "cpu"}, 1)
+    assert cache.workload_key(same) == key[0], "an output dir or a seed is not a new workload"
+
+
+def test_every_model_loading_and_config_field_is_in_the_plan_key_or_named_irrelevant():
+    import dataclasses
+
+    from autobatch.config import (
+        MODEL_ARGS_KEYS,
+        MODEL_CONFIG_LORA_KEYS,
+        Config,
+        build_config,
+        memory_fingerprint,
+    )
+
+    base = memory_fingerprint(build_config(overrides={"model_name_or_path": "m"}))
+    for key in MODEL_ARGS_KEYS:
+        changed = build_config(overrides={"model_name_or_path": "m"})
+        changed.model_args[key] = "x"
+        assert memory_fingerprint(changed) != base, key
+    for key in MODEL_CONFIG_LORA_KEYS.values():
+        changed = build_config(overrides={"model_name_or_path": "m"})
+        changed.lora = {key: "x"}
+        assert memory_fingerprint(changed) != base, key
+    for field in dataclasses.fields(Config):
+        if field.name in CONFIG_NOT_KEYED or field.name in ("lora", "model_args"):
+            continue
+        changed = dataclasses.replace(build_config(overrides={"model_name_or_path": "m"}),
+                                      **{field.name: {"training_args": {"pad_to_multiple_of": 8}}.get(
+                                          field.name, "other")})
+        assert memory_fingerprint(changed) != base, f"{field.name}: keyed, or in CONFIG_NOT_KEYED with a reason"
+
+
+# ------------------------------------------------------------ another program's SQLite file (issue 23.3)
+
+def optuna_study_file(tmp_path):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its handler holds an earlier test's captured stderr
+    path = tmp_path / "sweep.db"
+    study = optuna.create_study(storage=f"sqlite:///{path}", study_name="s")
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+    return path
+
+
+def checksum(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("action", ["clear", "list"])
+def test_cache_command_on_an_optuna_study_is_refused_and_changes_nothing(tmp_path, capsys, action):
+    """Reproduction: `cache clear --cache OUT/sweep.db` wiped the study's trials; `list` changed its journal mode."""
+    path = optuna_study_file(tmp_path)
+    before, names = checksum(path), sorted(p.name for p in tmp_path.iterdir())
+    assert main(["cache", action, "--cache", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not an autobatch probe cache" in err and "not changed" in err and "Traceback" not in err
+    assert checksum(path) == before and sorted(p.name for p in tmp_path.iterdir()) == names
+
+
+def test_a_plan_never_writes_into_another_programs_sqlite_file(tmp_path, caplog):
+    import logging
+
+    path = optuna_study_file(tmp_path)
+    before = checksum(path)
+    with caplog.at_level(logging.WARNING, logger="autobatch"):
+        probes = cache.ProbeCache(path, DESCRIPTION, 100 * MiB)
+        probes.store(1, 1, None, Trial(1, MiB, True, 0.1))
+    assert probes.broken and "not an autobatch probe cache" in caplog.text and "another --cache" in caplog.text
+    assert checksum(path) == before

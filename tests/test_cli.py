@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, MiB, make_plan
 
-from autobatch import cli
-from autobatch.config import load_config
+from autobatch import cli, units
+from autobatch import config as config_module
+from autobatch.config import build_config
 from autobatch.errors import BudgetTooSmallError
-from autobatch.planner import Option, Plan, Trial
+from autobatch.planner import Plan, Trial
 
-ROOT = Path(__file__).resolve().parents[1]
-MiB = 2**20
 CONTRACT_KEYS = {"per_device_train_batch_size", "gradient_accumulation_steps", "effective_batch_size",
                  "world_size", "max_micro_batch_size", "memory_budget_bytes", "peak_memory_bytes", "device",
                  "max_length", "trials"}
@@ -36,14 +36,8 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def fake_plan(config, fits: bool = True) -> Plan:
     trials = [Trial(1, 60 * MiB, True, 0.05), Trial(17, 250 * MiB, True, 0.40),
               Trial(18, 301 * MiB, False, 0.0, oom=True)]
-    return Plan(
-        per_device_train_batch_size=16, gradient_accumulation_steps=2, effective_batch_size=32,
-        world_size=config.world_size, max_micro_batch_size=17, memory_budget_bytes=300 * MiB,
-        usable_memory_bytes=300 * MiB, headroom=0.0, peak_memory_bytes=240 * MiB, device="cpu",
-        max_length=256, trials=trials, fits=fits,
-        options=[Option(16, 2, 0.38, True), Option(8, 4, 0.2, False)],
-        notes=["bf16/fp16 off on the cpu backend"], search_seconds=1.5,
-    )
+    return make_plan(world_size=config.world_size, usable_memory_bytes=300 * MiB, headroom=0.0, trials=trials,
+                     fits=fits, notes=["bf16/fp16 off on the cpu backend"], search_seconds=1.5)
 
 
 @pytest.fixture
@@ -70,6 +64,9 @@ def probe(monkeypatch):
     builtin = types.ModuleType("autobatch.builtin")
     builtin.builtin_model_dir = lambda: Path("/cache/autobatch/tiny-model")
     monkeypatch.setitem(sys.modules, "autobatch.builtin", builtin)
+    # The models named here are fakes the fake probe never loads: no path or hub cache to check them against.
+    monkeypatch.setattr(config_module, "_model_problems", lambda model, name: [])
+    monkeypatch.setattr(cli, "check_model_available", lambda config, flag: None)
     return seen
 
 
@@ -155,14 +152,14 @@ def test_debug_shows_the_traceback(capsys):
     assert cli.main(["plan", "--memory-budget", "lots", "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err
-    assert err.strip().endswith("as a size; write e.g. 300MiB, 80GB, 2.5GiB or plain bytes")
+    assert err.strip().endswith(f"cannot read 'lots' as a size; write e.g. {units.EXAMPLES}")
 
 
 # ------------------------------------------------------------------------------------------ config
 
 def test_flags_pass_through_as_training_args(probe, capsys):
     argv = ["plan", "--model", "models/tiny", "--learning-rate", "1e-5", "--gradient-checkpointing", "false",
-            "--packing=true", "--optim", "adamw_torch", "--warmup_ratio", "-0.1", "--output-dir", "out/1",
+            "--packing=true", "--optim", "adamw_torch", "--warmup_steps", "-0.1", "--output-dir", "out/1",
             "--max-length", "128", "--dataset-text-field", "content", "--memory-budget", "300MiB",
             "--micro-batch-size", "16", "--gradient-accumulation-steps", "2", "--use-peft", "true",
             "--lora-r", "4"]
@@ -170,7 +167,7 @@ def test_flags_pass_through_as_training_args(probe, capsys):
     config = probe["config"]
     assert config.model_name_or_path == "models/tiny"
     assert config.training_args == {"learning_rate": 1e-5, "gradient_checkpointing": False, "packing": True,
-                                    "optim": "adamw_torch", "warmup_ratio": -0.1, "output_dir": "out/1",
+                                    "optim": "adamw_torch", "warmup_steps": -0.1, "output_dir": "out/1",
                                     "max_length": 128, "dataset_text_field": "content"}
     assert config.memory_budget_bytes == 300 * MiB
     assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (16, 2)
@@ -218,6 +215,7 @@ def test_json_is_the_only_thing_on_stdout(probe, capsys):
     assert data["trials"][0] == {"micro_batch_size": 1, "peak_memory_bytes": 60 * MiB, "fits": True,
                                  "seconds": 0.05, "oom": False, "peak_allocated_bytes": None}
     assert "noise a library printed" in captured.err
+    assert "autobatch plan:" not in captured.err and "memory budget" not in captured.err, "no settings block"
 
 
 def test_table_and_trial_lines(probe, capsys):
@@ -237,7 +235,7 @@ def test_output_writes_a_loadable_plan(tmp_path, probe, capsys):
     assert cli.main(["plan", "--output", str(path)]) == 0
     data = yaml.safe_load(path.read_text())
     assert data["model_name_or_path"] == "/cache/autobatch/tiny-model"
-    config = load_config(path)
+    config = build_config(path)
     assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (16, 2)
     assert f"wrote {path}" in capsys.readouterr().err
 

@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+from helpers import plan_json
 
 from autobatch.cli import main
 from autobatch.config import build_config, plan_yaml_text
@@ -9,7 +10,6 @@ from autobatch.errors import ConfigError
 from autobatch.memory import CpuBackend, make_backend
 from autobatch.planner import Plan
 from autobatch.probe import Prober
-from tests.test_probe import plan_json
 
 
 def test_auto_find_batch_size_trial_reports_the_real_oom_and_neftune_hooks_do_not_pile_up(tiny_model_dir):

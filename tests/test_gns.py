@@ -5,7 +5,9 @@ unequal sizes, then fed to the pure estimator. Hooks: a tiny Llama trains one st
 the callback's per-micro-batch and accumulated norms are compared with gradients computed explicitly.
 """
 
+import json
 import math
+import os
 import random
 from pathlib import Path
 
@@ -60,10 +62,18 @@ def test_ema_is_bias_corrected():
     assert gns.ema_history([(2.0, 10.0), (2.0, 10.0)])[-1] == pytest.approx(5.0)
 
 
-def test_report_is_written_atomically(tmp_path):
+def test_report_is_written_atomically(tmp_path, monkeypatch):
     path = gns.write_report(tmp_path, {"b_simple": 3.0})
-    assert path.name == "gns.json" and path.read_text().startswith("{")
-    assert [p.name for p in tmp_path.iterdir()] == ["gns.json"]
+    assert path.name == "gns.json" and json.loads(path.read_text()) == {"b_simple": 3.0}
+
+    def fail(fd):  # the new text is in the temp file by now: the write dies between writing and renaming
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="No space left"):
+        gns.write_report(tmp_path, {"b_simple": 4.0, "history": list(range(1000))})
+    assert json.loads(path.read_text()) == {"b_simple": 3.0}  # the old report, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["gns.json"]  # no temp file left behind
 
 
 def trainer_with_gns(model_dir, data, out, accumulation, token_normalised, **overrides):
@@ -289,7 +299,6 @@ def test_under_ddp_the_small_batch_is_a_ranks_micro_batch_and_the_big_one_the_gl
 
 def test_the_overhead_benchmark_times_steps_with_and_without_the_hooks():
     """benchmarks/gns_overhead.py keeps working: its quick cpu run gives both figures for the built-in size."""
-    import json
     import subprocess
     import sys
 
@@ -301,7 +310,6 @@ def test_the_overhead_benchmark_times_steps_with_and_without_the_hooks():
     assert row["cycles"] == 3 and row["tokens_per_micro_batch"] == 4 * 256
     assert 100_000 < row["parameters"] < 300_000  # the built-in model's size
     assert row["step_s_without"] > 0 and row["step_s_with"] > 0
-    for name in ("ab", "idle"):
-        low, high = row[f"{name}_quartiles"]
-        assert low <= row[f"{name}_overhead"] <= high
+    # The gns measured the "on" step of each cycle (warm-up cycles included), not the "off" or "idle" ones.
+    assert row["measured_steps"] == 3 + 2
     assert 0 < row["meter_overhead"] < 1  # the hooks ran on the measured steps, and took only a part of them

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import listing
 
 from autobatch.errors import Interrupted
 from autobatch.interrupt import SignalStop
@@ -58,11 +59,6 @@ def wait_for(process: subprocess.Popen, stream: str, marker: str, timeout_s: flo
             return seen
     process.kill()
     raise AssertionError(f"{marker!r} never appeared on {stream}: {''.join(seen)[-2000:]}")
-
-
-def listing(path: Path) -> dict[str, int]:
-    """Every file under `path` with its mtime (ns): what a refused command must leave exactly as it was."""
-    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
 
 
 def run_argv(out: Path) -> list[str]:

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from helpers import MiB
 
 from autobatch.errors import ConfigError
 from autobatch.memory import CpuBackend, EstimateBackend, LiveBytesMode, is_oom, make_backend
-
-MiB = 2**20
 
 
 def test_live_bytes_count_each_storage_once_and_release_it():

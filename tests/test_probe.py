@@ -5,11 +5,11 @@ real `SFTTrainer.train()` under the same budget and the next size runs out of me
 """
 
 import gc
-import json
 import math
 
 import pytest
 import torch
+from helpers import peaks, plan_json
 
 from autobatch.cli import main
 from autobatch.config import build_config
@@ -28,16 +28,6 @@ def config_for(model_dir, **overrides):
     }
     values.update(overrides)
     return build_config(overrides=values)
-
-
-def peaks(config, sizes) -> dict[int, int]:
-    """Trial peaks at `sizes`, measured with no budget pressure."""
-    prober = Prober(config, CpuBackend(10**12), 10**12, per_device=config.effective_batch_size)
-    try:
-        return {b: prober.run_trial(b).peak_memory_bytes for b in sizes}
-    finally:
-        prober.close()
-        gc.collect()
 
 
 def budget_between(config, size: int) -> int:
@@ -81,13 +71,6 @@ def real_train_peak(config, micro: int, budget: int, tmp_path) -> int | None:
 
 def real_train_fits(config, micro: int, budget: int, tmp_path) -> bool:
     return real_train_peak(config, micro, budget, tmp_path) is not None
-
-
-def plan_json(args: list[str], capsys) -> dict:
-    code = main(["plan", *args, "--json"])
-    out = capsys.readouterr().out
-    assert code == 0, out
-    return json.loads(out)
 
 
 # 6 × 256 tokens is before TRL's 4096-token kink; 20 × 256 is past it.
@@ -211,3 +194,21 @@ def test_opt350m_shape_target_32_is_planned_in_three_trials(tmp_path, capsys):
     assert plan["stopped_at_need"] and plan["max_micro_batch_size"] == 32
     assert (plan["per_device_train_batch_size"], plan["gradient_accumulation_steps"]) == (32, 1)
     assert plan["trials"][-1]["fits"] and plan["trials"][-1]["peak_memory_bytes"] < 16 * 2**30
+
+
+def test_trials_measure_the_longest_example_after_truncation():
+    """The worst-case shape: the longest tokenized example wherever it sits (tiny_dataset_file's lengths are
+    unsorted for this), and a batch of it padded by one token so attention builds its padding mask."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    lengths = [5, 3, 9, 7]
+    dataset = Dataset.from_dict({"input_ids": [list(range(n)) for n in lengths], "mark": lengths})
+    prober = SimpleNamespace(trainer=SimpleNamespace(train_dataset=dataset))
+    example = Prober._longest_example(prober)
+    assert example["mark"] == 9 and len(example["input_ids"]) == 9
+    prober.example, prober.max_length, prober.padded = example, 9, True
+    assert [len(e["input_ids"]) for e in Prober._examples(prober, 3)] == [9, 9, 8]
+    prober.padded = False  # packing / padding-free: every row full length
+    assert [len(e["input_ids"]) for e in Prober._examples(prober, 3)] == [9, 9, 9]

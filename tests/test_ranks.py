@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import MiB
 
 from autobatch import ranks
 from autobatch.config import build_config
 from autobatch.errors import ConfigError
 from autobatch.sharding import check_shardable
-
-MiB = 2**20
 
 
 def _script(name: str) -> str | None:
@@ -236,3 +235,43 @@ def test_an_oom_on_one_rank_mid_run_stops_every_rank_without_a_hang(tiny_model_d
     )
     assert out.returncode != 0  # bounded by the timeout: the launcher stopped the rank left waiting
     assert "out of memory at step 2 on rank 1 of 2" in out.stderr, out.stderr[-3000:]
+
+
+LINGER = """
+import sys, time
+from autobatch import ranks
+from autobatch.config import build_config
+
+config = build_config(overrides={"ddp_timeout": int(sys.argv[1])})
+ranks.init_group("cpu", ranks.group_timeout_s(config, "cpu"))
+if ranks.current().rank == 1:
+    time.sleep(300)  # alive after its peer failed, never joining the collective
+else:
+    try:
+        ranks.any_rank(True)
+    except Exception as exc:  # gloo's timeout
+        print("ended by", type(exc).__name__, flush=True)
+        sys.exit(3)
+"""
+
+
+def test_a_lingering_rank_ends_its_peer_within_the_group_timeout(tmp_path):
+    """issue 23 (ranks): with use_cpu the Trainer's group had gloo's 30-minute default (150 s blocked, measured);
+    autobatch makes the group first with ddp_timeout (CPU_GROUP_TIMEOUT_S by default): here 3 s."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", LINGER, "3"], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        out, err = procs[0].communicate(timeout=120)  # far below the 30 minutes it blocked for before
+        assert procs[0].returncode == 3 and "ended by" in out, err
+        assert procs[1].poll() is None, "the peer ended because the lingering rank was still alive, not after it"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()

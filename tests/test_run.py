@@ -7,13 +7,13 @@ weight for weight: splitting micro-batches keeps the effective batch, so it keep
 does any micro × accumulation split of it: the sampler orders samples, not batches).
 
 Which divisor of the effective batch the planner picks among those that fit depends on measured step
-times, which are noisy on a loaded CPU, so tests check the plan they got rather than a fixed micro-batch;
-the fallback tests pin micro-batch 4 themselves.
+times, which are noisy on a loaded CPU; the planned run treats every timing as a tie (TIMING_NOISE 1), so the
+largest divisor that fits, 4, is planned on any machine under any load (issue 24: the run-peak check failed by
+1,416 bytes when timing picked micro-batch 1); the fallback tests pin micro-batch 4 themselves.
 """
 
 import contextlib
 import dataclasses
-import gc
 import io
 import json
 from pathlib import Path
@@ -21,17 +21,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import error_lines, peaks
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers import TrainerCallback
 
-from autobatch import train
+from autobatch import planner, train
 from autobatch.cli import main
 from autobatch.config import build_config
 from autobatch.errors import AutobatchError
-from autobatch.memory import CpuBackend, LiveBytesMode
+from autobatch.memory import LiveBytesMode
 from autobatch.planner import Plan
-from autobatch.probe import Prober
 
 MAX_LENGTH = 128
 EFFECTIVE = 24
@@ -47,16 +47,6 @@ def run_config(model_dir, data, out, **overrides):
     }
     values.update(overrides)
     return build_config(overrides=values)
-
-
-def peaks(config, sizes) -> dict[int, int]:
-    """Trial peaks at `sizes`, measured with no budget pressure."""
-    prober = Prober(config, CpuBackend(10**12), 10**12, per_device=EFFECTIVE)
-    try:
-        return {b: prober.run_trial(b).peak_memory_bytes for b in sizes}
-    finally:
-        prober.close()
-        gc.collect()
 
 
 def cli_args(model_dir, data, out, budget, *extra):
@@ -81,10 +71,6 @@ def state(out) -> dict:
 
 def loss_steps(log_history) -> list[int]:
     return [entry["step"] for entry in log_history if "loss" in entry]
-
-
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("autobatch: error")]
 
 
 def saved_plan(out) -> Plan:
@@ -139,7 +125,7 @@ def llama(tiny_model_dir):
 def budget_for_4(llama, tiny_dataset_file, tmp_path_factory):
     """(budget, peaks): halfway between the peaks of micro-batch 4 and 5, so the true limit is 4."""
     config = run_config(llama, tiny_dataset_file, tmp_path_factory.mktemp("unused"))
-    measured = peaks(config, [2, MICRO, MICRO + 1])
+    measured = peaks(config, [2, MICRO, MICRO + 1], EFFECTIVE)
     assert measured[2] < measured[MICRO] < measured[MICRO + 1]
     return (measured[MICRO] + measured[MICRO + 1]) // 2, measured
 
@@ -149,7 +135,9 @@ def planned_run(llama, tiny_dataset_file, budget_for_4, tmp_path_factory):
     """The issue's command (plus --logging-steps 1 and --json), run once: the reference for the module."""
     budget, _ = budget_for_4
     out = tmp_path_factory.mktemp("planned") / "out"
-    code, stdout, stderr = call(cli_args(llama, tiny_dataset_file, out, budget, "--logging-steps", "1", "--json"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(planner, "TIMING_NOISE", 1.0)  # step times never decide: the largest divisor that fits
+        code, stdout, stderr = call(cli_args(llama, tiny_dataset_file, out, budget, "--logging-steps", "1", "--json"))
     assert code == 0, stderr
     return SimpleNamespace(out=out, report=json.loads(stdout), err=stderr, budget=budget)
 
@@ -160,8 +148,7 @@ def test_run_trains_the_plan_under_the_budget(planned_run):
     trials = {t["micro_batch_size"]: t for t in plan["trials"]}
     micro = plan["per_device_train_batch_size"]
     assert trials[MICRO]["fits"] and not trials[MICRO + 1]["fits"] and plan["max_micro_batch_size"] == MICRO
-    # Which divisor of 24 up to 4 is chosen depends on measured step times (see the module docstring).
-    assert micro <= MICRO and trials[micro]["fits"]
+    assert micro == MICRO and trials[micro]["fits"]  # timings out of the decision (see the module docstring)
     assert micro * plan["gradient_accumulation_steps"] == plan["effective_batch_size"] == EFFECTIVE
     # no OOM in the run, and its peak is the probe's prediction at the planned micro-batch, to the byte
     # (peak <= budget alone would hold by construction: the cpu backend never lets a held peak pass it)
@@ -363,9 +350,9 @@ def test_run_help_works(capsys):
         (["--dataset", "{tmp}/missing.jsonl"], 2, "no such file '{tmp}/missing.jsonl'"),
         (["--dataset-text-field", "body"], 2, "its fields are text, label"),
         (["--output-dir", "{tmp}/a-file/out"], 2, "output_dir {tmp}/a-file/out"),
-        (["--model", "{tmp}/no/such/model"], 2, "{tmp}/no/such/model does not exist"),
+        (["--model", "{tmp}/no/such/model"], 2, "{tmp}/no/such/model: no such directory"),
         (["--model", "nobody/no-such-model"], 1, "could not be downloaded"),
-        (["--learning-rat", "1e-5"], 2, "did you mean learning_rate"),
+        (["--learning-rat", "1e-5"], 2, "did you mean --learning-rate"),
         (["--device", "estimate"], 2, "--device estimate only plans"),
     ],
     ids=["dataset-missing", "text-field-missing", "output-dir-not-writable", "model-missing", "model-not-on-hub",
@@ -388,8 +375,17 @@ def test_bad_run_input_is_one_line(llama, tmp_path, capsys, extra, code, message
 
 def test_seed_config_offline_fails_with_one_line_then_trains_on_local_copies(tiny_model_dir, tmp_path, capsys):
     seed = str(Path(__file__).parents[1] / "configs" / "seed-opt350m-imdb.yaml")
-    # Offline, neither imdb nor facebook/opt-350m can be downloaded: one line, naming what to point at instead.
+    # Offline, neither imdb nor facebook/opt-350m can be downloaded: one line, naming what to point at instead
+    # (the model first: that is known before torch loads).
     code = main(["run", "--config", seed, "--max-steps", "1", "--output-dir", str(tmp_path / "offline")])
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err
+    assert "'facebook/opt-350m'" in lines[0] and "could not be downloaded" in lines[0] and "--model" in lines[0]
+    assert not (tmp_path / "offline").exists()
+
+    code = main(["run", "--config", seed, "--model", str(tiny_model_dir("opt")), "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "offline")])
     err = capsys.readouterr().err
     lines = error_lines(err)
     assert code == 1 and len(lines) == 1 and "Traceback" not in err
@@ -399,13 +395,6 @@ def test_seed_config_offline_fails_with_one_line_then_trains_on_local_copies(tin
     imdb = tmp_path / "imdb.jsonl"
     reviews = ["A quiet film that grows on you.", "Too long, and the plot goes nowhere at all. " * 5]
     imdb.write_text("".join(json.dumps({"text": r, "label": i % 2}) + "\n" for i, r in enumerate(reviews * 16)))
-    code = main(["run", "--config", seed, "--dataset", str(imdb), "--max-steps", "1",
-                 "--output-dir", str(tmp_path / "offline")])
-    err = capsys.readouterr().err
-    lines = error_lines(err)
-    assert code == 1 and len(lines) == 1 and "Traceback" not in err
-    assert "'facebook/opt-350m'" in lines[0] and "could not be downloaded" in lines[0] and "--model" in lines[0]
-    assert not (tmp_path / "offline").exists()
 
     out = tmp_path / "out"
     code = main(["run", "--config", seed, "--model", str(tiny_model_dir("opt")), "--dataset", str(imdb),

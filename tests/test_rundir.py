@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import error_lines, listing
 
 from autobatch import rundir
 from autobatch.cli import main
@@ -15,21 +16,14 @@ from autobatch.errors import ConfigError
 from autobatch.memory import cgroup_memory_room_bytes
 
 
-def error_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if line.startswith("autobatch: error")]
-
-
 def checkpoint(out, step: int, complete: bool = True, train_batch_size: int = 4):
+    rundir.claim_output_dir(out)  # an earlier autobatch run's dir
     path = out / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"weights")
+    (path / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # a whole, empty safetensors
     if complete:
         (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "train_batch_size": train_batch_size}))
     return path
-
-
-def listing(path) -> dict[str, int]:
-    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
 
 
 @pytest.mark.parametrize("earlier", ["checkpoint", "plan.json"])
@@ -38,7 +32,7 @@ def test_output_dir_of_an_earlier_run_is_refused_and_left_alone(tmp_path, capsys
     if earlier == "checkpoint":
         checkpoint(out, 2)
     else:
-        out.mkdir()
+        rundir.claim_output_dir(out)
         (out / "plan.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
     before = listing(out)
@@ -49,13 +43,33 @@ def test_output_dir_of_an_earlier_run_is_refused_and_left_alone(tmp_path, capsys
     assert "micro=" not in err and listing(out) == before
 
 
-def test_output_dir_with_unrelated_files_is_accepted(tmp_path):
+def test_output_dir_autobatch_did_not_claim_is_refused_whatever_the_flags(tmp_path):
+    """The final save writes README.md, config.json, tokenizer files: a folder of someone's files is not a run dir."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "README.md").write_text("notes")
-    config = build_config(overrides={"output_dir": str(out)})
-    rundir.check_can_run(config)  # no earlier run there: no error
-    rundir.check_can_run(build_config(overrides={"output_dir": str(out)}), overwrite=True)
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(ConfigError, match=r"holds files autobatch did not write \(README.md\)"):
+            rundir.check_can_run(build_config(overrides={"output_dir": str(out)}), **flags)
+    rundir.check_can_run(build_config(overrides={"output_dir": str(tmp_path / "new")}))  # new or empty: fine
+    (tmp_path / "empty").mkdir()
+    rundir.check_can_run(build_config(overrides={"output_dir": str(tmp_path / "empty")}))
+
+
+@pytest.mark.parametrize("flag", [[], ["--overwrite-output-dir"], ["--resume"]])
+def test_output_dir_that_is_the_model_folder_is_refused_with_nothing_touched(tiny_model_dir, tmp_path, capsys, flag):
+    """issue 23.1: --output-dir M with --model M deleted the shards and overwrote config.json and the tokenizer."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    (model / "checkpoint-3").mkdir()  # even a folder with an autobatch-looking name is not autobatch's
+    before = {p: p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()}
+    assert main(["run", "--model", str(model), "--output-dir", str(model), "--device", "cpu",
+                 "--memory-budget", "200MiB", "--max-steps", "1", *flag]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "did not write" in line and "the --model folder" in line and "nothing was changed" in line
+    assert {p: p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()} == before
 
 
 def test_resume_in_an_empty_dir_fails_with_one_line_before_torch_loads(tmp_path):
@@ -80,7 +94,7 @@ def test_resume_takes_the_newest_complete_checkpoint_and_warns_of_a_cut_one(tmp_
     checkpoint(out, 4)
     config = build_config(overrides={"output_dir": str(out)})
     with caplog.at_level(logging.WARNING, logger="autobatch"):
-        assert rundir.resume_checkpoint(config) == newest
+        assert rundir.resume_checkpoint(config, warn=True) == newest
     assert [r.getMessage() for r in caplog.records] == [
         f"--resume: skipping {out / 'checkpoint-12'}: no trainer_state.json, it was cut mid-save"]
     assert [p.name for p in rundir.complete_checkpoints(out)] == ["checkpoint-10", "checkpoint-4", "checkpoint-2"]
@@ -198,6 +212,6 @@ def test_overwrite_output_dir_removes_only_the_earlier_checkpoints(tmp_path):
     (out / "plan.json").write_text("{}")
     (out / "checkpoint-notes.txt").write_text("not a checkpoint folder")
     rundir.check_can_run(build_config(overrides={"output_dir": str(out)}), overwrite=True)
-    assert len(list(out.iterdir())) == 4, "the check itself changes nothing"
+    assert len(list(out.iterdir())) == 5, "the check itself changes nothing"
     train._remove_earlier_checkpoints(str(out))
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-notes.txt", "plan.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".autobatch-run", "checkpoint-notes.txt", "plan.json"]

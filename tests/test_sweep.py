@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import MiB, plan_at
 
 from autobatch import probe as probe_module
 from autobatch import sweep
 from autobatch.cli import main
 from autobatch.config import build_config
 from autobatch.errors import ConfigError
-from autobatch.planner import Plan
-
-MiB = 2**20
 
 
 class FakeProber:
@@ -69,9 +67,12 @@ def test_a_ladder_probes_once_and_every_plan_is_exact(fake_prober, tiny_model_di
     assert len(set(prober.sizes)) == len(prober.sizes)  # no size measured twice
     assert all(plan.trials is trials for plan in plans)
     assert [p.effective_batch_size for p in plans] == sizes
-    for plan, size in zip(plans, sizes):
-        assert plan.per_device_train_batch_size * plan.gradient_accumulation_steps * world == size
-        assert plan.per_device_train_batch_size <= 10 == plan.max_micro_batch_size  # 10·3+10 = 40 MiB fits
+    # The fake's samples/s grows with the micro-batch, so each rung takes the largest divisor of its
+    # per-device share up to 10 (10·3+10 = 40 MiB fits): 8 | 8, 24 = 8 × 3, 40 = 10 × 4, 96 = 8 × 12.
+    assert [(p.per_device_train_batch_size, p.gradient_accumulation_steps) for p in plans] == [
+        (8, 1), (8, 3), (10, 4), (8, 12)]
+    for plan in plans:
+        assert plan.max_micro_batch_size == 10 and plan.world_size == world
         assert plan.fits and plan.memory_budget_bytes == 40 * MiB
     assert 11 in prober.sizes and not next(t for t in trials if t.micro_batch_size == 11).fits
 
@@ -82,21 +83,15 @@ def test_the_default_ladder_is_m_times_powers_of_two_plus_the_target(fake_prober
     assert [p.effective_batch_size for p in plans] == [10, 12, 20, 40, 80, 160]
     (prober,) = fake_prober
     assert prober.per_device == 160 and prober.sizes.count(10) == 2  # m confirmed at accumulation 16
-    assert all(p.per_device_train_batch_size * p.gradient_accumulation_steps == p.effective_batch_size
-               for p in plans)
+    # the largest micro-batch dividing each rung (12: 6 × 2, since 6 samples/s beats 4's by more than 3%)
+    assert [(p.per_device_train_batch_size, p.gradient_accumulation_steps) for p in plans] == [
+        (10, 1), (6, 2), (10, 2), (10, 4), (10, 8), (10, 16)]
 
 
 def test_unreachable_rungs_are_refused_before_probing(fake_prober, tiny_model_dir):
     with pytest.raises(ConfigError, match="use --effective-batch-size 8 or 10"):
         probe_module.plan_ladder(ladder_config(tiny_model_dir(), world_size=2), [9])
     assert not fake_prober
-
-
-def plan_at(batch, micro, seconds=0.1):
-    return Plan(per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
-                effective_batch_size=batch, world_size=1, max_micro_batch_size=micro, memory_budget_bytes=1,
-                usable_memory_bytes=1, headroom=0.0, peak_memory_bytes=1, device="cpu", max_length=100,
-                trials=[], seconds_per_step=seconds)
 
 
 def test_rung_cost_and_predictions_follow_mccandlish():
@@ -192,8 +187,9 @@ def test_sweep_cli_plans_every_rung_and_writes_the_recommended_one(tiny_model_di
     assert code == 0, captured.err
     report = json.loads(captured.out)
     assert [p["effective_batch_size"] for p in report["plans"]] == [4, 6, 16]
-    for plan in report["plans"]:
-        assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == plan["effective_batch_size"]
+    for plan in report["plans"]:  # each rung trains at a micro-batch a trial showed to fit
+        fitted = {t["micro_batch_size"] for t in plan["trials"] + plan["cached_trials"] if t["fits"]}
+        assert plan["per_device_train_batch_size"] <= min(plan["max_micro_batch_size"], max(fitted))
         assert plan["trials"] == report["trials"]
     rung = report["recommended_effective_batch_size"]
     chosen = next(p for p in report["plans"] if p["effective_batch_size"] == rung)
@@ -265,6 +261,15 @@ def _trial_states(db: Path) -> list[tuple[str, int]]:
 
 
 @pytest.mark.slow
+def verdict_of(done: list, report: dict) -> sweep.Verdict:
+    """The verdict the stored per-example eval losses give: the lowest loss when beyond the noise, else the
+    fastest of the rungs tied with it (issue 24)."""
+    results = [sweep.EvalResult(t.params["effective_batch_size"], t.params["learning_rate"], t.user_attrs["eval_losses"])
+               for t in done]
+    speed = {p["effective_batch_size"]: p["prediction"]["tokens_per_s"] for p in report["plans"]}
+    return sweep.judge(results, speed)
+
+
 def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tiny_model_dir, tiny_dataset_file,
                                                                             tmp_path, capsys):
     import os
@@ -308,7 +313,7 @@ def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tin
     assert sorted(t.params["effective_batch_size"] for t in done) == [2, 4, 8]  # every rung once
     assert [t.state for t in trials].count(states.FAIL) == 1  # the killed one
     assert all(math.isfinite(t.value) and t.user_attrs["tokens_seen"] > 0 for t in done)
-    assert report["recommended_effective_batch_size"] == min(done, key=lambda t: t.value).params["effective_batch_size"]
+    assert report["recommended_effective_batch_size"] == verdict_of(done, report).recommended
 
 
 @pytest.mark.slow
@@ -323,34 +328,11 @@ def test_validating_the_builtin_default_fills_a_study_optuna_opens(tmp_path, cap
     assert len(done) == len(study.trials) >= 2
     assert all(math.isfinite(t.value) and t.value == t.user_attrs["eval_loss"] for t in done)
     assert len({t.user_attrs["tokens_seen"] for t in done}) == 1  # the same examples at every B: equal tokens
-    assert report["recommended_effective_batch_size"] == min(done, key=lambda t: t.value).params["effective_batch_size"]
-    for plan in report["plans"]:
-        assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == plan["effective_batch_size"]
-
-
-def test_plots_are_written_and_a_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
-    import sys
-
-    from autobatch import plots
-    from autobatch.errors import AutobatchError
-    from autobatch.planner import Trial
-
-    trials = [Trial(1, 20 * MiB, True, 0.1), Trial(4, 60 * MiB, True, 0.3), Trial(5, 90 * MiB, False, 0.0, oom=True)]
-    rungs = sweep.make_rungs([plan_at(8, 4), plan_at(16, 4)], 100, base_lr=1e-4, base_batch=8, lr_rule="sqrt",
-                             b_noise=12)
-    directory = plots.plot_dir(str(tmp_path / "png"))
-    written = [
-        plots.plot_memory(trials, 80 * MiB, 80 * MiB, 4, directory),
-        plots.plot_loss_curves({"B=8": [{"tokens": 100, "loss": 3.0}, {"tokens": 200, "loss": 2.5}]}, directory),
-        plots.plot_noise_scale({"history": [{"step": 1, "b_simple_ema": 10.0}, {"step": 2, "b_simple_ema": 12.0}],
-                                "low": 8.0, "high": 15.0, "b_simple": 11.0}, directory),
-        plots.plot_time_to_target(rungs, 8, directory),
-    ]
-    assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in written)
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(AutobatchError, match=r"pip install 'autobatch\[plot\]'"):
-        plots.require()
+    assert report["recommended_effective_batch_size"] == verdict_of(done, report).recommended
+    assert {t.params["effective_batch_size"] for t in done} <= {p["effective_batch_size"] for p in report["plans"]}
+    for plan in report["plans"]:  # each rung trains at a micro-batch a trial showed to fit
+        fitted = {t["micro_batch_size"] for t in plan["trials"] + plan["cached_trials"] if t["fits"]}
+        assert plan["per_device_train_batch_size"] <= min(plan["max_micro_batch_size"], max(fitted))
 
 
 def test_an_oom_in_a_validation_run_is_a_failed_trial_flagged_as_a_probe_miss(tmp_path):
@@ -373,3 +355,75 @@ def test_an_oom_in_a_validation_run_is_a_failed_trial_flagged_as_a_probe_miss(tm
     assert by_batch[16].state == optuna.trial.TrialState.FAIL
     assert by_batch[16].user_attrs["probe_miss"] is True
     assert "probe_miss" not in by_batch[8].user_attrs
+
+
+def test_a_sweep_resumed_at_once_after_a_kill_completes_every_point_exactly_once(tmp_path):
+    """issue 23.5: the killed trial's heartbeat was not stale yet, so its point was queued again; optuna then
+    failed it and queued its retry too: a point ran twice (7 complete trials for 6 points)."""
+    import time
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    rungs = sweep.make_rungs([plan_at(8, 4), plan_at(16, 4), plan_at(32, 4)], 1000, base_lr=1e-4, base_batch=8,
+                             lr_rule="none", b_noise=None)
+    points = [sweep.Point(r, r.learning_rate) for r in rungs]
+    calls: list[int] = []
+
+    def validate(point, trial):
+        calls.append(point.rung.effective_batch_size)
+        if len(calls) == 2:  # the first run of the resumed sweep outlives the dead trial's grace period
+            time.sleep(sweep.HEARTBEAT_S * 3 + 0.5)
+        return 1.0, {"tokens_seen": 100}
+
+    killed = sweep.open_study(url, "s", resume=False)
+    sweep.run_validation_study(killed, points[:1], validate, None, None)
+    killed.enqueue_trial(points[1].params())
+    dead = killed.ask()  # the killed process's trial: RUNNING, heartbeat fresh, never told
+    for name in sweep.PARAMS:
+        value = points[1].params()[name]
+        dead.suggest_float(name, 0.0, 10.0) if name == "learning_rate" else dead.suggest_int(name, 1, 2**24)
+        assert dead.params[name] == value
+    killed._storage.record_heartbeat(dead._trial_id)
+
+    for _ in range(2):  # resumed at once, then once more: nothing is left to run
+        sweep.run_validation_study(sweep.open_study(url, "s", resume=True), points, validate, None, None)
+    study = optuna.load_study(study_name="s", storage=url)
+    done = sorted(t.params["effective_batch_size"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert done == [8, 16, 32] and sorted(calls) == [8, 16, 32]
+    assert not study.get_trials(states=(optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING))
+
+
+def test_resuming_a_validation_study_with_another_budget_is_refused():
+    """issue 23.6: --resume with another --validate-tokens reused the old results and said "after the same 248
+    examples" for trials that saw 64."""
+    import optuna
+
+    study = optuna.create_study()
+    sweep.check_validation_budget(study, 600, None)  # a new study: nothing recorded yet
+    sweep.check_validation_budget(study, 600, 248)
+    assert study.user_attrs == {"validate_tokens": 600, "validate_examples": 248}
+    sweep.check_validation_budget(study, 600, None)
+    sweep.check_validation_budget(study, 600, 248)
+    with pytest.raises(ConfigError, match="trained with --validate-tokens 600 .248 examples each.; resume with "
+                                          "--validate-tokens 600"):
+        sweep.check_validation_budget(study, 200, None)
+    with pytest.raises(ConfigError, match="--validate-tokens 600"):
+        sweep.check_validation_budget(study, 600, 64)  # the same tokens over another ladder: other examples
+    assert study.user_attrs == {"validate_tokens": 600, "validate_examples": 248}
+
+
+@pytest.mark.slow
+def test_a_sweep_resumed_with_another_validate_tokens_is_refused_before_probing(tiny_model_dir, tiny_dataset_file,
+                                                                                 tmp_path, capsys):
+    out = tmp_path / "out"
+    args = sweep_args(tiny_model_dir(), tiny_dataset_file, out)
+    assert main(args) == 0
+    capsys.readouterr()
+    before = (out / "sweep.db").read_bytes()
+    other = [*args, "--resume"]
+    other[other.index("--validate-tokens") + 1] = "200"
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "trained with --validate-tokens 600" in err and "micro=" not in err
+    assert (out / "sweep.db").read_bytes() == before

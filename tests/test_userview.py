@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, MiB
 
 from autobatch import cli
-from autobatch.config import Config, build_config, load_config, plan_yaml_text, write_plan_yaml
+from autobatch.config import Config, build_config, plan_yaml_text, write_plan_yaml
 from autobatch.errors import ConfigError
 from autobatch.planner import Option, Plan, Trial
 
-ROOT = Path(__file__).resolve().parents[1]
-MiB = 2**20
 BAR = r"\d+/2 \[\d\d:\d\d"  # tqdm's "2/2 [00:03<00:00, ...]": the Trainer's training bar
 
 
@@ -154,7 +153,7 @@ def test_plan_yaml_keeps_autobatch_only_keys_out_of_trls_way(tiny_dataset_file, 
 
     parser = trl.TrlParser((trl.ScriptArguments, trl.SFTConfig, trl.ModelConfig, DatasetMixtureConfig))
     parser.parse_args_and_config(args=["--config", str(path)], fail_with_unknown_args=True)
-    again = load_config(path)  # autobatch reads back what trl sft cannot hold
+    again = build_config(path)  # autobatch reads back what trl sft cannot hold
     assert again.training_args["formatting_func"] == "my_formats:to_text"
     assert again.dataset_name == str(tiny_dataset_file) and again.dataset_train_split == "train"
 
@@ -169,7 +168,7 @@ def test_trls_datasets_spelling_is_read(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("datasets:\n  - path: org/reviews\n    name: en\n    split: train[:90%]\ntest_split_size: 0.1\n"
                     "eval_strategy: epoch\n")
-    config = load_config(path)
+    config = build_config(path)
     assert (config.dataset_name, config.dataset_config, config.dataset_train_split) == ("org/reviews", "en",
                                                                                          "train[:90%]")
     assert config.eval_fraction == 0.1
@@ -187,7 +186,7 @@ def test_datasets_spellings_autobatch_cannot_honour_are_errors(tmp_path, text, m
     path = tmp_path / "c.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
-        load_config(path)
+        build_config(path)
 
 
 def test_a_folder_of_data_files_is_a_dataset_with_its_splits(tmp_path):

@@ -1,0 +1,71 @@
+"""Helpers shared by test modules (fixtures live in conftest.py): one copy each, so no test module imports
+another. Light at import: torch-heavy parts load inside the functions that need them."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+from pathlib import Path
+
+from autobatch.planner import Option, Plan, Trial
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 2**20
+GiB = 2**30
+
+
+def error_lines(err: str) -> list[str]:
+    """The `autobatch: error` lines of a command's stderr."""
+    return [line for line in err.splitlines() if line.startswith("autobatch: error")]
+
+
+def listing(path: Path) -> dict[str, int]:
+    """Every file under `path` with its mtime (ns): what a refused command must leave exactly as it was."""
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
+def plan_json(args: list[str], capsys) -> dict:
+    """`autobatch plan ARGS --json`, run in this process: the JSON object it printed (exit 0 asserted)."""
+    from autobatch.cli import main
+
+    code = main(["plan", *args, "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return json.loads(out)
+
+
+def peaks(config, sizes, per_device: int | None = None) -> dict[int, int]:
+    """Trial peaks at `sizes`, measured with no budget pressure (accumulation for `per_device` samples,
+    default the config's effective batch)."""
+    from autobatch.memory import CpuBackend
+    from autobatch.probe import Prober
+
+    share = config.effective_batch_size if per_device is None else per_device
+    prober = Prober(config, CpuBackend(10**12), 10**12, per_device=share)
+    try:
+        return {b: prober.run_trial(b).peak_memory_bytes for b in sizes}
+    finally:
+        prober.close()
+        gc.collect()
+
+
+def make_plan(**changes) -> Plan:
+    """A plan as `autobatch plan` returns it: 16 × 2 on the cpu, micro-batch 17 the largest that fit."""
+    trials = [Trial(1, 60 * MiB, True, 0.05), Trial(17, 250 * MiB, True, 0.40),
+              Trial(18, 271 * MiB, False, 0.0, oom=True)]
+    plan = Plan(
+        per_device_train_batch_size=16, gradient_accumulation_steps=2, effective_batch_size=32, world_size=1,
+        max_micro_batch_size=17, memory_budget_bytes=300 * MiB, usable_memory_bytes=270 * MiB, headroom=0.1,
+        peak_memory_bytes=240 * MiB, device="cpu", max_length=256, trials=trials,
+        options=[Option(16, 2, 0.38, True), Option(8, 4, 0.2, False)],
+    )
+    return dataclasses.replace(plan, **changes)
+
+
+def plan_at(batch: int, micro: int, seconds: float = 0.1) -> Plan:
+    """A sweep rung's plan: `batch` as `micro` × accumulation on one device, `seconds` per micro-batch."""
+    return Plan(per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
+                effective_batch_size=batch, world_size=1, max_micro_batch_size=micro, memory_budget_bytes=1,
+                usable_memory_bytes=1, headroom=0.0, peak_memory_bytes=1, device="cpu", max_length=100,
+                trials=[], seconds_per_step=seconds)
