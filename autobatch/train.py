@@ -17,10 +17,12 @@ checkpoint at the next step boundary (`autobatch.interrupt`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -364,6 +366,24 @@ def _stop_if_ranks(world_size: int, step: int, inputs: dict) -> None:
     )
 
 
+#: What a collective raises on a rank whose peer has exited (gloo: tcp/pair.cc; NCCL: a watchdog abort).
+_PEER_GONE = re.compile(r"Connection (closed|reset) by peer|NCCL communicator was aborted|Broken pipe")
+
+
+@contextlib.contextmanager
+def _peer_stopped():
+    """Under several ranks, a rank whose peer stopped (its own line says why) says so in one line, not with
+    the collective's transport error."""
+    try:
+        yield
+    except RuntimeError as exc:
+        here = ranks.current()
+        if not (here.launched and _PEER_GONE.search(str(exc))):
+            raise
+        raise AutobatchError(f"rank {here.rank} of {here.world_size} stopped: another rank left the run "
+                             "(its own line says why)") from None
+
+
 def _output_dir(config: Config) -> str:
     path = check_output_dir(config)
     if ranks.is_main():
@@ -617,7 +637,8 @@ def run(
         if checkpoint is not None and _finished(checkpoint, args.max_steps):
             output = _load_finished(trainer, checkpoint)
         else:
-            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            with _peer_stopped():
+                output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop is not None and stop.signum is not None:
         raise _stopped(stop, trainer, output_dir)
     trainer.save_model(output_dir)
