@@ -347,6 +347,30 @@ def cuda_capacity_bytes(device_index: int = 0) -> int:
     return capacity
 
 
+def total_ram_bytes() -> int:
+    """The machine's RAM (Linux `MemTotal`)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_cpu_budget(device: str, budget_bytes: int | None) -> None:
+    """A --memory-budget for the cpu backend, which really allocates its trials: past the machine's RAM it can
+    only end in the kernel's OOM killer (1 TiB was accepted on a 24 GiB machine)."""
+    total = total_ram_bytes()
+    if device == "cpu" and budget_bytes is not None and budget_bytes > total:
+        raise ConfigError(
+            f"--memory-budget {format_bytes(budget_bytes)} is more than this machine's RAM ({format_bytes(total)}): "
+            f"the cpu backend really allocates it; pass at most {format_bytes(total)}, or plan for a larger "
+            "device with --device estimate"
+        )
+
+
 def available_ram_bytes() -> int:
     """Available RAM (Linux `MemAvailable`), the cpu backend's budget when none is given."""
     try:

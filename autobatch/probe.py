@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from autobatch import launch, ranks, sharding
 from autobatch.config import Config, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError, WorkerError
-from autobatch.memory import MemoryBackend, alloc_conf, is_oom, make_backend
+from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, is_oom, make_backend
 from autobatch.planner import (
     Option,
     Plan,
@@ -528,6 +528,7 @@ class _Session:
                               "autobatch.plan(...) or `autobatch plan` (the fsdp keys in the YAML)")
         self.config, self.on_trial = config, on_trial
         self.backend = make_backend(config.device, config.memory_budget_bytes)
+        check_cpu_budget(self.backend.device, config.memory_budget_bytes)
         self.headroom = resolve_headroom(config, self.backend.device)
         self.usable = int(self.backend.budget_bytes * (1 - self.headroom))
         if self.backend.device == "cuda":

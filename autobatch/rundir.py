@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from autobatch import ranks, sharding
+from autobatch.builtin import is_builtin_model_path
 from autobatch.config import Config, write_atomic
 from autobatch.errors import ConfigError
 
@@ -183,7 +184,8 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
             "auto_find_batch_size: it restarts training at a smaller batch and fights the plan (autobatch's "
             "own OOM fallback keeps the effective batch); set auto_find_batch_size false or remove it"
         )
-    if config.dataset_name is None and config.model_name_or_path is not None:  # train._datasets, before probing
+    model = config.model_name_or_path
+    if config.dataset_name is None and model is not None and not is_builtin_model_path(model):  # train._datasets
         raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
     sharding.check_shardable(config.training_args)
     if (config.nproc_per_node or 1) > 1 and not ranks.current().launched:

@@ -18,6 +18,7 @@ checkpoint at the next step boundary (`autobatch.interrupt`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -40,7 +41,7 @@ from autobatch.config import (
 )
 from autobatch.errors import AutobatchError, ConfigError, Interrupted
 from autobatch.interrupt import SignalStop
-from autobatch.memory import alloc_conf, is_oom, make_backend
+from autobatch.memory import alloc_conf, check_cpu_budget, is_oom, make_backend
 from autobatch.planner import Plan
 from autobatch.rundir import (  # noqa: F401 - check_can_run and check_output_dir are train's API too
     CHECKPOINT_NAME,
@@ -226,6 +227,11 @@ def trainer_class(base=None):
             try:
                 return save(*args)
             except Exception as exc:
+                if _write_failed(exc):
+                    raise AutobatchError(
+                        f"cannot write {path}: {_write_failure(exc)}; free space on that disk or pass another "
+                        "--output-dir, then continue with --resume (it skips this incomplete checkpoint)"
+                    ) from exc
                 if not is_oom(exc, self.args.device.type):
                     raise
                 failed = True
@@ -291,6 +297,22 @@ def trainer_class(base=None):
                 self.on_fallback(event)
 
     return OomSafeSFTTrainer
+
+
+def _write_failed(exc: BaseException) -> bool:
+    """A save that failed writing: ENOSPC/EDQUOT, or torch's PytorchStreamWriter error, which names neither
+    the file nor the cause (`[enforce fail at inline_container.cc:…] … file write failed`)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("inline_container" in text or "file write failed" in text
+                                              or "No space left" in text)
+
+
+def _write_failure(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc} (the disk is full)"
+    return "the write failed, most likely the disk is full (torch: file write failed)"
 
 
 def plan_from_checkpoint(config: Config, checkpoint: Path) -> Plan:
@@ -577,6 +599,7 @@ def _run_backend(config: Config, plan: Plan):
     """
     device = config.device or (None if plan.device == "estimate" else plan.device or None)
     backend = make_backend(device, config.memory_budget_bytes or plan.memory_budget_bytes or None)
+    check_cpu_budget(backend.device, config.memory_budget_bytes)  # the flag; a plan's budget was checked there
     if backend.device == "cuda":  # the allocator capped at the usable budget: past it, the OOM fallback
         backend.cap_bytes = int(backend.budget_bytes * (1 - plan.headroom))
     return backend

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import errno
 import functools
 import logging
 import os
@@ -197,18 +198,43 @@ def load_train_dataset(config: Config, split: str | None = None):
                 raise ConfigError(
                     f"--dataset: cannot read {name}: use a .json, .jsonl, .csv, .parquet or .txt file, or a folder"
                 )
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            return _not_empty(datasets.load_dataset(builder, data_files=str(path), split="train"), name, "train")
         check_hub_reachable(name, "--dataset")
-        return datasets.load_dataset(name, config.dataset_config, split=split or config.dataset_train_split)
+        split = split or config.dataset_train_split
+        return _not_empty(datasets.load_dataset(name, config.dataset_config, split=split), name, split)
     except ConfigError:
         raise
-    except (ConnectionError, FileNotFoundError, OSError) as exc:
-        raise AutobatchError(
-            f"--dataset: could not load {name!r} ({type(exc).__name__}); it is not a local file and could not be "
-            "downloaded: download it where the hub is reachable, or pass a local json/jsonl/csv/parquet file"
-        ) from exc
+    except StopIteration:  # datasets' json builder on a file with no line: next() on no table
+        raise ConfigError(f"--dataset {name}: it has no examples: pass data with at least one") from None
+    except datasets.exceptions.DatasetGenerationError as exc:  # the file's content: not JSON, not UTF-8, bad CSV
+        cause = exc.__cause__ or exc
+        detail = " ".join(str(cause).split())[:200] or type(cause).__name__
+        raise ConfigError(f"--dataset {path if path.exists() else name}: cannot parse it ({type(cause).__name__}: "
+                          f"{detail}): fix the file (UTF-8; for .json/.jsonl one JSON object per line) or pass "
+                          "another") from exc
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOSPC) and exc.filename:
+            raise AutobatchError(
+                f"--dataset {name}: cannot write the datasets cache at {exc.filename} ({exc.strerror}): set "
+                "HF_DATASETS_CACHE (or XDG_CACHE_HOME) to a writable directory with free space"
+            ) from exc
+        raise _not_downloadable(name, exc) from exc
     except ValueError as exc:
         raise ConfigError(f"--dataset: {name}: {str(exc).splitlines()[0]}") from exc
+
+
+def _not_empty(dataset, name: str, split: str):
+    """An empty dataset is refused here, not met as a StopIteration deep in the probe."""
+    if len(dataset) == 0:
+        raise ConfigError(f"--dataset {name}: split {split!r} has no examples: pass data with at least one")
+    return dataset
+
+
+def _not_downloadable(name: str, exc: BaseException) -> AutobatchError:
+    return AutobatchError(
+        f"--dataset: could not load {name!r} ({type(exc).__name__}); it is not a local file and could not be "
+        "downloaded: download it where the hub is reachable, or pass a local json/jsonl/csv/parquet file"
+    )
 
 
 def check_text_field(dataset, args, formatted: bool = False) -> None:

@@ -213,7 +213,8 @@ def test_json_is_the_only_thing_on_stdout(probe, capsys):
     data = json.loads(captured.out)
     assert CONTRACT_KEYS <= set(data)
     assert data["trials"][0] == {"micro_batch_size": 1, "peak_memory_bytes": 60 * MiB, "fits": True,
-                                 "seconds": 0.05, "oom": False, "peak_allocated_bytes": None}
+                                 "seconds": 0.05, "oom": False, "peak_allocated_bytes": None,
+                                 "fresh_process": False}
     assert "noise a library printed" in captured.err
     assert "autobatch plan:" not in captured.err and "memory budget" not in captured.err, "no settings block"
 

@@ -70,3 +70,14 @@ def test_cuda_device_without_a_gpu_is_a_config_error():
         pytest.skip("a GPU is present")
     with pytest.raises(ConfigError, match="no CUDA device"):
         make_backend("cuda", None)
+
+
+def test_a_cpu_budget_past_the_machines_ram_is_refused_in_one_line(capsys):
+    """issue 23 (messages): --memory-budget 1TiB on the cpu backend, which really allocates, was accepted."""
+    from autobatch.cli import main
+    from autobatch.memory import total_ram_bytes
+
+    budget = f"{total_ram_bytes() * 2 // 2**20}MiB"
+    assert main(["plan", "--device", "cpu", "--memory-budget", budget]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("autobatch: error")]
+    assert len(lines) == 1 and "more than this machine's RAM" in lines[0] and "micro=" not in lines[0]

@@ -196,6 +196,42 @@ def test_opt350m_shape_target_32_is_planned_in_three_trials(tmp_path, capsys):
     assert plan["trials"][-1]["fits"] and plan["trials"][-1]["peak_memory_bytes"] < 16 * 2**30
 
 
+@pytest.mark.parametrize("content, problem", [
+    (b"\xff\xfe\xfa not text\n", "cannot parse it"),
+    (b"not json\n", "cannot parse it"),
+    (b"", "has no examples"),
+], ids=["not-utf8", "not-json", "empty"])
+def test_a_bad_dataset_file_is_named_with_the_fix(tiny_model_dir, tmp_path, capsys, content, problem):
+    """issue 23 (messages): an empty file gave StopIteration; a non-UTF-8 or non-JSON one named no file."""
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(content)
+    code = main(["plan", "--model", str(tiny_model_dir("llama")), "--dataset", str(data), "--device", "cpu",
+                 "--memory-budget", "200MiB"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("autobatch: error")]
+    assert code == 2 and len(lines) == 1 and f"--dataset {data}" in lines[0] and problem in lines[0], lines
+
+
+def test_a_read_only_datasets_cache_is_reported_as_such(tiny_model_dir, tmp_path, monkeypatch):
+    """issue 23 (messages): a read-only XDG_CACHE_HOME was reported as a dataset that "could not be downloaded"."""
+    import datasets
+
+    from autobatch.errors import AutobatchError
+    from autobatch.workload import load_train_dataset
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "a"}\n')
+    cache = tmp_path / "ro" / "huggingface" / "datasets"
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(cache / "json"))
+
+    monkeypatch.setattr(datasets, "load_dataset", read_only)
+    config = build_config(overrides={"model_name_or_path": str(tiny_model_dir("llama")), "dataset_name": str(data)})
+    with pytest.raises(AutobatchError, match=f"cannot write the datasets cache at {cache / 'json'} .*HF_DATASETS_CACHE") as info:
+        load_train_dataset(config)
+    assert "downloaded" not in str(info.value)
+
+
 def test_trials_measure_the_longest_example_after_truncation():
     """The worst-case shape: the longest tokenized example wherever it sits (tiny_dataset_file's lengths are
     unsorted for this), and a batch of it padded by one token so attention builds its padding mask."""

@@ -146,3 +146,23 @@ def test_oom_while_saving_names_the_incomplete_checkpoint(llama, tiny_dataset_fi
     with pytest.raises(AutobatchError, match=f"out of memory while saving {out / 'checkpoint-2'}"):
         train.run(config, plan_for())
     assert (out / "checkpoint-2").is_dir() and complete_checkpoints(out) == [], "--resume would skip it"
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
+                 "file write failed"),
+    OSError(28, "No space left on device"),
+], ids=["torch-stream-writer", "enospc"])
+def test_a_full_disk_while_saving_names_the_checkpoint_and_the_fix(llama, tiny_dataset_file, tmp_path, monkeypatch,
+                                                                   error):
+    """issue 23 (messages): a full disk gave `enforce fail at inline_container.cc`, naming no file."""
+    out = tmp_path / "out"
+    config = config_for(llama, tiny_dataset_file, out)
+
+    def full(self, output_dir):
+        raise error
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", full)
+    with pytest.raises(AutobatchError, match=f"cannot write {out / 'checkpoint-2'}: .*disk is full.*--resume"):
+        train.run(config, plan_for())
+    assert complete_checkpoints(out) == [], "--resume skips it"

@@ -57,7 +57,8 @@ def test_output_dir_autobatch_did_not_claim_is_refused_whatever_the_flags(tmp_pa
 
 
 @pytest.mark.parametrize("flag", [[], ["--overwrite-output-dir"], ["--resume"]])
-def test_output_dir_that_is_the_model_folder_is_refused_with_nothing_touched(tiny_model_dir, tmp_path, capsys, flag):
+def test_output_dir_that_is_the_model_folder_is_refused_with_nothing_touched(tiny_model_dir, tiny_dataset_file,
+                                                                             tmp_path, capsys, flag):
     """issue 23.1: --output-dir M with --model M deleted the shards and overwrote config.json and the tokenizer."""
     import shutil
 
@@ -65,7 +66,8 @@ def test_output_dir_that_is_the_model_folder_is_refused_with_nothing_touched(tin
     shutil.copytree(tiny_model_dir("llama"), model)
     (model / "checkpoint-3").mkdir()  # even a folder with an autobatch-looking name is not autobatch's
     before = {p: p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()}
-    assert main(["run", "--model", str(model), "--output-dir", str(model), "--device", "cpu",
+    assert main(["run", "--model", str(model), "--dataset", str(tiny_dataset_file), "--output-dir", str(model),
+                 "--device", "cpu",
                  "--memory-budget", "200MiB", "--max-steps", "1", *flag]) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert "did not write" in line and "the --model folder" in line and "nothing was changed" in line
