@@ -120,8 +120,8 @@ def test_plan_peak_per_rank_matches_a_plain_two_rank_fsdp_run(tiny_model_dir, tm
     script.write_text(_PLAIN_RUN)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     shorter = 62  # characters that tokenize (with EOS) to 63 tokens; checked below
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), str(model),
-                    str(tmp_path), str(shorter)], check=True, env=env, timeout=600, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+                    str(model), str(tmp_path), str(shorter)], check=True, env=env, timeout=600, capture_output=True)
     runs = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
     assert runs[0]["lengths"] == [63, 64]
     for run in runs:  # really sharded: accelerate kept the FSDP plugin on cpu (sharding.fsdp_on_cpu)
