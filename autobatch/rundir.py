@@ -184,9 +184,7 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
             "auto_find_batch_size: it restarts training at a smaller batch and fights the plan (autobatch's "
             "own OOM fallback keeps the effective batch); set auto_find_batch_size false or remove it"
         )
-    model = config.model_name_or_path
-    if config.dataset_name is None and model is not None and not is_builtin_model_path(model):  # train._datasets
-        raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
+    check_training_data(config)
     sharding.check_shardable(config.training_args)
     if (config.nproc_per_node or 1) > 1 and not ranks.current().launched:
         raise ConfigError(
@@ -199,6 +197,13 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
     if resume:
         resume_checkpoint(config)
     check_eval_split(config)
+
+
+def check_training_data(config: Config) -> None:
+    """A model of the user's needs --dataset (the built-in model trains on its built-in sample): before probing."""
+    model = config.model_name_or_path
+    if config.dataset_name is None and model is not None and not is_builtin_model_path(model):
+        raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
 
 
 def check_eval_split(config: Config) -> None:

@@ -49,6 +49,7 @@ from autobatch.rundir import (  # noqa: F401 - check_can_run and check_output_di
     STATE_FILE,
     check_can_run,
     check_output_dir,
+    check_training_data,
     claim_output_dir,
     complete_checkpoints,
     resume_checkpoint,
@@ -417,11 +418,7 @@ def _output_dir(config: Config) -> str:
 
 def _datasets(config: Config):
     """Train and optional eval dataset: the config's, or the built-in text sample for the built-in model."""
-    from autobatch.builtin import is_builtin_model_path
-
-    model = config.model_name_or_path
-    if config.dataset_name is None and model is not None and not is_builtin_model_path(model):
-        raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
+    check_training_data(config)
     train = load_train_dataset(config)
     evaluation = None
     if config.dataset_test_split:

@@ -81,7 +81,10 @@ def test_plan_yaml_with_its_precision_is_reusable_by_run_plan(tmp_path):
     from autobatch.config import read_plan_meta, write_plan_yaml
     from autobatch.train import load_plan
 
-    config = build_config(overrides={"model_name_or_path": str(tmp_path), "device": "cpu"})
+    model = tmp_path / "model"  # a model directory is checked for its config.json when a config loads
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    config = build_config(overrides={"model_name_or_path": str(model), "device": "cpu"})
     plan = Plan(2, 4, 8, 1, 3, 100, 95, 0.05, 50, "cpu", 64, [], precision="fp32")
     path = write_plan_yaml(tmp_path / "plan.yaml", plan_yaml_text(config, plan))
     assert read_plan_meta(path)["memory_fingerprint"]["bf16"] is False
