@@ -112,6 +112,7 @@ class Config:
     headroom: float | None = None  # fraction of the budget kept free; None: the device's default
     max_micro_batch_size: int = 512
     world_size: int = field(default_factory=_env_world_size)
+    nproc_per_node: int | None = None  # FSDP: launch this many ranks for every trial (sets world_size)
     lora: dict | None = None  # peft LoraConfig kwargs (r, lora_alpha, lora_dropout, target_modules, ...)
     model_args: dict = field(default_factory=dict)  # other TRL ModelConfig keys: dtype, attn_implementation
     training_args: dict = field(default_factory=dict)  # every other key, for SFTConfig, untouched
@@ -415,6 +416,14 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str], eva
     if not (_is_int(out.max_micro_batch_size) and out.max_micro_batch_size >= 1):
         problems.append(f"{name('max_micro_batch_size')} must be an integer >= 1, "
                         f"got {out.max_micro_batch_size!r}")
+    if out.nproc_per_node is not None:
+        if not (_is_int(out.nproc_per_node) and out.nproc_per_node >= 1):
+            problems.append(f"{name('nproc_per_node')} must be an integer >= 1, got {out.nproc_per_node!r}")
+        elif out.world_size not in (1, out.nproc_per_node):
+            problems.append(f"{name('nproc_per_node')} {out.nproc_per_node} and {name('world_size')} "
+                            f"{out.world_size} differ: give one of them")
+        else:
+            out.world_size = out.nproc_per_node
     if not (_is_int(out.world_size) and out.world_size >= 1):
         problems.append(f"{name('world_size')} must be an integer >= 1, got {out.world_size!r}")
         ok_batch = False
