@@ -172,6 +172,7 @@ CONFIG_NOT_KEYED = {
     "find_max": "where the search stops, not what a trial holds",
     "cache": "where trials are stored",
     "no_cache": "whether trials are stored",
+    "nproc_per_node": "sets world_size (validation makes them agree), which is keyed",
     "trial_process": "where a trial runs (this process or a fresh one), not what its training step holds",
 }
 

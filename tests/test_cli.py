@@ -214,7 +214,7 @@ def test_json_is_the_only_thing_on_stdout(probe, capsys):
     assert CONTRACT_KEYS <= set(data)
     assert data["trials"][0] == {"micro_batch_size": 1, "peak_memory_bytes": 60 * MiB, "fits": True,
                                  "seconds": 0.05, "oom": False, "peak_allocated_bytes": None,
-                                 "fresh_process": False}
+                                 "fresh_process": False, "rank_peak_bytes": None}
     assert "noise a library printed" in captured.err
     assert "autobatch plan:" not in captured.err and "memory budget" not in captured.err, "no settings block"
 

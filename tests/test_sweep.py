@@ -25,7 +25,7 @@ class FakeProber:
 
     instances: typing.ClassVar[list] = []
 
-    def __init__(self, config, backend, usable_bytes, per_device=None, ddp=False):
+    def __init__(self, config, backend, usable_bytes, per_device=None, ddp=False, sharded=False):
         self.usable_bytes, self.per_device, self.notes, self.max_length = usable_bytes, per_device, [], 128
         self.precision = "fp32"
         self.sizes: list[int] = []
