@@ -481,10 +481,7 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     if not args.json:  # --json: one JSON object on stdout and nothing else
         _print_setup(config, "run")
     _quiet_third_party(args.verbose)
-    from autobatch import api, rundir
-
-    rundir.check_can_run(config, resume=args.resume, overwrite=args.overwrite_output_dir)  # before torch
-    from autobatch import train
+    from autobatch import api
 
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the report / the one JSON object
         plan = api.run_plan(config, args.plan, resume=args.resume, overwrite=args.overwrite_output_dir,
@@ -498,8 +495,8 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     callbacks = _gns_callbacks(args.gns, args.gns_every, config, plan)
     try:
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = api.run(config, plan=plan, resume=args.resume, overwrite=args.overwrite_output_dir,
-                             callbacks=callbacks, stop=getattr(args, "stop", None))
+            result = api.train_plan(config, plan, resume=args.resume, overwrite=args.overwrite_output_dir,
+                                    callbacks=callbacks, stop=getattr(args, "stop", None))
     except Interrupted as exc:
         if exc.checkpoint is None:
             raise
@@ -517,6 +514,8 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
             report["gradient_noise_scale"] = noise
         print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
     else:
+        from autobatch import train
+
         lines = train.summary_lines(result)
         if noise is not None:
             lines.insert(-1, "gradient noise scale: " + gns_text(noise))
