@@ -22,7 +22,7 @@ from autobatch.config import (
     BUILTIN_CONFIG,
     Config,
     build_config,
-    parse_bytes,
+    parse_memory_budget,
     plan_yaml_text,
     validate_config,
     write_plan_yaml,
@@ -47,7 +47,7 @@ def load(config_or_path: ConfigLike = None, **overrides: Any) -> Config:
         fields = {k: v for k, v in overrides.items() if k in names}
         training = {k: v for k, v in overrides.items() if k not in names}
         if "memory_budget" in training:
-            fields["memory_budget_bytes"] = parse_bytes(training.pop("memory_budget"), "memory_budget")
+            fields["memory_budget_bytes"] = parse_memory_budget(training.pop("memory_budget"), "memory_budget")
         config = dataclasses.replace(
             config_or_path, **fields, training_args={**config_or_path.training_args, **training}
         )

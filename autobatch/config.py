@@ -331,6 +331,16 @@ def build_config(
     return _validate(merged.config(), merged.names, list(merged.problems), evaluates)
 
 
+def parse_memory_budget(value: str | int, name: str = "memory_budget") -> int:
+    """The one parser of `memory_budget` (YAML, flag, keyword): a size, or one per rank (`160MiB,100MiB`) of
+    which this rank's; in bytes. The error names `name`."""
+    if isinstance(value, str) and "," in value:
+        from autobatch.ranks import per_rank_budget
+
+        value = per_rank_budget(value, name)
+    return parse_bytes(value, name)
+
+
 def validate_config(config: Config) -> Config:
     """A checked, normalized copy of a Config built in Python ("auto" lower-cased, "true" -> True, ...)."""
     return _validate(config, {}, [])
@@ -430,12 +440,7 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str], eva
             out.device = device
     if out.memory_budget_bytes is not None:
         try:
-            budget = out.memory_budget_bytes
-            if isinstance(budget, str) and "," in budget:  # one value per rank: `160MiB,100MiB`
-                from autobatch.ranks import per_rank_budget
-
-                budget = per_rank_budget(budget, name("memory_budget_bytes"))
-            out.memory_budget_bytes = parse_bytes(budget, name("memory_budget_bytes"))
+            out.memory_budget_bytes = parse_memory_budget(out.memory_budget_bytes, name("memory_budget_bytes"))
         except ConfigError as exc:
             problems.append(str(exc))
     if out.headroom is not None and not (_is_number(out.headroom) and 0 <= out.headroom < 1):

@@ -423,3 +423,17 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="I/O error"):
         write_plan_yaml(target, "new: 2\n")
     assert target.read_text() == "old: 1\n" and os.listdir(tmp_path) == ["plan.yaml"]
+
+
+@pytest.mark.parametrize("budget", ["300MiB", "2.5GiB", "80GB", 123456789, "160MiB,100MiB"])
+def test_memory_budget_is_read_alike_by_build_config_and_api_load(monkeypatch, budget):
+    """issue 18.4: one parser of memory_budget: `autobatch.load(config, memory_budget=...)` takes what a
+    YAML file or --memory-budget takes (it refused the per-rank `160MiB,100MiB`)."""
+    from autobatch import api
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    built = build_config(overrides={"memory_budget": budget}).memory_budget_bytes
+    loaded = api.load(build_config(), memory_budget=budget).memory_budget_bytes
+    assert built == loaded == config_module.parse_memory_budget(budget)
+    assert loaded != build_config().memory_budget_bytes
