@@ -182,17 +182,17 @@ def test_cli_plan_and_run_go_through_the_api(monkeypatch, tmp_path, capsys):
         planned.append(_plan())
         return planned[-1]
 
-    def run(config, *, plan=None, resume=False, **kwargs):
-        calls.append(("run", plan.per_device_train_batch_size))
+    def train_plan(config, plan, *, resume=False, **kwargs):
+        calls.append(("train_plan", plan.per_device_train_batch_size))
         trained.append(plan)
         return result
 
     monkeypatch.setattr(api, "plan", plan)
     monkeypatch.setattr(api, "run_plan", run_plan)
-    monkeypatch.setattr(api, "run", run)
+    monkeypatch.setattr(api, "train_plan", train_plan)
     assert main(["plan", "--effective-batch-size", "8", "--json"]) == 0
     assert main(["run", "--json", "--output-dir", str(tmp_path)]) == 0
-    assert calls == [("plan", 8), ("run_plan", None, False), ("run", 4)]
+    assert calls == [("plan", 8), ("run_plan", None, False), ("train_plan", 4)]
     assert trained[0] is planned[0]  # the run trains the very plan run_plan gave, not a copy or a new probe
     # `run --json` is one object: that plan and that result, nothing dropped or recomputed on the way
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"plan": planned[0].to_dict(),
