@@ -169,6 +169,14 @@ class MemoryBackend:
         raise NotImplementedError
         yield
 
+    def keep_headroom(self, headroom: float) -> int:
+        """The usable budget, budget × (1 − headroom): its one home, for the probe and the run alike. On cuda
+        the allocator is capped there too, so a trial or a step past it is a real OOM."""
+        usable = int(self.budget_bytes * (1 - headroom))
+        if hasattr(self, "cap_bytes"):
+            self.cap_bytes = usable
+        return usable
+
     def cleanup(self) -> None:
         """Release what a trial left behind, so the next one starts from the same baseline."""
         gc.collect()

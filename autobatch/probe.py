@@ -450,9 +450,7 @@ class _Session:
         self.backend = make_backend(config.device, config.memory_budget_bytes)
         check_cpu_budget(self.backend.device, config.memory_budget_bytes)
         self.headroom = resolve_headroom(config, self.backend.device)
-        self.usable = int(self.backend.budget_bytes * (1 - self.headroom))
-        if self.backend.device == "cuda":
-            self.backend.cap_bytes = self.usable  # the allocator itself refuses past it: a trial over is a real OOM
+        self.usable = self.backend.keep_headroom(self.headroom)  # on cuda a trial past it is a real OOM
         ranks.init_group(self.backend.device, ranks.group_timeout_s(config, self.backend.device))
         self.search_usable = ranks.smallest(self.usable)  # every rank's search aims at the same line
         ddp = config.world_size > 1
