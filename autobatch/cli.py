@@ -30,6 +30,7 @@ from autobatch.config import (
     build_config,
     check_model_available,
     check_output_path,
+    eval_strategy,
     format_bytes,
     parse_value,
     plan_yaml_text,
@@ -272,7 +273,7 @@ def _memory_rows(config: Config) -> list[tuple[str, Any]]:
     if config.eval_fraction is not None or config.dataset_test_split is not None:
         held = (f"{config.eval_fraction:g} of the training data" if config.eval_fraction is not None
                 else f"split {config.dataset_test_split}")
-        rows.append(("evaluation", f"{held}, eval_strategy {args.get('eval_strategy', args.get('evaluation_strategy'))}"))
+        rows.append(("evaluation", f"{held}, eval_strategy {eval_strategy(config)}"))
     return rows
 
 

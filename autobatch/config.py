@@ -331,6 +331,14 @@ def build_config(
     return _validate(merged.config(), merged.names, list(merged.problems), evaluates)
 
 
+def eval_strategy(config: Config) -> str:
+    """The run's eval strategy under its name or its old one (`evaluation_strategy`), "no" when unset: the one
+    home of "is evaluation on" (`!= "no"`) for validation, the output-dir checks, the probe and the report."""
+    args = config.training_args
+    strategy = args.get("eval_strategy", args.get("evaluation_strategy"))
+    return "no" if strategy is None else str(getattr(strategy, "value", strategy))
+
+
 def parse_memory_budget(value: str | int, name: str = "memory_budget") -> int:
     """The one parser of `memory_budget` (YAML, flag, keyword): a size, or one per rank (`160MiB,100MiB`) of
     which this rank's; in bytes. The error names `name`."""
@@ -533,9 +541,7 @@ def _ignored_input_problems(config: Config, name, local_file: bool, evaluates: b
                             "of it with --eval-fraction 0.1 instead, or give a folder with a test file")
         if config.dataset_config is not None:
             problems.append(f"{name('dataset_config')} {config.dataset_config!r}: {where} and no configs; drop it")
-    args = config.training_args
-    strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
-    if strategy in ("no", None) and not evaluates:
+    if eval_strategy(config) == "no" and not evaluates:
         for key in ("eval_fraction", "dataset_test_split"):
             if getattr(config, key) is not None:
                 problems.append(f"{name(key)} {getattr(config, key)!r} is never used: eval_strategy is no; add "

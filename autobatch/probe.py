@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from autobatch import launch, ranks
-from autobatch.config import Config, format_bytes, modern_names
+from autobatch.config import Config, eval_strategy, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError, WorkerError
 from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, is_oom, make_backend
 from autobatch.planner import (
@@ -740,9 +740,7 @@ def _last_trial(trials: list[Trial], micro_batch_size: int) -> Trial:
 
 def evaluates(config: Config) -> bool:
     """Whether the run evaluates: an eval split or fraction, and an eval strategy other than "no"."""
-    args = config.training_args
-    strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
-    return bool(config.dataset_test_split or config.eval_fraction) and strategy not in ("no", None)
+    return bool(config.dataset_test_split or config.eval_fraction) and eval_strategy(config) != "no"
 
 
 def _plan_eval(

@@ -437,3 +437,21 @@ def test_memory_budget_is_read_alike_by_build_config_and_api_load(monkeypatch, b
     loaded = api.load(build_config(), memory_budget=budget).memory_budget_bytes
     assert built == loaded == config_module.parse_memory_budget(budget)
     assert loaded != build_config().memory_budget_bytes
+
+
+@pytest.mark.parametrize("args, on", [({"eval_strategy": "steps"}, True), ({"evaluation_strategy": "epoch"}, True),
+                                      ({"eval_strategy": "no"}, False), ({}, False)])
+def test_whether_evaluation_is_on_has_one_answer(args, on):
+    """issue 18.4: "evaluation is on" is `eval_strategy(config) != "no"` everywhere (the old name read too): the
+    probe plans an eval batch, the output-dir check asks for eval data, exactly when it is on."""
+    from autobatch import probe, rundir
+
+    with_data = dataclasses.replace(build_config(), eval_fraction=0.1, training_args=args)
+    without = dataclasses.replace(with_data, eval_fraction=None)
+    assert (config_module.eval_strategy(with_data) != "no") == on
+    assert probe.evaluates(with_data) == on and not probe.evaluates(without)
+    if on:
+        with pytest.raises(ConfigError, match=r"needs eval data"):
+            rundir.check_eval_split(without)
+    else:
+        rundir.check_eval_split(without)
