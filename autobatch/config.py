@@ -27,6 +27,7 @@ import yaml
 from autobatch.binding import model_content
 from autobatch.errors import AutobatchError, ConfigError
 from autobatch.fields import key_problems
+from autobatch.planner import check_effective_batch
 from autobatch.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
@@ -555,12 +556,10 @@ def _batch_problems(config: Config, name) -> list[str]:
     micro, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
     if effective is None:
         return []
-    if effective % world:
-        low = effective - effective % world
-        nearest = f"{low} or {low + world}" if low else f"{low + world}"
-        problem = f"{name('effective_batch_size')} {effective} is not a multiple of world size {world}"
-        return [f"{problem}: use {nearest}"]
-    per_device = effective // world
+    try:
+        per_device = check_effective_batch(effective, world, name("effective_batch_size"))
+    except ConfigError as exc:
+        return [str(exc)]
     target = f"{name('effective_batch_size')} {effective}"
     if _is_int(micro) and _is_int(accumulation):
         if micro * accumulation == per_device:

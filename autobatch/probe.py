@@ -899,7 +899,7 @@ def plan_ladder(
     started = time.perf_counter()
     world = config.world_size
     for size in effective_batch_sizes or []:
-        check_effective_batch(size, world)
+        check_effective_batch(size, world, "effective_batch_sizes")
     if config.effective_batch_size is not None:
         check_effective_batch(config.effective_batch_size, world)
     known = ladder_rungs(effective_batch_sizes, 1, world, config.effective_batch_size) if effective_batch_sizes else []

@@ -455,3 +455,16 @@ def test_whether_evaluation_is_on_has_one_answer(args, on):
             rundir.check_eval_split(without)
     else:
         rundir.check_eval_split(without)
+
+
+def test_a_multiple_of_the_world_size_is_one_message_from_config_and_planner():
+    """issue 18.4: config validation and the probe's planner refuse an effective batch off the world size with
+    the same words (one helper, `planner.check_effective_batch`), naming the config key."""
+    from autobatch.planner import check_effective_batch
+
+    with pytest.raises(ConfigError) as planned:
+        check_effective_batch(30, 4)
+    with pytest.raises(ConfigError) as built:
+        build_config(overrides={"effective_batch_size": 30, "world_size": 4})
+    assert str(planned.value) == "effective_batch_size 30 is not a multiple of world size 4: use 28 or 32"
+    assert str(planned.value) in str(built.value)
