@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -218,6 +219,7 @@ def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
     if path is None and "model_name_or_path" not in overrides:
         path = BUILTIN_CONFIG
     # sweep --validate-tokens evaluates on the eval split or fraction whatever eval_strategy says (issue 24)
+    args.names = names  # what the user typed for each key: errors from below are said in those words
     config = build_config(path, overrides, names, evaluates=bool(getattr(args, "validate_tokens", None)))
     check_model_available(config, names.get("model_name_or_path", "model_name_or_path"))
     return config
@@ -610,6 +612,8 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     from autobatch import sweep
 
     config = _config_from_args(args, extras)
+    if args.effective_batch_sizes:
+        args.names["effective_batch_sizes"] = "--effective-batch-sizes"
     sizes = sweep.parse_sizes(args.effective_batch_sizes) if args.effective_batch_sizes else None
     multipliers = sweep.parse_floats(args.lr_multipliers, "--lr-multipliers") if args.lr_multipliers else [1.0]
     if args.lr_multipliers and not args.validate_tokens:
@@ -1008,6 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `autobatch` command; returns the exit code (0 ok, 1 runtime error, 2 bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    args = None
     try:
         args, extras = _make_parser().parse_known_args(_join_dash_values(argv))
         if args.command is None:
@@ -1021,7 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
     except AutobatchError as exc:
         if debug:
             traceback.print_exc()
-        _err(f"autobatch: error: {_one_line(str(exc))}", every_rank=True)
+        _err(f"autobatch: error: {_one_line(_as_typed(exc, getattr(args, 'names', {})))}", every_rank=True)
         return exc.exit_code
     except KeyboardInterrupt:
         _err("autobatch: interrupted", every_rank=True)
@@ -1032,6 +1037,16 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{type(exc).__name__}: {_one_line(str(exc))}"
         _err(f"autobatch: error: {message} (rerun with --debug for the traceback)", every_rank=True)
         return 1
+
+
+def _as_typed(exc: AutobatchError, names: dict[str, str]) -> str:
+    """The message with each config key it names (`ConfigError.keys`) as the user typed it: the flag where one
+    was given, else the key (a YAML key or keyword argument is spelled so)."""
+    text = str(exc)
+    for key in getattr(exc, "keys", ()):
+        if key in names:
+            text = re.sub(rf"(?<![\w-]){re.escape(key)}(?![\w-])", names[key], text)
+    return text
 
 
 def _one_line(text: str) -> str:

@@ -243,7 +243,8 @@ def check_effective_batch(effective_batch_size: int, world_size: int, name: str 
         low = effective_batch_size - effective_batch_size % world_size
         high = low + world_size
         nearest = f"{low} or {high}" if low > 0 else f"{high}"
-        raise ConfigError(f"{name} {effective_batch_size} is not a multiple of world size {world_size}: use {nearest}")
+        raise ConfigError(f"{name} {effective_batch_size} is not a multiple of world size {world_size}: use {nearest}",
+                          keys=(name,))
     return effective_batch_size // world_size
 
 

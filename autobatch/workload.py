@@ -358,8 +358,8 @@ def check_max_length(path: str, max_length: int | None, name: str) -> None:
         return  # the model load that follows reports it
     positions = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     if isinstance(positions, int) and max_length is not None and max_length > positions:
-        raise ConfigError(f"--max-length {max_length} is beyond the {positions} positions of {name}: "
-                          f"use --max-length {positions} or less")
+        raise ConfigError(f"max_length {max_length} is beyond the {positions} positions of {name}: "
+                          f"use max_length {positions} or less", keys=("max_length",))
 
 
 def _fake_model(path: str, args):
