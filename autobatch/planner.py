@@ -126,7 +126,7 @@ def search_max_micro_batch(
     micro-batch 1 does not fit (the error carries its peak).
     """
     if max_micro_batch_size < 1:
-        raise ConfigError("--max-micro-batch-size must be at least 1")
+        raise ConfigError("max_micro_batch_size must be at least 1", keys=("max_micro_batch_size",))
     trials: dict[int, Trial] = {}
     first = probe(1)
     trials[1] = first

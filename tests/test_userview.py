@@ -269,6 +269,8 @@ def test_a_key_is_named_as_the_user_typed_it(tiny_model_dir, tmp_path, capsys, m
     with pytest.raises(ConfigError) as raised:
         autobatch.plan(model_name_or_path=str(model), max_length=4096, device="cpu")
     assert str(raised.value) == f"max_length 4096 is beyond the 2048 positions of {model}: use max_length 2048 or less"
+    with pytest.raises(ConfigError, match=r"^model_name_or_path \S*none: no such directory"):
+        autobatch.plan(model_name_or_path=str(tmp_path / "none"), device="cpu")
     config = tmp_path / "c.yaml"
     config.write_text(f"model_name_or_path: {model}\nmax_length: 4096\ndevice: cpu\n")
     assert cli.main(["plan", "--config", str(config)]) == 2
