@@ -332,9 +332,9 @@ def check_cpu_budget(device: str, budget_bytes: int | None) -> None:
     total = total_ram_bytes()
     if device == "cpu" and budget_bytes is not None and budget_bytes > total:
         raise ConfigError(
-            f"--memory-budget {format_bytes(budget_bytes)} is more than this machine's RAM ({format_bytes(total)}): "
+            f"memory_budget {format_bytes(budget_bytes)} is more than this machine's RAM ({format_bytes(total)}): "
             f"the cpu backend really allocates it; pass at most {format_bytes(total)}, or plan for a larger "
-            "device with --device estimate"
+            "GPU with device estimate", keys=("memory_budget", "device")
         )
 
 
@@ -429,7 +429,7 @@ def make_backend(device: str | None, memory_budget_bytes: int | None) -> MemoryB
     device = device or default_device()
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available; use --device cpu or --device estimate")
+            raise ConfigError("device cuda: no GPU is available; use device cpu or device estimate", keys=("device",))
         from autobatch.ranks import select_cuda_device
 
         index = select_cuda_device()  # LOCAL_RANK's GPU, current before any other CUDA call
@@ -441,8 +441,8 @@ def make_backend(device: str | None, memory_budget_bytes: int | None) -> MemoryB
     cls = CpuBackend if device == "cpu" else EstimateBackend
     if device == "estimate" and memory_budget_bytes is None:
         raise ConfigError(
-            "--device estimate plans for a GPU this machine does not have: pass --memory-budget with that "
-            "card's memory (e.g. --memory-budget 80GB)"
+            "device estimate plans for a GPU this machine does not have: pass memory_budget with that "
+            "card's memory (e.g. memory_budget 80GB)", keys=("device", "memory_budget")
         )
     if memory_budget_bytes is None:
         budget, source = default_ram_budget()

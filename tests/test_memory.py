@@ -76,7 +76,7 @@ def test_estimate_backend_counts_fake_tensors_without_memory():
 def test_cuda_device_without_a_gpu_is_a_config_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(ConfigError, match="no CUDA device"):
+    with pytest.raises(ConfigError, match="^device cuda: no GPU is available; use device cpu or device estimate$"):
         make_backend("cuda", None)
 
 
@@ -84,11 +84,14 @@ def test_a_cpu_budget_past_the_machines_ram_is_refused_in_one_line(capsys):
     """issue 23 (messages): --memory-budget 1TiB on the cpu backend, which really allocates, was accepted."""
     from autobatch.cli import main
     from autobatch.memory import total_ram_bytes
+    from autobatch.units import format_bytes, parse_bytes
 
     budget = f"{total_ram_bytes() * 2 // 2**20}MiB"
     assert main(["plan", "--device", "cpu", "--memory-budget", budget]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("autobatch: error")]
     assert len(lines) == 1 and "more than this machine's RAM" in lines[0] and "micro=" not in lines[0]
+    assert lines[0].startswith(f"autobatch: error: --memory-budget {format_bytes(parse_bytes(budget))} is more")
+    assert lines[0].endswith("plan for a larger GPU with --device estimate"), "keys said as the flags typed"
 
 
 def test_usable_budget_has_one_home_that_the_probe_and_the_run_use(monkeypatch):
