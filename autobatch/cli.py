@@ -35,6 +35,7 @@ from autobatch.config import (
     format_bytes,
     parse_value,
     plan_yaml_text,
+    read_yaml,
     write_plan_yaml,
 )
 from autobatch.errors import AutobatchError, ConfigError, Interrupted
@@ -221,6 +222,7 @@ def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
     # sweep --validate-tokens evaluates on the eval split or fraction whatever eval_strategy says (issue 24)
     args.names = names  # what the user typed for each key: errors from below are said in those words
     config = build_config(path, overrides, names, evaluates=bool(getattr(args, "validate_tokens", None)))
+    args.names = _said_as(args.config, names)
     check_model_available(config, names.get("model_name_or_path", "model_name_or_path"))
     return config
 
@@ -1037,6 +1039,15 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{type(exc).__name__}: {_one_line(str(exc))}"
         _err(f"autobatch: error: {message} (rerun with --debug for the traceback)", every_rank=True)
         return 1
+
+
+def _said_as(config_path: str | None, names: dict[str, str]) -> dict[str, str]:
+    """How each key is named to this user: the flag they typed, else the key as their --config file has it,
+    else the command line's flag for it (a person at the command line is told flags)."""
+    said = {key: flag for flag, key, _ in (*_VALUE_FLAGS, *_SWITCH_FLAGS)}
+    for key in read_yaml(config_path) if config_path else ():
+        said.pop(key, None)
+    return {**said, **names}
 
 
 def _as_typed(exc: AutobatchError, names: dict[str, str]) -> str:

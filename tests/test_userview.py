@@ -276,6 +276,10 @@ def test_a_key_is_named_as_the_user_typed_it(tiny_model_dir, tmp_path, capsys, m
     assert cli.main(["plan", "--config", str(config)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"autobatch: error: max_length 4096 is beyond the 2048 positions of {model}: use max_length 2048 or less")
+    assert cli.main(["plan", "--device", "estimate"]) == 2  # a key not typed: a person at the CLI is told the flag
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "autobatch: error: --device estimate plans for a GPU this machine does not have: pass --memory-budget with "
+        "that card's memory (e.g. --memory-budget 80GB)")
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
     assert cli.main(["sweep", "--effective-batch-sizes", "9,16", "--device", "cpu", "--memory-budget", "300MiB"]) == 2
