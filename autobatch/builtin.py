@@ -158,6 +158,10 @@ PUBLISHED_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
         "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048,
     }),
+    "llama-2-7b": ("llama", {  # meta-llama/Llama-2-7b-hf
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+    }),
     "qwen2-0.5b": ("qwen2", {  # Qwen/Qwen2-0.5B
         "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
         "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,

@@ -65,6 +65,8 @@ _VALUE_FLAGS = [
     ("--micro-batch-size", "per_device_train_batch_size",
      "check this micro-batch instead of searching (= per_device_train_batch_size)"),
     ("--world-size", "world_size", "number of processes (default: $WORLD_SIZE or 1)"),
+    ("--nproc-per-node", "nproc_per_node",
+     "FSDP: ranks per trial, launched from here (estimate: one rank of N traced); sets --world-size"),
     ("--max-length", "max_length", "tokens per example after truncation (SFTConfig max_length)"),
     ("--cache", "cache", "probe cache file (default: $XDG_CACHE_HOME/autobatch/probes.sqlite3)"),
     ("--trial-process", "trial_process",
@@ -270,7 +272,7 @@ def _memory_rows(config: Config) -> list[tuple[str, Any]]:
     rows = [
         ("checkpointing", "true (SFTConfig default)" if checkpointing is None else checkpointing),
         ("dtype", config.model_args.get("dtype", "float32 (TRL ModelConfig default)")),
-        ("bf16", args.get("bf16", "SFTConfig default: on where supported (off on cpu/estimate)")),
+        ("bf16", args.get("bf16", "SFTConfig default: on where supported (off on cpu)")),
     ]
     if args.get("fp16"):
         rows.append(("fp16", True))
@@ -309,7 +311,15 @@ def _trial_line(trial: Trial, budget_bytes: int | None, label: str = "micro") ->
     share = f" ({trial.peak_memory_bytes / budget_bytes:.0%} of budget)" if budget_bytes else ""
     speed = f" {trial.seconds:.2f} s/step" if trial.fits and label == "micro" else ""
     fresh = " (fresh process)" if trial.fresh_process else ""
-    return f"{label}={trial.micro_batch_size} {status} peak={format_bytes(trial.peak_memory_bytes)}{share}{speed}{fresh}"
+    return (f"{label}={trial.micro_batch_size} {status} peak={format_bytes(trial.peak_memory_bytes)}{share}{speed}{fresh}"
+            + _rank_peaks(trial.rank_peak_bytes))
+
+
+def _rank_peaks(peaks: list[int] | None) -> str:
+    """` ranks 0..N-1: 10.5MiB, 10.6MiB` for an FSDP group trial (a rank ended before reporting: `?`)."""
+    if not peaks or len(peaks) < 2:
+        return ""
+    return f" ranks 0..{len(peaks) - 1}: " + ", ".join(format_bytes(p) if p >= 0 else "?" for p in peaks)
 
 
 def format_plan(plan: Plan) -> str:
@@ -334,6 +344,7 @@ def format_plan(plan: Plan) -> str:
         (f"  peak memory      {format_bytes(peak)} of {format_bytes(usable)} usable "
          f"({_pct(peak, usable)}; budget {format_bytes(budget)}, headroom {plan.headroom:g})"),
         f"  left at peak     {format_bytes(left)} ({_pct(left, budget)} of budget)",
+        *([f"  peak per rank   {_rank_peaks(plan.rank_peak_bytes).strip()}"] if _rank_peaks(plan.rank_peak_bytes) else []),
         f"  max micro-batch  {limit}",
         f"  trials           {len(plan.trials)}" + (f" ({ooms} OOM)" if ooms else "")
         + (f", {sum(t.fresh_process for t in plan.trials)} in fresh processes" if plan.trial_process == "fresh" else "")
@@ -343,6 +354,13 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.checkpointing is not None:
         lines.append(f"  checkpointing    {_checkpointing_text(plan.checkpointing)}")
+    if plan.assumed:  # what an estimate emulated: the card it plans for
+        a = plan.assumed
+        lines += [f"  assumed device   {a['device']}, {format_bytes(a['memory_bytes'])}",
+                  f"  assumed step     {a['precision']}, optimizer {a['optimizer']}, attention {a['attention']}",
+                  (f"  assumed memory   {a['allocator']['name']}, expandable_segments "
+                   f"{a['allocator']['expandable_segments']}, cuBLAS workspace "
+                   f"{format_bytes(a['cublas_workspace_bytes'])} per handle (reserved bytes, the CUDA context not counted)")]
     if plan.per_device_eval_batch_size:
         eval_peak = plan.eval_peak_memory_bytes or 0
         lines.append(f"  eval batch       {plan.per_device_eval_batch_size} (peak {format_bytes(eval_peak)} with "

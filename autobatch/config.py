@@ -113,6 +113,7 @@ class Config:
     headroom: float | None = None  # fraction of the budget kept free; None: the device's default
     max_micro_batch_size: int = 512
     world_size: int = field(default_factory=_env_world_size)
+    nproc_per_node: int | None = None  # FSDP: launch this many ranks for every trial (sets world_size)
     lora: dict | None = None  # peft LoraConfig kwargs (r, lora_alpha, lora_dropout, target_modules, ...)
     model_args: dict = field(default_factory=dict)  # other TRL ModelConfig keys: dtype, attn_implementation
     training_args: dict = field(default_factory=dict)  # every other key, for SFTConfig, untouched
@@ -434,6 +435,14 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str], eva
     if not (_is_int(out.max_micro_batch_size) and out.max_micro_batch_size >= 1):
         problems.append(f"{name('max_micro_batch_size')} must be an integer >= 1, "
                         f"got {out.max_micro_batch_size!r}")
+    if out.nproc_per_node is not None:
+        if not (_is_int(out.nproc_per_node) and out.nproc_per_node >= 1):
+            problems.append(f"{name('nproc_per_node')} must be an integer >= 1, got {out.nproc_per_node!r}")
+        elif out.world_size not in (1, out.nproc_per_node):
+            problems.append(f"{name('nproc_per_node')} {out.nproc_per_node} and {name('world_size')} "
+                            f"{out.world_size} differ: give one of them")
+        else:
+            out.world_size = out.nproc_per_node
     if not (_is_int(out.world_size) and out.world_size >= 1):
         problems.append(f"{name('world_size')} must be an integer >= 1, got {out.world_size!r}")
         ok_batch = False
@@ -728,6 +737,8 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
             **modern_names(config.training_args), "activation_checkpointing": choice.activation_checkpointing})
     written = _as_written(config, plan.device, plan.precision)
     model = written.model_name_or_path or (str(model_path) if model_path is not None else None)
+    if plan.assumed:  # an estimate: the GPU run builds the optimizer the estimate emulated, named
+        written.training_args.setdefault("optim", plan.assumed["optim"])
     body: dict[str, Any] = {}
     if model is not None:
         body["model_name_or_path"] = model

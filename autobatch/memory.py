@@ -8,10 +8,10 @@ Three backends share one interface (`budget_bytes`, `measure()`, `tensor_mode()`
 - `cpu`: a virtual device with a budget. A `TorchDispatchMode` counts the bytes of every live tensor
   storage (each once, released when freed), the quantity `torch.cuda.max_memory_allocated` reports, and
   raises a CUDA-style `torch.OutOfMemoryError` when an op pushes that count past the budget.
-- `estimate`: the same counting under `FakeTensorMode`: no compute, no memory, so a model far bigger
-  than this machine is measured from its config alone; a size past the budget is measured in full
-  (it does not fit, but its whole peak is known). Blind to scratch allocated inside one kernel
-  (flash attention, cuBLAS workspace) and to fragmentation: its figures are estimates.
+- `estimate`: the cuda step emulated under `FakeTensorMode` (autobatch.estimate): no compute, no memory, so a
+  model far bigger than this machine is measured from its config alone; the peak is the reserved bytes of an
+  emulated caching allocator (autobatch.allocator). A size past the budget is measured in full (it does not
+  fit, but its whole peak is known).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 from autobatch.errors import ConfigError
@@ -57,7 +57,7 @@ def is_oom(exc: BaseException, device: str | None = None) -> bool:
     """
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    if not (isinstance(exc, RuntimeError) and len(exc.args) == 1):
+    if not (isinstance(exc, RuntimeError) and len(exc.args) == 1 and isinstance(exc.args[0], str)):
         return False
     from accelerate.utils.memory import should_reduce_batch_size
 
@@ -102,6 +102,12 @@ class LiveBytesMode(TorchDispatchMode):
     def _track(self, tensor: torch.Tensor) -> int:
         if tensor.is_sparse or tensor.device.type == "cuda":
             return 0
+        if is_traceable_wrapper_subclass(tensor):
+            # A DTensor (FSDP2's sharded parameters and gradients) is a wrapper whose own storage has the
+            # global size and holds nothing: what a rank holds is its local tensor(s).
+            inner, _ = tensor.__tensor_flatten__()
+            parts = (getattr(tensor, name) for name in inner)
+            return sum(self._track(part) for part in parts if isinstance(part, torch.Tensor))
         try:
             storage = tensor.untyped_storage()
         except (NotImplementedError, RuntimeError):  # e.g. tensor subclasses without storage
@@ -122,6 +128,35 @@ class LiveBytesMode(TorchDispatchMode):
     def stop(self) -> None:
         self._active = False
 
+    def __enter__(self):
+        # FSDP2 frees and re-allocates its all-gathered parameters with `UntypedStorage.resize_`, which no
+        # dispatch mode sees (torch/distributed/fsdp/_fully_shard/_fsdp_param.py `free_storage`); torch's
+        # own MemTracker patches it the same way (torch/distributed/_tools/mem_tracker.py `_track_resize`).
+        self._resize = torch.UntypedStorage.resize_
+        mode, resize = self, self._resize
+
+        def resize_(storage: torch.UntypedStorage, size: int):
+            out = resize(storage, size)
+            if mode._active:
+                mode._resized(storage)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize  # type: ignore[method-assign]
+        return super().__exit__(*exc)
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        key, size = storage._cdata, storage.nbytes()
+        if key not in self.live:
+            weakref.finalize(storage, self._release, key)
+            self.live[key] = 0
+        self.live_bytes += size - self.live[key]
+        self.live[key] = size
+        self._account(size)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.fake and func is torch.ops.aten._local_scalar_dense.default:
             # `.item()` has no value under FakeTensorMode; a constant lets TRL's metric logging through.
@@ -133,17 +168,23 @@ class LiveBytesMode(TorchDispatchMode):
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
                 added += self._track(item)
+        try:
+            self._account(added)
+        except torch.OutOfMemoryError:
+            del out
+            raise
+        return out
+
+    def _account(self, added: int) -> None:
+        """Peak after `added` bytes were allocated; a CUDA-style OOM past the budget."""
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         if self.budget_bytes is not None and self.live_bytes > self.budget_bytes:
-            over = self.live_bytes
-            del out
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory. Tried to allocate {format_bytes(added)}. Virtual device of "
-                f"{format_bytes(self.budget_bytes)} would hold {format_bytes(over)} "
+                f"{format_bytes(self.budget_bytes)} would hold {format_bytes(self.live_bytes)} "
                 f"(autobatch cpu backend, --memory-budget)."
             )
         self.held_peak_bytes = max(self.held_peak_bytes, self.live_bytes)
-        return out
 
 
 class MemoryBackend:
@@ -207,7 +248,7 @@ class CpuBackend(MemoryBackend):
 
 
 class EstimateBackend(CpuBackend):
-    """The cpu counting under `FakeTensorMode`: shapes and bytes without compute."""
+    """The cuda step under `FakeTensorMode`, counted by an emulated caching allocator (`autobatch.estimate`)."""
 
     device = "estimate"
     fake = True
@@ -221,8 +262,27 @@ class EstimateBackend(CpuBackend):
 
         self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
 
-    def tensor_mode(self) -> contextlib.AbstractContextManager:
-        return self._fake_mode
+    @contextlib.contextmanager
+    def tensor_mode(self) -> Iterator[None]:
+        from autobatch.estimate import cuda_step
+
+        with self._fake_mode, cuda_step():
+            yield
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[Measurement]:
+        """Peak reserved bytes of the emulated caching allocator (allocated: its blocks' bytes)."""
+        from autobatch.estimate import AllocatorMode
+
+        result = Measurement()
+        mode = AllocatorMode()
+        try:
+            with mode:
+                yield result
+        finally:
+            mode.stop()
+            result.peak_bytes = result.held_peak_bytes = mode.allocator.peak_reserved_bytes
+            result.allocated_peak_bytes = mode.allocator.peak_allocated_bytes
 
 
 class CudaBackend(MemoryBackend):

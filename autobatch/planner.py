@@ -35,6 +35,7 @@ class Trial:
     oom: bool = False  # the trial raised out-of-memory (its peak is where it stopped)
     peak_allocated_bytes: int | None = None  # tensors alone; peak_memory_bytes (reserved on cuda) decides
     fresh_process: bool = False  # measured in a worker process of its own (no allocator history before it)
+    rank_peak_bytes: list[int] | None = None  # FSDP group trials: each rank's peak, rank order (None: one rank)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -435,8 +436,10 @@ class Plan:
     cache_path: str | None = None  # the probe cache file used, None with --no-cache
     stopped_at_need: bool = False  # max_micro_batch_size is what the target needs; the true max may be larger
     checkpointing: CheckpointingChoice | None = None  # what the run trains with; None: the config's, unmeasured
+    assumed: dict | None = None  # estimate backend: the device, precision, optimizer, attention, allocator emulated
     trial_process: str = "same"  # "fresh": the edge and the planned size were measured in fresh worker processes
     pytorch_cuda_alloc_conf: str | None = None  # the allocator setting the cuda trials ran under (None: default)
+    rank_peak_bytes: list[int] | None = None  # FSDP group trials: each rank's peak at the planned micro-batch
 
     def to_dict(self) -> dict:
         data = asdict(self)

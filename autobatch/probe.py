@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from autobatch import launch, ranks
+from autobatch import launch, ranks, sharding
 from autobatch.config import Config, eval_strategy, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError, WorkerError
 from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, is_oom, make_backend
@@ -93,9 +93,9 @@ class Prober:
 
     def __init__(
         self, config: Config, backend: MemoryBackend, usable_bytes: int, per_device: int | None = None,
-        ddp: bool = False,
+        ddp: bool = False, sharded: bool = False,
     ) -> None:
-        self._setup(backend, usable_bytes, per_device, ddp)
+        self._setup(backend, usable_bytes, per_device, ddp, sharded)
         try:
             self._build(config, backend)
         except BaseException:
@@ -120,6 +120,22 @@ class Prober:
         for quiet in (PrinterCallback, ProgressCallback):  # a trial's end-of-train metrics are not news
             trainer.remove_callback(quiet)
         self._attach(trainer)
+        if backend.device == "estimate" and modern_names(config.training_args).get("fp16"):
+            self.precision = "fp16"  # measured with bf16 autocast, the same bytes (sft_config's note)
+        if self.sharded:
+            self._shard()
+
+    def _shard(self) -> None:
+        """FSDP: shard the model once, before any trial measures (accelerate's own `prepare`).
+
+        The run loads each rank's full copy on the host and moves only its shards to the device
+        (accelerate fsdp_utils.py `fsdp2_prepare_model`): the unsharded copy is never device memory, so no
+        trial may count it. Later trials reuse the sharded model (prepare skips what is already sharded).
+        """
+        trainer = self.trainer
+        with self.backend.tensor_mode():
+            trainer.model = trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)
+        self._forget_prepared()  # and collect the unsharded copy, held in reference cycles
 
     @classmethod
     def for_trainer(
@@ -158,7 +174,9 @@ class Prober:
             raise
         return prober
 
-    def _setup(self, backend: MemoryBackend, usable_bytes: int, per_device: int | None, ddp: bool = False) -> None:
+    def _setup(
+        self, backend: MemoryBackend, usable_bytes: int, per_device: int | None, ddp: bool = False, sharded: bool = False
+    ) -> None:
         self.backend = backend
         self.usable_bytes = usable_bytes
         self.per_device = per_device
@@ -168,8 +186,11 @@ class Prober:
         self.on_trial_shown = False  # a training trial's line is printed by the caller
         # Under a launcher the trainer lives in a single-process world until close(): no DDP, no collective
         # inside a trial (ranks.local_only). The ranks agree between trials over the default process group.
+        # FSDP (`sharded`) trials run on every rank of the group with the run's sharding instead.
+        self.sharded = sharded
         self._world = contextlib.ExitStack()
-        self._world.enter_context(ranks.local_only())
+        if not sharded:
+            self._world.enter_context(ranks.local_only())
         self.snapshot = None
         self.workdir = tempfile.TemporaryDirectory(prefix="autobatch-probe-")
         self.timer = _StepTimer(self._sync)
@@ -239,6 +260,8 @@ class Prober:
         accelerator = self.trainer.accelerator
         for name in ("_optimizers", "_schedulers", "_dataloaders", "_models"):
             getattr(accelerator, name, []).clear()
+        handler = self.trainer.callback_handler  # it keeps the last optimizer (and its state) alive too
+        handler.optimizer = handler.lr_scheduler = handler.train_dataloader = None
         self.backend.cleanup()
 
     def _held_batches(self, micro_batch_size: int, count: int) -> list[dict]:
@@ -403,6 +426,82 @@ class FreshTrials:
         return {"CUDA_VISIBLE_DEVICES": visible[index] if index < len(visible) else str(index)}
 
 
+class GroupProber:
+    """FSDP trials from one coordinator: each trial is a fresh group of `nproc` ranks (autobatch.launch).
+
+    Every rank runs the trial with the run's sharding on its own budget; the trial fits when every rank
+    fits, its peak is the highest rank's and `rank_peak_bytes` keeps each. A rank that runs out of memory
+    exits, and the launcher ends the others at once (a rank left waiting in an all-gather would otherwise
+    wait for the group timeout): the trial is an OOM and one line names the rank. A fresh group per trial
+    is also a fresh allocator per trial, as DeepSpeed's autotuner launches its experiments.
+    """
+
+    sharded, ddp, trainer = True, False, None
+
+    def __init__(self, config, device: str, budgets: list[int], usable: list[int], per_device: int | None,
+                 timeout_s: float = sharding.TRIAL_GROUP_TIMEOUT_S) -> None:
+        self.config, self.device, self.budgets, self.usables = config, device, budgets, usable
+        self.usable_bytes = min(usable)
+        self.per_device, self.timeout_s = per_device, timeout_s
+        self.nproc = len(budgets)
+        self.on_start = self.on_eval_trial = None
+        self.on_trial_shown = False
+        self.max_length, self.padded, self.precision = 0, True, "fp32"
+        self.notes = [(f"FSDP: each trial ran on {self.nproc} rank(s) launched together (a fresh process group per "
+                      "trial); a size fits when every rank fits, its peak is the highest rank's")]
+        self.failures: list[str] = []  # one line per trial a rank ended (OOM or crash)
+
+    def _accumulation(self, micro_batch_size: int) -> int:
+        return -(-self.per_device // micro_batch_size) if self.per_device else 1
+
+    def spec(self, micro_batch_size: int, report_dir: str) -> dict:
+        import dataclasses
+
+        return {"config": dataclasses.asdict(self.config), "device": self.device, "budgets": self.budgets,
+                "usables": self.usables, "per_device": self.per_device, "micro_batch_size": micro_batch_size,
+                "report_dir": report_dir, "group_timeout_s": sharding.GROUP_TIMEOUT_S}
+
+    def run_trial(self, micro_batch_size: int, eval_batch_size: int | None = None):
+        import json
+        from pathlib import Path
+
+        if eval_batch_size:
+            raise ConfigError("evaluation batches are not planned under FSDP yet: set per_device_eval_batch_size "
+                              "or --eval-strategy no")
+        if self.on_start:
+            self.on_start(micro_batch_size, None)
+        with tempfile.TemporaryDirectory(prefix="autobatch-fsdp-") as report_dir:
+            failed = None
+            try:
+                launch.run_group(self.nproc, "autobatch.fsdp_worker", self.spec(micro_batch_size, report_dir),
+                                 self.timeout_s)
+            except WorkerError as exc:
+                if exc.kind != "oom":
+                    raise WorkerError(f"FSDP trial of micro-batch {micro_batch_size}: {exc}", exc.kind, exc.rank) from None
+                failed = exc
+            reports = [json.loads(p.read_text()) for p in sorted(Path(report_dir).glob("rank-*.json"))]
+        by_rank = {r["rank"]: r for r in reports}
+        for report in reports[:1]:
+            self.max_length, self.padded, self.precision = report["max_length"], report["padded"], report["precision"]
+        peaks = [by_rank[r]["trial"]["peak_memory_bytes"] if r in by_rank else None for r in range(self.nproc)]
+        if failed is not None:
+            line = (f"micro-batch {micro_batch_size}: rank {failed.rank} of {self.nproc} ran out of memory; "
+                    f"the trial was ended on every rank")
+            self.failures.append(line)
+            logger.info(line)
+            known = [p for p in peaks if p is not None]
+            return Trial(micro_batch_size, max(known) if known else max(self.budgets) + 1, fits=False, seconds=0.0, oom=True,
+                         rank_peak_bytes=[p if p is not None else -1 for p in peaks], fresh_process=True)
+        trials = [by_rank[r]["trial"] for r in range(self.nproc)]
+        return Trial(micro_batch_size, max(peaks), fits=all(t["fits"] for t in trials),
+                     seconds=max(t["seconds"] for t in trials), oom=any(t["oom"] for t in trials),
+                     peak_allocated_bytes=max(t["peak_allocated_bytes"] or 0 for t in trials),
+                     rank_peak_bytes=peaks, fresh_process=True)
+
+    def close(self) -> None:
+        pass
+
+
 def trial_process(config: Config, device: str, trainer=None) -> str:
     """`fresh` or `same`: where the trials that decide the plan's edge run (config `trial_process`).
 
@@ -445,27 +544,55 @@ class _Session:
 
     def __init__(self, config: Config, per_device: int | None, on_trial: Callable[[Trial], None] | None,
                  trainer=None) -> None:
-        ranks.check_unsharded(config)
+        sharding.check_shardable(config.training_args)
+        sharded = sharding.fsdp_requested(config.training_args)
+        if sharded and trainer is not None:
+            raise ConfigError("plan_trainer does not plan an FSDP trainer: plan from its config with "
+                              "autobatch.plan(...) or `autobatch plan` (the fsdp keys in the YAML)")
         self.config, self.on_trial = config, on_trial
         self.backend = make_backend(config.device, config.memory_budget_bytes)
         check_cpu_budget(self.backend.device, config.memory_budget_bytes)
         self.headroom = resolve_headroom(config, self.backend.device)
         self.usable = self.backend.keep_headroom(self.headroom)  # on cuda a trial past it is a real OOM
-        ranks.init_group(self.backend.device, ranks.group_timeout_s(config, self.backend.device))
-        self.search_usable = ranks.smallest(self.usable)  # every rank's search aims at the same line
-        ddp = config.world_size > 1
-        if trainer is None:
-            self.prober = Prober(config, self.backend, self.usable, per_device, ddp=ddp)
-        else:
-            self.prober = Prober.for_trainer(trainer, self.backend, self.usable, per_device, ddp=ddp)
+        # FSDP: the trials run sharded on every rank (estimate: one rank traced on a fake group of world size)
+        self._scope = contextlib.ExitStack()
+        group = sharded and sharding.launches_groups(self.backend.device)  # --nproc-per-node from a shell
+        if sharded and ranks.current().launched and self.backend.device != "estimate":
+            raise ConfigError(
+                "FSDP is planned from a shell, not under a launcher (a rank's OOM inside one shared group would "
+                "stall the others): autobatch plan --nproc-per-node N --output plan.yaml, then run under the "
+                "launcher with --plan plan.yaml"
+            )
+        if sharded and not group:
+            self._scope.enter_context(sharding.sharded_trials(self.backend.device, config.world_size))
+        try:
+            ddp = config.world_size > 1 and not sharded
+            if group:
+                self.search_usable = self.usable
+                self.prober = GroupProber(config, self.backend.device,
+                                           [self.backend.budget_bytes] * config.world_size,
+                                           [self.usable] * config.world_size, per_device)
+            else:
+                ranks.init_group(self.backend.device, ranks.group_timeout_s(config, self.backend.device))
+                self.search_usable = ranks.smallest(self.usable)  # every rank's search aims at the same line
+                if trainer is None:
+                    self.prober = Prober(config, self.backend, self.usable, per_device, ddp=ddp, sharded=sharded)
+                else:
+                    self.prober = Prober.for_trainer(trainer, self.backend, self.usable, per_device, ddp=ddp)
+        except BaseException:
+            self._scope.close()
+            raise
+        if sharded and self.backend.device == "estimate":
+            self.prober.notes.append(f"FSDP: rank 0 of {config.world_size} traced on a fake process group; FSDP2 "
+                                     "shards every parameter evenly (padded), so each rank's peak is this one")
         self.prober.on_trial_shown = on_trial is not None
-        self.trial_process = trial_process(config, self.backend.device, trainer)
+        self.trial_process = "same" if group else trial_process(config, self.backend.device, trainer)
         self.fresh = False  # set by go_fresh: every probe from then on runs in a worker process
         self.trials: list[Trial] = []
         self.cached: list[Trial] = []  # the answers the cache gave
         self.caches = []  # the probe caches opened, in-process trials' and fresh trials' (separate workloads)
         try:  # a caller's own trainer (collator, loss, callbacks) has no fingerprint the cache could trust
-            self.cache = _open_cache(config, self.prober, self.backend) if trainer is None else None
+            self.cache = _open_cache(config, self.prober, self.backend) if trainer is None and not group else None
         except BaseException:
             self.prober.close()
             raise
@@ -532,6 +659,7 @@ class _Session:
     def close(self) -> None:
         """Give the trainer back; split the search's list into trials run and answers the cache gave."""
         self.prober.close()
+        self._scope.close()
         self.run, self.from_cache = self.trials, []
         for cache in self.caches:
             cache.close()
@@ -563,7 +691,11 @@ class _Session:
                 f"stopped at --max-micro-batch-size {config.max_micro_batch_size}: a larger micro-batch may fit"
             )
         if backend.device == "estimate":
-            plan.notes.append("estimate backend: peaks are estimates (no kernel workspaces, no fragmentation)")
+            from autobatch.estimate import assumptions
+
+            plan.assumed = assumptions(self.prober.args, backend.budget_bytes, self.prober.precision)
+            plan.notes.append("estimate backend: the cuda step emulated under fake tensors, reserved bytes of an "
+                              "emulated caching allocator (see `assumed`)")
         plan.memory_fingerprint = fingerprint(config)
         plan.search_seconds = time.perf_counter() - started
         plan.trial_process = "fresh" if self.fresh else "same"
@@ -850,6 +982,7 @@ def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: i
         usable_memory_bytes=0,
         headroom=0.0,
         peak_memory_bytes=trial.peak_memory_bytes,
+        rank_peak_bytes=trial.rank_peak_bytes,
         device="",
         max_length=prober.max_length,
         trials=trials,

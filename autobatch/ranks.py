@@ -227,16 +227,3 @@ def per_rank_budget(text: str, name: str = "--memory-budget") -> str:
             "or one per rank"
         )
     return parts[ranks.rank]
-
-
-def check_unsharded(config) -> None:
-    """FSDP and DeepSpeed shard what a trial measures unsharded: refused until they are probed sharded."""
-    args = config.training_args
-    named = [key for key in ("fsdp", "fsdp_config", "deepspeed") if args.get(key)]
-    named += [f"${name}" for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
-              if os.environ.get(name, "false").lower() in ("true", "1")]
-    if named:
-        raise ConfigError(
-            f"{', '.join(named)}: FSDP/DeepSpeed sharding is not probed yet and a plan from an unsharded trial "
-            "would be wrong; remove it (plain DDP under torchrun is supported)"
-        )

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from autobatch import ranks
+from autobatch import ranks, sharding
 from autobatch.builtin import is_builtin_model_path
 from autobatch.config import Config, eval_strategy, write_atomic
 from autobatch.errors import ConfigError
@@ -185,7 +185,14 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
             "own OOM fallback keeps the effective batch); set auto_find_batch_size false or remove it"
         )
     check_training_data(config)
-    ranks.check_unsharded(config)
+    sharding.check_shardable(config.training_args)
+    if (config.nproc_per_node or 1) > 1 and not ranks.current().launched:
+        raise ConfigError(
+            f"--nproc-per-node {config.nproc_per_node}: autobatch run trains under your launcher: plan with "
+            f"autobatch plan --nproc-per-node {config.nproc_per_node} --output plan.yaml, then torchrun "
+            f"--nproc-per-node {config.nproc_per_node} -m autobatch run --plan plan.yaml (or accelerate launch "
+            "with trl sft --config plan.yaml)"
+        )
     check_output_dir_state(config, resume, overwrite)
     if resume:
         resume_checkpoint(config)

@@ -17,18 +17,20 @@ checkpoint at the next step boundary (`autobatch.interrupt`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from autobatch import ranks
+from autobatch import ranks, sharding
 from autobatch.config import (
     Config,
     build_config,
@@ -382,9 +384,27 @@ def _stop_if_ranks(world_size: int, step: int, inputs: dict) -> None:
     size = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor)), "?")
     raise AutobatchError(
         f"out of memory at step {step} on rank {ranks.current().rank} of {world_size} (micro-batch {size}): "
-        "the ranks cannot split one step together inside DDP, so the run stops; resume from the last "
+        "the ranks cannot split one step together inside DDP or FSDP, so the run stops; resume from the last "
         "checkpoint with --resume after planning with a smaller --memory-budget or --micro-batch-size"
     )
+
+
+#: What a collective raises on a rank whose peer has exited (gloo: tcp/pair.cc; NCCL: a watchdog abort).
+_PEER_GONE = re.compile(r"Connection (closed|reset) by peer|NCCL communicator was aborted|Broken pipe")
+
+
+@contextlib.contextmanager
+def _peer_stopped():
+    """Under several ranks, a rank whose peer stopped (its own line says why) says so in one line, not with
+    the collective's transport error."""
+    try:
+        yield
+    except RuntimeError as exc:
+        here = ranks.current()
+        if not (here.launched and _PEER_GONE.search(str(exc))):
+            raise
+        raise AutobatchError(f"rank {here.rank} of {here.world_size} stopped: another rank left the run "
+                             "(its own line says why)") from None
 
 
 def _output_dir(config: Config) -> str:
@@ -617,9 +637,12 @@ def run(
     train, evaluation = _datasets(config)
     gc.collect()
     callbacks = [*(callbacks or []), *([stop.callback()] if stop else [])]
-    trainer = build_trainer(
-        config, args, train_dataset=train, eval_dataset=evaluation, trainer_cls=trainer_class(), callbacks=callbacks
-    )
+    with sharding.sharded_run(config.training_args, backend.device):
+        trainer = build_trainer(
+            config, args, train_dataset=train, eval_dataset=evaluation, trainer_cls=trainer_class(), callbacks=callbacks
+        )
+    if sharding.fsdp_requested(config.training_args):
+        sharding.shard_before_training(trainer)
     trainer.fallbacks, trainer.eval_fallbacks, trainer.on_fallback = [], [], on_fallback
     for callback in callbacks or []:
         if hasattr(callback, "attach"):  # callbacks that hook the model (gns) need the trainer itself
@@ -635,7 +658,8 @@ def run(
         if checkpoint is not None and _finished(checkpoint, args.max_steps):
             output = _load_finished(trainer, checkpoint)
         else:
-            output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            with _peer_stopped():
+                output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop is not None and stop.signum is not None:
         raise _stopped(stop, trainer, output_dir)
     trainer.save_model(output_dir)

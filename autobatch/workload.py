@@ -115,7 +115,12 @@ def sft_config(config: Config, device: str, output_dir: str, **overrides: Any):
         kwargs["model_init_kwargs"] = {**_model_init_kwargs(config.model_args), **(kwargs.get("model_init_kwargs") or {})}
     kwargs["output_dir"] = output_dir
     kwargs.setdefault("report_to", "none")
-    if device != "cuda":
+    if device == "estimate":  # the cuda step, emulated: precision as configured (autobatch.estimate)
+        kwargs["use_cpu"] = True
+        if kwargs.get("fp16"):  # accelerate has no fp16 autocast on cpu; bf16's activations take the same bytes
+            kwargs.update(fp16=False, bf16=True)
+            notes.append("fp16 measured with bf16 autocast on the estimate backend (the same 2-byte activations)")
+    elif device != "cuda":
         wanted = kwargs.get("bf16", True) or kwargs.get("fp16", False)
         if wanted:
             dtype = config.model_args.get("dtype") or "float32"

@@ -17,6 +17,8 @@ What it checks (each in fresh processes, so nothing leaks from one check into th
    validation runs on the card, a gradient noise scale measured in them (the hooks and accelerate's norm).
 7. gns overhead: `benchmarks/gns_overhead.py` (A/B step times, every other step with `--gns`) on ~150M and
    ~0.8B-parameter Llamas: the aim, at most 1% of step time, on the larger.
+8. fsdp: FSDP2 with one rank (`fsdp: full_shard auto_wrap`, `fsdp_version: 2`): planned, then trained at the
+   planned size by `torchrun --nproc_per_node 1 -m autobatch run --plan plan.yaml`, peak within the usable budget.
 It writes `gpu_check-<card>-<date>.json` and `.md` (a table) into --out (default benchmarks/results/).
 
 With `--device cpu` it runs the same plumbing at tiny sizes on autobatch's cpu virtual device (the
@@ -296,6 +298,7 @@ def check(device: str, root: Path) -> list[dict]:
                            f"steps {run.get('global_step')}"})
     rows.append(check_sweep(model, data, device, max_length, budget, best, root))
     rows.append(check_gns_overhead(device))
+    rows.append(check_fsdp_world_size_1(model, data, device, max_length, budget, root))
     return rows
 
 
@@ -333,6 +336,30 @@ def check_sweep(model: Path, data: Path, device: str, max_length: int, budget: i
                       f"{len(swept.get('trials', []))} trials, recommended B={swept.get('recommended_effective_batch_size')}, "
                       f"B_noise {number('b_simple')} ({number('low')}–{number('high')}) over "
                       f"{noise.get('steps')} steps, overhead {number('overhead')}"}
+
+
+def check_fsdp_world_size_1(model: Path, data: Path, device: str, max_length: int, budget: int, root: Path) -> dict:
+    """Check 8: FSDP2 with one rank: `autobatch plan` (its trials a group of one, sharded as the run is), then
+    `torchrun --nproc_per_node 1 -m autobatch run --plan plan.yaml` trains at the planned size on the device."""
+    name = "FSDP, world size 1: planned, then trained at the planned size under torchrun"
+    plan_file = root / "fsdp-plan.yaml"
+    fsdp = ["--fsdp", "full_shard auto_wrap", "--fsdp-config", "{fsdp_version: 2}", "--no-cache"]
+    code, plan, _ = run_json(autobatch_cmd(*plan_args(model, data, device, max_length, budget), *fsdp,
+                                           "--output", str(plan_file)))
+    if code or not plan.get("fits"):
+        return {"check": name, "passed": False, "detail": f"plan exited {code}: {plan.get('notes')}"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone", "-m",
+                "autobatch", "run", "--plan", str(plan_file), "--config", str(plan_file), "--device", device,
+                "--max-steps", "2", "--output-dir", str(root / "fsdp-run"), "--json"]
+    code, run, _ = run_json(torchrun)
+    result = run.get("run", run)
+    micro = plan["per_device_train_batch_size"]
+    peak = result.get("peak_memory_bytes") or 0
+    return {"check": name,
+            "passed": code == 0 and result.get("global_step") == 2 and 0 < peak <= plan["usable_memory_bytes"],
+            "detail": f"micro {micro}: plan peak {plan.get('peak_memory_bytes')} B (ranks "
+                      f"{plan.get('rank_peak_bytes')}), run peak {peak} B of usable {plan['usable_memory_bytes']} B, "
+                      f"steps {result.get('global_step')}"}
 
 
 def check_gns_overhead(device: str) -> dict:

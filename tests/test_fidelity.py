@@ -58,7 +58,7 @@ def test_plan_yaml_says_the_precision_the_trials_measured():
 def test_estimate_with_lora_on_a_tiny_model(tiny_model_dir, capsys):
     plan = plan_json(["--model", str(tiny_model_dir("llama")), "--device", "estimate", "--memory-budget", "1GiB",
                       "--use-peft", "true", "--max-length", "32", "--max-micro-batch-size", "2"], capsys)
-    assert plan["device"] == "estimate" and plan["headroom"] == 0.05 and plan["precision"] == "fp32"
+    assert plan["device"] == "estimate" and plan["headroom"] == 0.05 and plan["precision"] == "bf16"  # TRL default
     assert [t["fits"] for t in plan["trials"]] == [True, True] and plan["max_micro_batch_size"] == 2
 
 

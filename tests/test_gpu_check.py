@@ -21,5 +21,6 @@ def test_gpu_check_passes_on_cpu(tmp_path):
     assert checks["plan's peak vs plain TRL's fresh peak at the planned size: within 1%, safe side"] is True
     assert checks["real OOM mid-run (ballast at step 2): fallback, run finishes"] is True
     assert checks["sweep --validate-tokens: rungs exact, runs on the device, noise scale measured"] is True
-    assert list(checks.values()).count(True) == 5 and list(checks.values()).count(None) == 3
-    assert (tmp_path / result.name.replace(".json", ".md")).read_text().count("| pass |") == 5
+    assert checks["FSDP, world size 1: planned, then trained at the planned size under torchrun"] is True
+    assert list(checks.values()).count(True) == 6 and list(checks.values()).count(None) == 3
+    assert (tmp_path / result.name.replace(".json", ".md")).read_text().count("| pass |") == 6

@@ -166,14 +166,26 @@ def test_budget_too_small_for_one_names_the_need_and_the_fixes(tiny_model_dir, c
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("true_max", TRUE_MAXIMA)
-def test_estimate_backend_finds_the_cpu_max(tiny_model_dir, budget_between, true_max):
-    """The cpu max under this budget is `true_max` (measured peaks; the cpu plan finding it is
-    test_plan_max_is_exact_under_real_sfttrainer[llama-*]): fake tensors must find the same."""
-    budget = budget_between("llama", true_max)
-    estimate = make_plan(config_for(tiny_model_dir("llama"), memory_budget=budget, device="estimate"))
-    assert estimate.max_micro_batch_size == true_max
+@pytest.mark.parametrize("true_max", [6, 20])
+def test_estimate_backend_finds_its_own_max(tiny_model_dir, true_max):
+    """The estimate emulates the cuda step (bf16 kept, allocator segments), not the cpu one: its search is exact
+    against its own trials, and the plan says what it assumed."""
+    from autobatch.memory import EstimateBackend
+
+    model = tiny_model_dir("llama")
+    prober = Prober(config_for(model, device="estimate", memory_budget=2**40), EstimateBackend(2**40), 2**40,
+                    per_device=EFFECTIVE)
+    try:
+        budget = prober.run_trial(true_max).peak_memory_bytes  # true_max fits exactly at its own peak
+    finally:
+        prober.close()
+    estimate = make_plan(config_for(model, memory_budget=budget, device="estimate", find_max=True))
+    tried = {t.micro_batch_size: t for t in estimate.trials}
+    best = estimate.max_micro_batch_size
+    assert best >= true_max and tried[best].fits and not tried[best + 1].fits  # exact against its own trials
     assert estimate.device == "estimate" and any("estimate" in note for note in estimate.notes)
+    assert estimate.precision == estimate.assumed["precision"] == "bf16"
+    assert estimate.assumed["optim"] == "adamw_torch_fused" and estimate.assumed["memory_bytes"] == budget
 
 
 @pytest.mark.slow
@@ -189,13 +201,13 @@ def test_estimate_backend_plans_a_1b_llama_from_its_config_alone(tmp_path, capsy
     ).save_pretrained(tmp_path)
     assert not list(tmp_path.glob("*.safetensors"))
     plan = plan_json(["--model", str(tmp_path), "--device", "estimate", "--memory-budget", "40GiB",
-                      "--max-length", "1024", "--effective-batch-size", "64"], capsys)
+                      "--max-length", "1024", "--effective-batch-size", "32"], capsys)
     trials = {t["micro_batch_size"]: t for t in plan["trials"]}
-    # 64 per device fits 40 GiB: the search stops at what the plan needs.
-    assert plan["stopped_at_need"] and plan["max_micro_batch_size"] == 64 and trials[64]["fits"]
+    # 32 per device fits 40 GiB (bf16 autocast, emulated allocator): the search stops at what the plan needs.
+    assert plan["stopped_at_need"] and plan["max_micro_batch_size"] == 32 and trials[32]["fits"]
     assert len(plan["trials"]) <= 4
     assert trials[1]["peak_memory_bytes"] > 16 * 10**9  # weights, gradients and two AdamW moments in fp32
-    assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == 64
+    assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == 32
 
 
 @pytest.mark.slow

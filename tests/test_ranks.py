@@ -15,6 +15,7 @@ from helpers import MiB
 from autobatch import ranks
 from autobatch.config import build_config
 from autobatch.errors import ConfigError
+from autobatch.sharding import check_shardable
 
 
 def _script(name: str) -> str | None:
@@ -65,11 +66,20 @@ def test_local_only_hides_the_launcher_from_the_trainer_but_not_from_us(monkeypa
     assert os.environ["WORLD_SIZE"] == "2" and os.environ["RANK"] == "1"
 
 
-@pytest.mark.parametrize("key", ["fsdp", "deepspeed"])
-def test_sharded_configs_are_refused(key):
-    config = build_config(overrides={key: "full_shard" if key == "fsdp" else "ds.json"})
-    with pytest.raises(ConfigError, match=rf"{key}: FSDP/DeepSpeed sharding is not probed yet"):
-        ranks.check_unsharded(config)
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"deepspeed": "ds.json"}, r"deepspeed: DeepSpeed ZeRO is not supported .* use FSDP instead"),
+    ({"fsdp": "full_shard auto_wrap"}, r"FSDP2 only .* fsdp_config: \{fsdp_version: 2\}"),
+    ({"fsdp_config": {"fsdp_version": 2}}, r"fsdp_config without fsdp"),
+])
+def test_deepspeed_and_fsdp1_are_refused(overrides, message):
+    config = build_config(overrides=overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_shardable(config.training_args)
+
+
+def test_fsdp2_is_accepted():
+    config = build_config(overrides={"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2}})
+    check_shardable(config.training_args)
 
 
 _LOCKSTEP = textwrap.dedent("""
