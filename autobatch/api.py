@@ -22,7 +22,7 @@ from autobatch.config import (
     BUILTIN_CONFIG,
     Config,
     build_config,
-    parse_bytes,
+    parse_memory_budget,
     plan_yaml_text,
     validate_config,
     write_plan_yaml,
@@ -47,7 +47,7 @@ def load(config_or_path: ConfigLike = None, **overrides: Any) -> Config:
         fields = {k: v for k, v in overrides.items() if k in names}
         training = {k: v for k, v in overrides.items() if k not in names}
         if "memory_budget" in training:
-            fields["memory_budget_bytes"] = parse_bytes(training.pop("memory_budget"), "memory_budget")
+            fields["memory_budget_bytes"] = parse_memory_budget(training.pop("memory_budget"), "memory_budget")
         config = dataclasses.replace(
             config_or_path, **fields, training_args={**config_or_path.training_args, **training}
         )
@@ -79,7 +79,7 @@ def plan(
 
 def run_plan(
     config: Config,
-    plan_file: str | os.PathLike | None = None,
+    plan_file: Plan | str | os.PathLike | None = None,
     *,
     resume: bool = False,
     overwrite: bool = False,
@@ -87,13 +87,19 @@ def run_plan(
     on_start: Callable[[int, int | None], None] | None = None,
     on_eval_trial: OnTrial = None,
 ) -> Plan:
-    """The plan a run trains with: `plan_file` (checked against the config), else with `resume` the plan
-    saved in output_dir (or the newest checkpoint's batch), else a fresh probe. Checks first what would make
-    the run fail after probing (output dir state, checkpoint for `resume`, eval data)."""
-    from autobatch import rundir, train
-    from autobatch.probe import make_plan
+    """The plan a run trains with: `plan_file` (a Plan, or a plan.yaml checked against the config), else with
+    `resume` the plan saved in output_dir (or the newest checkpoint's batch), else a fresh probe.
+
+    The one home of a run's preconditions (output dir state, checkpoint for `resume`, eval data): checked here
+    first, before torch and probing, once per run; `train_plan` then trains without checking again."""
+    from autobatch import rundir
 
     rundir.check_can_run(config, resume=resume, overwrite=overwrite)
+    if isinstance(plan_file, Plan):
+        return plan_file
+    from autobatch import train
+    from autobatch.probe import make_plan
+
     if plan_file is not None:
         plan = train.load_plan(str(plan_file), config)
         if resume:
@@ -121,13 +127,26 @@ def run(
     `resume` continues from the newest complete checkpoint in output_dir; `overwrite` trains over an earlier
     run there; `stop` is the `autobatch.interrupt` handle that turns SIGTERM/SIGINT into a checkpoint.
     """
-    from autobatch import rundir, train
-
     config = load(config_or_path, **overrides)
-    if not isinstance(plan, Plan):
-        plan = run_plan(config, plan, resume=resume, overwrite=overwrite, on_trial=on_trial)
-    else:
-        rundir.check_can_run(config, resume=resume, overwrite=overwrite)
+    plan = run_plan(config, plan, resume=resume, overwrite=overwrite, on_trial=on_trial)
+    return train_plan(config, plan, resume=resume, overwrite=overwrite, callbacks=callbacks,
+                      on_fallback=on_fallback, stop=stop)
+
+
+def train_plan(
+    config: Config,
+    plan: Plan,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    callbacks: list | None = None,
+    on_fallback: Callable | None = None,
+    stop=None,
+) -> RunResult:
+    """Train the plan `run_plan` gave for `config` (its preconditions were checked there, so not again here):
+    `run` is `run_plan` then this; the CLI prints and saves the plan in between."""
+    from autobatch import train
+
     if not plan.fits:
         raise AutobatchError(f"micro-batch {plan.per_device_train_batch_size} does not fit the memory budget: "
                              "plan with per_device_train_batch_size='auto' or a larger memory_budget")

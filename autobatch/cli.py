@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -30,9 +31,11 @@ from autobatch.config import (
     build_config,
     check_model_available,
     check_output_path,
+    eval_strategy,
     format_bytes,
     parse_value,
     plan_yaml_text,
+    read_yaml,
     write_plan_yaml,
 )
 from autobatch.errors import AutobatchError, ConfigError, Interrupted
@@ -219,7 +222,9 @@ def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
     if path is None and "model_name_or_path" not in overrides:
         path = BUILTIN_CONFIG
     # sweep --validate-tokens evaluates on the eval split or fraction whatever eval_strategy says (issue 24)
+    args.names = names  # what the user typed for each key: errors from below are said in those words
     config = build_config(path, overrides, names, evaluates=bool(getattr(args, "validate_tokens", None)))
+    args.names = _said_as(args.config, names)
     check_model_available(config, names.get("model_name_or_path", "model_name_or_path"))
     return config
 
@@ -274,7 +279,7 @@ def _memory_rows(config: Config) -> list[tuple[str, Any]]:
     if config.eval_fraction is not None or config.dataset_test_split is not None:
         held = (f"{config.eval_fraction:g} of the training data" if config.eval_fraction is not None
                 else f"split {config.dataset_test_split}")
-        rows.append(("evaluation", f"{held}, eval_strategy {args.get('eval_strategy', args.get('evaluation_strategy'))}"))
+        rows.append(("evaluation", f"{held}, eval_strategy {eval_strategy(config)}"))
     return rows
 
 
@@ -499,10 +504,7 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     if not args.json:  # --json: one JSON object on stdout and nothing else
         _print_setup(config, "run")
     _quiet_third_party(args.verbose)
-    from autobatch import api, rundir
-
-    rundir.check_can_run(config, resume=args.resume, overwrite=args.overwrite_output_dir)  # before torch
-    from autobatch import train
+    from autobatch import api
 
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the report / the one JSON object
         plan = api.run_plan(config, args.plan, resume=args.resume, overwrite=args.overwrite_output_dir,
@@ -516,8 +518,8 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
     callbacks = _gns_callbacks(args.gns, args.gns_every, config, plan)
     try:
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = api.run(config, plan=plan, resume=args.resume, overwrite=args.overwrite_output_dir,
-                             callbacks=callbacks, stop=getattr(args, "stop", None))
+            result = api.train_plan(config, plan, resume=args.resume, overwrite=args.overwrite_output_dir,
+                                    callbacks=callbacks, stop=getattr(args, "stop", None))
     except Interrupted as exc:
         if exc.checkpoint is None:
             raise
@@ -535,6 +537,8 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
             report["gradient_noise_scale"] = noise
         print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
     else:
+        from autobatch import train
+
         lines = train.summary_lines(result)
         if noise is not None:
             lines.insert(-1, "gradient noise scale: " + gns_text(noise))
@@ -628,6 +632,8 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     from autobatch import sweep
 
     config = _config_from_args(args, extras)
+    if args.effective_batch_sizes:
+        args.names["effective_batch_sizes"] = "--effective-batch-sizes"
     sizes = sweep.parse_sizes(args.effective_batch_sizes) if args.effective_batch_sizes else None
     multipliers = sweep.parse_floats(args.lr_multipliers, "--lr-multipliers") if args.lr_multipliers else [1.0]
     if args.lr_multipliers and not args.validate_tokens:
@@ -1026,6 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `autobatch` command; returns the exit code (0 ok, 1 runtime error, 2 bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    args = None
     try:
         args, extras = _make_parser().parse_known_args(_join_dash_values(argv))
         if args.command is None:
@@ -1039,7 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
     except AutobatchError as exc:
         if debug:
             traceback.print_exc()
-        _err(f"autobatch: error: {_one_line(str(exc))}", every_rank=True)
+        _err(f"autobatch: error: {_one_line(_as_typed(exc, getattr(args, 'names', {})))}", every_rank=True)
         return exc.exit_code
     except KeyboardInterrupt:
         _err("autobatch: interrupted", every_rank=True)
@@ -1050,6 +1057,25 @@ def main(argv: list[str] | None = None) -> int:
         message = f"{type(exc).__name__}: {_one_line(str(exc))}"
         _err(f"autobatch: error: {message} (rerun with --debug for the traceback)", every_rank=True)
         return 1
+
+
+def _said_as(config_path: str | None, names: dict[str, str]) -> dict[str, str]:
+    """How each key is named to this user: the flag they typed, else the key as their --config file has it,
+    else the command line's flag for it (a person at the command line is told flags)."""
+    said = {key: flag for flag, key, _ in (*_VALUE_FLAGS, *_SWITCH_FLAGS)}
+    for key in read_yaml(config_path) if config_path else ():
+        said.pop(key, None)
+    return {**said, **names}
+
+
+def _as_typed(exc: AutobatchError, names: dict[str, str]) -> str:
+    """The message with each config key it names (`ConfigError.keys`) as the user typed it: the flag where one
+    was given, else the key (a YAML key or keyword argument is spelled so)."""
+    text = str(exc)
+    for key in getattr(exc, "keys", ()):
+        if key in names:
+            text = re.sub(rf"(?<![\w-]){re.escape(key)}(?![\w-])", names[key], text)
+    return text
 
 
 def _one_line(text: str) -> str:

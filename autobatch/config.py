@@ -27,6 +27,7 @@ import yaml
 from autobatch.binding import model_content
 from autobatch.errors import AutobatchError, ConfigError
 from autobatch.fields import key_problems
+from autobatch.planner import check_effective_batch
 from autobatch.units import format_bytes, parse_bytes
 
 if TYPE_CHECKING:
@@ -332,6 +333,24 @@ def build_config(
     return _validate(merged.config(), merged.names, list(merged.problems), evaluates)
 
 
+def eval_strategy(config: Config) -> str:
+    """The run's eval strategy under its name or its old one (`evaluation_strategy`), "no" when unset: the one
+    home of "is evaluation on" (`!= "no"`) for validation, the output-dir checks, the probe and the report."""
+    args = config.training_args
+    strategy = args.get("eval_strategy", args.get("evaluation_strategy"))
+    return "no" if strategy is None else str(getattr(strategy, "value", strategy))
+
+
+def parse_memory_budget(value: str | int, name: str = "memory_budget") -> int:
+    """The one parser of `memory_budget` (YAML, flag, keyword): a size, or one per rank (`160MiB,100MiB`) of
+    which this rank's; in bytes. The error names `name`."""
+    if isinstance(value, str) and "," in value:
+        from autobatch.ranks import per_rank_budget
+
+        value = per_rank_budget(value, name)
+    return parse_bytes(value, name)
+
+
 def validate_config(config: Config) -> Config:
     """A checked, normalized copy of a Config built in Python ("auto" lower-cased, "true" -> True, ...)."""
     return _validate(config, {}, [])
@@ -439,12 +458,7 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str], eva
             out.device = device
     if out.memory_budget_bytes is not None:
         try:
-            budget = out.memory_budget_bytes
-            if isinstance(budget, str) and "," in budget:  # one value per rank: `160MiB,100MiB`
-                from autobatch.ranks import per_rank_budget
-
-                budget = per_rank_budget(budget, name("memory_budget_bytes"))
-            out.memory_budget_bytes = parse_bytes(budget, name("memory_budget_bytes"))
+            out.memory_budget_bytes = parse_memory_budget(out.memory_budget_bytes, name("memory_budget_bytes"))
         except ConfigError as exc:
             problems.append(str(exc))
     if out.headroom is not None and not (_is_number(out.headroom) and 0 <= out.headroom < 1):
@@ -537,9 +551,7 @@ def _ignored_input_problems(config: Config, name, local_file: bool, evaluates: b
                             "of it with --eval-fraction 0.1 instead, or give a folder with a test file")
         if config.dataset_config is not None:
             problems.append(f"{name('dataset_config')} {config.dataset_config!r}: {where} and no configs; drop it")
-    args = config.training_args
-    strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
-    if strategy in ("no", None) and not evaluates:
+    if eval_strategy(config) == "no" and not evaluates:
         for key in ("eval_fraction", "dataset_test_split"):
             if getattr(config, key) is not None:
                 problems.append(f"{name(key)} {getattr(config, key)!r} is never used: eval_strategy is no; add "
@@ -553,12 +565,10 @@ def _batch_problems(config: Config, name) -> list[str]:
     micro, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
     if effective is None:
         return []
-    if effective % world:
-        low = effective - effective % world
-        nearest = f"{low} or {low + world}" if low else f"{low + world}"
-        problem = f"{name('effective_batch_size')} {effective} is not a multiple of world size {world}"
-        return [f"{problem}: use {nearest}"]
-    per_device = effective // world
+    try:
+        per_device = check_effective_batch(effective, world, name("effective_batch_size"))
+    except ConfigError as exc:
+        return [str(exc)]
     target = f"{name('effective_batch_size')} {effective}"
     if _is_int(micro) and _is_int(accumulation):
         if micro * accumulation == per_device:

@@ -2,13 +2,21 @@
 
 
 class AutobatchError(Exception):
-    """A runtime problem the user can fix (exit 1): message is one line naming the fix."""
+    """A runtime problem the user can fix (exit 1): message is one line naming the fix.
+
+    Below the CLI a message names config keys (`max_length`, as `autobatch.plan(max_length=...)` and YAML
+    spell them); `keys` lists those it names, which the CLI rewrites as the flags the user typed (`--max-length`).
+    """
 
     exit_code = 1
 
+    def __init__(self, message: str = "", keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = tuple(keys)
+
 
 class ConfigError(AutobatchError):
-    """Bad arguments or config (exit 2): message names the flag or key and the fix."""
+    """Bad arguments or config (exit 2): message names the key (see `keys`) and the fix."""
 
     exit_code = 2
 

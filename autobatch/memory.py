@@ -210,6 +210,14 @@ class MemoryBackend:
         raise NotImplementedError
         yield
 
+    def keep_headroom(self, headroom: float) -> int:
+        """The usable budget, budget × (1 − headroom): its one home, for the probe and the run alike. On cuda
+        the allocator is capped there too, so a trial or a step past it is a real OOM."""
+        usable = int(self.budget_bytes * (1 - headroom))
+        if hasattr(self, "cap_bytes"):
+            self.cap_bytes = usable
+        return usable
+
     def cleanup(self) -> None:
         """Release what a trial left behind, so the next one starts from the same baseline."""
         gc.collect()
@@ -384,9 +392,9 @@ def check_cpu_budget(device: str, budget_bytes: int | None) -> None:
     total = total_ram_bytes()
     if device == "cpu" and budget_bytes is not None and budget_bytes > total:
         raise ConfigError(
-            f"--memory-budget {format_bytes(budget_bytes)} is more than this machine's RAM ({format_bytes(total)}): "
+            f"memory_budget {format_bytes(budget_bytes)} is more than this machine's RAM ({format_bytes(total)}): "
             f"the cpu backend really allocates it; pass at most {format_bytes(total)}, or plan for a larger "
-            "device with --device estimate"
+            "GPU with device estimate", keys=("memory_budget", "device")
         )
 
 
@@ -481,7 +489,7 @@ def make_backend(device: str | None, memory_budget_bytes: int | None) -> MemoryB
     device = device or default_device()
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available; use --device cpu or --device estimate")
+            raise ConfigError("device cuda: no GPU is available; use device cpu or device estimate", keys=("device",))
         from autobatch.ranks import select_cuda_device
 
         index = select_cuda_device()  # LOCAL_RANK's GPU, current before any other CUDA call
@@ -493,8 +501,8 @@ def make_backend(device: str | None, memory_budget_bytes: int | None) -> MemoryB
     cls = CpuBackend if device == "cpu" else EstimateBackend
     if device == "estimate" and memory_budget_bytes is None:
         raise ConfigError(
-            "--device estimate plans for a GPU this machine does not have: pass --memory-budget with that "
-            "card's memory (e.g. --memory-budget 80GB)"
+            "device estimate plans for a GPU this machine does not have: pass memory_budget with that "
+            "card's memory (e.g. memory_budget 80GB)", keys=("device", "memory_budget")
         )
     if memory_budget_bytes is None:
         budget, source = default_ram_budget()

@@ -127,7 +127,7 @@ def search_max_micro_batch(
     micro-batch 1 does not fit (the error carries its peak).
     """
     if max_micro_batch_size < 1:
-        raise ConfigError("--max-micro-batch-size must be at least 1")
+        raise ConfigError("max_micro_batch_size must be at least 1", keys=("max_micro_batch_size",))
     trials: dict[int, Trial] = {}
     first = probe(1)
     trials[1] = first
@@ -233,20 +233,19 @@ class Option:
             raise KeyError(f"{key!r}: an option has {', '.join(self.to_dict())}") from None
 
 
-def check_effective_batch(effective_batch_size: int, world_size: int) -> int:
-    """Samples each device must contribute per optimizer step; errors name the nearest reachable values."""
+def check_effective_batch(effective_batch_size: int, world_size: int, name: str = "effective_batch_size") -> int:
+    """Samples each device must contribute per optimizer step: the one home of "a multiple of the world size",
+    whose error names `name` (a config key) and the nearest reachable values."""
     if effective_batch_size <= 0:
-        raise ConfigError(f"effective_batch_size must be positive, got {effective_batch_size}")
+        raise ConfigError(f"{name} must be positive, got {effective_batch_size}")
     if world_size <= 0:
         raise ConfigError(f"world_size must be positive, got {world_size}")
     if effective_batch_size % world_size:
         low = effective_batch_size - effective_batch_size % world_size
         high = low + world_size
         nearest = f"{low} or {high}" if low > 0 else f"{high}"
-        raise ConfigError(
-            f"effective_batch_size {effective_batch_size} is not reachable on {world_size} devices "
-            f"(it must be a multiple of the world size): use --effective-batch-size {nearest}"
-        )
+        raise ConfigError(f"{name} {effective_batch_size} is not a multiple of world size {world_size}: use {nearest}",
+                          keys=(name,))
     return effective_batch_size // world_size
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from autobatch import launch, ranks, sharding
-from autobatch.config import Config, format_bytes, modern_names
+from autobatch.config import Config, eval_strategy, format_bytes, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError, WorkerError
 from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, is_oom, make_backend
 from autobatch.planner import (
@@ -553,9 +553,7 @@ class _Session:
         self.backend = make_backend(config.device, config.memory_budget_bytes)
         check_cpu_budget(self.backend.device, config.memory_budget_bytes)
         self.headroom = resolve_headroom(config, self.backend.device)
-        self.usable = int(self.backend.budget_bytes * (1 - self.headroom))
-        if self.backend.device == "cuda":
-            self.backend.cap_bytes = self.usable  # the allocator itself refuses past it: a trial over is a real OOM
+        self.usable = self.backend.keep_headroom(self.headroom)  # on cuda a trial past it is a real OOM
         # FSDP: the trials run sharded on every rank (estimate: one rank traced on a fake group of world size)
         self._scope = contextlib.ExitStack()
         group = sharded and sharding.launches_groups(self.backend.device)  # --nproc-per-node from a shell
@@ -874,9 +872,7 @@ def _last_trial(trials: list[Trial], micro_batch_size: int) -> Trial:
 
 def evaluates(config: Config) -> bool:
     """Whether the run evaluates: an eval split or fraction, and an eval strategy other than "no"."""
-    args = config.training_args
-    strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
-    return bool(config.dataset_test_split or config.eval_fraction) and strategy not in ("no", None)
+    return bool(config.dataset_test_split or config.eval_fraction) and eval_strategy(config) != "no"
 
 
 def _plan_eval(
@@ -1036,7 +1032,7 @@ def plan_ladder(
     started = time.perf_counter()
     world = config.world_size
     for size in effective_batch_sizes or []:
-        check_effective_batch(size, world)
+        check_effective_batch(size, world, "effective_batch_sizes")
     if config.effective_batch_size is not None:
         check_effective_batch(config.effective_batch_size, world)
     known = ladder_rungs(effective_batch_sizes, 1, world, config.effective_batch_size) if effective_batch_sizes else []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from autobatch import ranks, sharding
 from autobatch.builtin import is_builtin_model_path
-from autobatch.config import Config, write_atomic
+from autobatch.config import Config, eval_strategy, write_atomic
 from autobatch.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -208,9 +208,8 @@ def check_training_data(config: Config) -> None:
 
 def check_eval_split(config: Config) -> None:
     """Evaluation needs eval data (a split or a fraction; a local file's single split is checked in config)."""
-    args = config.training_args
-    strategy = args.get("eval_strategy", args.get("evaluation_strategy", "no"))
-    if strategy not in ("no", None) and not (config.dataset_test_split or config.eval_fraction):
+    strategy = eval_strategy(config)
+    if strategy != "no" and not (config.dataset_test_split or config.eval_fraction):
         raise ConfigError(
             f"eval_strategy {strategy!r} needs eval data: pass --dataset-test-split SPLIT or "
             "--eval-fraction 0.1, or --eval-strategy no"

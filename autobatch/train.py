@@ -598,8 +598,7 @@ def _run_backend(config: Config, plan: Plan):
     device = config.device or (None if plan.device == "estimate" else plan.device or None)
     backend = make_backend(device, config.memory_budget_bytes or plan.memory_budget_bytes or None)
     check_cpu_budget(backend.device, config.memory_budget_bytes)  # the flag; a plan's budget was checked there
-    if backend.device == "cuda":  # the allocator capped at the usable budget: past it, the OOM fallback
-        backend.cap_bytes = int(backend.budget_bytes * (1 - plan.headroom))
+    backend.keep_headroom(plan.headroom)  # on cuda the allocator is capped there: past it, the OOM fallback
     return backend
 
 

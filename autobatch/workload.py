@@ -46,14 +46,15 @@ def model_path(config: Config) -> str:
     name = os.path.expanduser(config.model_name_or_path)
     looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
     if looks_local and not os.path.exists(name):
-        raise ConfigError(f"--model: {config.model_name_or_path} does not exist; pass a model directory or a hub name")
+        raise ConfigError(f"model_name_or_path {config.model_name_or_path} does not exist; pass a model directory or "
+                          "a hub name", keys=("model_name_or_path",))
     if os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
         raise ConfigError(
-            f"--model: {config.model_name_or_path} is not a model directory (no config.json); "
-            "pass a directory written by save_pretrained or a hub name"
+            f"model_name_or_path {config.model_name_or_path} is not a model directory (no config.json); "
+            "pass a directory written by save_pretrained or a hub name", keys=("model_name_or_path",)
         )
     if not looks_local:
-        check_hub_reachable(name, "--model")
+        check_hub_reachable(name, "model_name_or_path")
     return name
 
 
@@ -78,7 +79,7 @@ def check_hub_reachable(name: str, flag: str, timeout_s: float = 3.0) -> None:
     except OSError as exc:
         raise AutobatchError(
             f"{flag} {name}: not a local path, and the hub ({host}) is unreachable ({exc.strerror or exc}): "
-            "set HF_HUB_OFFLINE=1 to use a copy already in the local cache, or pass a local copy"
+            "set HF_HUB_OFFLINE=1 to use a copy already in the local cache, or pass a local copy", keys=(flag,)
         ) from None
 
 
@@ -195,50 +196,55 @@ def load_train_dataset(config: Config, split: str | None = None):
     try:
         if path.suffix in LOCAL_DATA_FORMATS or path.exists():
             if not path.exists():
-                raise ConfigError(f"--dataset: {name} does not exist; pass a local json/jsonl/csv/parquet/txt file")
+                raise ConfigError(f"dataset_name {name} does not exist; pass a local json/jsonl/csv/parquet/txt "
+                                  "file", keys=("dataset_name",))
             if path.is_dir():  # a folder of data files; its file names give the splits (train.jsonl, test.jsonl)
                 return datasets.load_dataset(str(path), split=split or config.dataset_train_split)
             builder = LOCAL_DATA_FORMATS.get(path.suffix)
             if builder is None:
                 raise ConfigError(
-                    f"--dataset: cannot read {name}: use a .json, .jsonl, .csv, .parquet or .txt file, or a folder"
+                    f"dataset_name {name}: cannot read it: use a .json, .jsonl, .csv, .parquet or .txt file, or a "
+                    "folder", keys=("dataset_name",)
                 )
             return _not_empty(datasets.load_dataset(builder, data_files=str(path), split="train"), name, "train")
-        check_hub_reachable(name, "--dataset")
+        check_hub_reachable(name, "dataset_name")
         split = split or config.dataset_train_split
         return _not_empty(datasets.load_dataset(name, config.dataset_config, split=split), name, split)
     except ConfigError:
         raise
     except StopIteration:  # datasets' json builder on a file with no line: next() on no table
-        raise ConfigError(f"--dataset {name}: it has no examples: pass data with at least one") from None
+        raise ConfigError(f"dataset_name {name}: it has no examples: pass data with at least one",
+                          keys=("dataset_name",)) from None
     except datasets.exceptions.DatasetGenerationError as exc:  # the file's content: not JSON, not UTF-8, bad CSV
         cause = exc.__cause__ or exc
         detail = " ".join(str(cause).split())[:200] or type(cause).__name__
-        raise ConfigError(f"--dataset {path if path.exists() else name}: cannot parse it ({type(cause).__name__}: "
+        raise ConfigError(f"dataset_name {path if path.exists() else name}: cannot parse it ({type(cause).__name__}: "
                           f"{detail}): fix the file (UTF-8; for .json/.jsonl one JSON object per line) or pass "
-                          "another") from exc
+                          "another", keys=("dataset_name",)) from exc
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOSPC) and exc.filename:
             raise AutobatchError(
-                f"--dataset {name}: cannot write the datasets cache at {exc.filename} ({exc.strerror}): set "
-                "HF_DATASETS_CACHE (or XDG_CACHE_HOME) to a writable directory with free space"
+                f"dataset_name {name}: cannot write the datasets cache at {exc.filename} ({exc.strerror}): set "
+                "HF_DATASETS_CACHE (or XDG_CACHE_HOME) to a writable directory with free space", keys=("dataset_name",)
             ) from exc
         raise _not_downloadable(name, exc) from exc
     except ValueError as exc:
-        raise ConfigError(f"--dataset: {name}: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"dataset_name {name}: {str(exc).splitlines()[0]}", keys=("dataset_name",)) from exc
 
 
 def _not_empty(dataset, name: str, split: str):
     """An empty dataset is refused here, not met as a StopIteration deep in the probe."""
     if len(dataset) == 0:
-        raise ConfigError(f"--dataset {name}: split {split!r} has no examples: pass data with at least one")
+        raise ConfigError(f"dataset_name {name}: split {split!r} has no examples: pass data with at least one",
+                          keys=("dataset_name",))
     return dataset
 
 
 def _not_downloadable(name: str, exc: BaseException) -> AutobatchError:
     return AutobatchError(
-        f"--dataset: could not load {name!r} ({type(exc).__name__}); it is not a local file and could not be "
-        "downloaded: download it where the hub is reachable, or pass a local json/jsonl/csv/parquet file"
+        f"dataset_name: could not load {name!r} ({type(exc).__name__}); it is not a local file and could not be "
+        "downloaded: download it where the hub is reachable, or pass a local json/jsonl/csv/parquet file",
+        keys=("dataset_name",),
     )
 
 
@@ -252,7 +258,7 @@ def check_text_field(dataset, args, formatted: bool = False) -> None:
     if args.dataset_text_field not in columns:
         raise ConfigError(
             f"dataset_text_field {args.dataset_text_field!r} is not a field of the dataset; "
-            f"its fields are {', '.join(columns)}: pass --dataset-text-field with one of them"
+            f"its fields are {', '.join(columns)}: set dataset_text_field to one of them", keys=("dataset_text_field",)
         )
 
 
@@ -272,15 +278,15 @@ def load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except OSError as exc:
-        raise AutobatchError(_load_failure(path, exc)) from exc
+        raise AutobatchError(_load_failure(path, exc), keys=("model_name_or_path",)) from exc
 
 
 def _load_failure(path: str, exc: BaseException) -> str:
     if os.path.isdir(path):
-        return f"--model: could not load {path}: {str(exc).splitlines()[0]}"
+        return f"model_name_or_path: could not load {path}: {str(exc).splitlines()[0]}"
     return (
-        f"--model: could not load {path!r}: not a local directory, and it could not be downloaded from the hub "
-        "(offline?): download it where the hub is reachable, or pass --model /path/to/local/copy"
+        f"model_name_or_path: could not load {path!r}: not a local directory, and it could not be downloaded from "
+        "the hub (offline?): download it where the hub is reachable, or set model_name_or_path to a local copy"
     )
 
 
@@ -312,7 +318,7 @@ def build_trainer(
                 callbacks=callbacks,
             )
     except OSError as exc:
-        raise AutobatchError(_load_failure(path, exc)) from exc
+        raise AutobatchError(_load_failure(path, exc), keys=("model_name_or_path",)) from exc
     if fake:  # the Trainer moves the (peft-wrapped) model again in train()
         trainer.model.to = functools.partial(_to_without_swap, trainer.model)
     return trainer
@@ -363,8 +369,8 @@ def check_max_length(path: str, max_length: int | None, name: str) -> None:
         return  # the model load that follows reports it
     positions = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     if isinstance(positions, int) and max_length is not None and max_length > positions:
-        raise ConfigError(f"--max-length {max_length} is beyond the {positions} positions of {name}: "
-                          f"use --max-length {positions} or less")
+        raise ConfigError(f"max_length {max_length} is beyond the {positions} positions of {name}: "
+                          f"use max_length {positions} or less", keys=("max_length",))
 
 
 def _fake_model(path: str, args):
@@ -375,7 +381,7 @@ def _fake_model(path: str, args):
     try:
         model_config = AutoConfig.from_pretrained(path)
     except OSError as exc:
-        raise AutobatchError(_load_failure(path, exc)) from exc
+        raise AutobatchError(_load_failure(path, exc), keys=("model_name_or_path",)) from exc
     dtype = (args.model_init_kwargs or {}).get("dtype", "float32")
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)

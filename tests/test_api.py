@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, make_plan
 
 import autobatch
 from autobatch import api
@@ -182,17 +182,17 @@ def test_cli_plan_and_run_go_through_the_api(monkeypatch, tmp_path, capsys):
         planned.append(_plan())
         return planned[-1]
 
-    def run(config, *, plan=None, resume=False, **kwargs):
-        calls.append(("run", plan.per_device_train_batch_size))
+    def train_plan(config, plan, *, resume=False, **kwargs):
+        calls.append(("train_plan", plan.per_device_train_batch_size))
         trained.append(plan)
         return result
 
     monkeypatch.setattr(api, "plan", plan)
     monkeypatch.setattr(api, "run_plan", run_plan)
-    monkeypatch.setattr(api, "run", run)
+    monkeypatch.setattr(api, "train_plan", train_plan)
     assert main(["plan", "--effective-batch-size", "8", "--json"]) == 0
     assert main(["run", "--json", "--output-dir", str(tmp_path)]) == 0
-    assert calls == [("plan", 8), ("run_plan", None, False), ("run", 4)]
+    assert calls == [("plan", 8), ("run_plan", None, False), ("train_plan", 4)]
     assert trained[0] is planned[0]  # the run trains the very plan run_plan gave, not a copy or a new probe
     # `run --json` is one object: that plan and that result, nothing dropped or recomputed on the way
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"plan": planned[0].to_dict(),
@@ -214,3 +214,29 @@ def test_classic_script_plans_its_own_trainer_applies_and_trains(tmp_path):
     assert len(begins) == summary["trials"] + 1 and begins[-1] == micro  # the callback: every trial, then the run
     assert set(summary["collator_batches_in_run"]) == {micro}  # the custom collator in the run ...
     assert set(summary["collator_batches_in_trials"]) == set(begins[:-1])  # ... and in each trial
+
+
+@pytest.mark.parametrize("path", ["cli", "api-probe", "api-plan"])
+def test_run_checks_its_preconditions_once(path, tmp_path, monkeypatch, capsys):
+    """issue 18.4: a run's preconditions have one home (`api.run_plan`), called once per `autobatch run` or
+    `autobatch.run(...)`, so a warning they give (a checkpoint cut mid-save) is given once."""
+    from autobatch import probe, rundir, train
+
+    calls = []
+    check = rundir.check_can_run
+    monkeypatch.setattr(rundir, "check_can_run", lambda *a, **k: calls.append(k) or check(*a, **k))
+    planned = make_plan()
+    monkeypatch.setattr(probe, "make_plan", lambda *a, **k: planned)
+    trained = []
+    monkeypatch.setattr(train, "run", lambda config, plan, **k: trained.append(plan) or train.RunResult(
+        str(tmp_path / "out"), 2, None, None, 0, 0, 0, "cpu", plan.per_device_train_batch_size,
+        plan.gradient_accumulation_steps, plan.effective_batch_size))
+    out = str(tmp_path / "out")
+    if path == "cli":
+        assert main(["run", "--output-dir", out, "--device", "cpu", "--memory-budget", "300MiB"]) == 0, \
+            capsys.readouterr().err
+    else:
+        autobatch.run(output_dir=out, device="cpu", memory_budget="300MiB",
+                      **({"plan": planned} if path == "api-plan" else {}))
+    assert trained == [planned]
+    assert calls == [{"resume": False, "overwrite": False}], "checked once, before probing"

@@ -423,3 +423,48 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="I/O error"):
         write_plan_yaml(target, "new: 2\n")
     assert target.read_text() == "old: 1\n" and os.listdir(tmp_path) == ["plan.yaml"]
+
+
+@pytest.mark.parametrize("budget", ["300MiB", "2.5GiB", "80GB", 123456789, "160MiB,100MiB"])
+def test_memory_budget_is_read_alike_by_build_config_and_api_load(monkeypatch, budget):
+    """issue 18.4: one parser of memory_budget: `autobatch.load(config, memory_budget=...)` takes what a
+    YAML file or --memory-budget takes (it refused the per-rank `160MiB,100MiB`)."""
+    from autobatch import api
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    built = build_config(overrides={"memory_budget": budget}).memory_budget_bytes
+    loaded = api.load(build_config(), memory_budget=budget).memory_budget_bytes
+    assert built == loaded == config_module.parse_memory_budget(budget)
+    assert loaded != build_config().memory_budget_bytes
+
+
+@pytest.mark.parametrize("args, on", [({"eval_strategy": "steps"}, True), ({"evaluation_strategy": "epoch"}, True),
+                                      ({"eval_strategy": "no"}, False), ({}, False)])
+def test_whether_evaluation_is_on_has_one_answer(args, on):
+    """issue 18.4: "evaluation is on" is `eval_strategy(config) != "no"` everywhere (the old name read too): the
+    probe plans an eval batch, the output-dir check asks for eval data, exactly when it is on."""
+    from autobatch import probe, rundir
+
+    with_data = dataclasses.replace(build_config(), eval_fraction=0.1, training_args=args)
+    without = dataclasses.replace(with_data, eval_fraction=None)
+    assert (config_module.eval_strategy(with_data) != "no") == on
+    assert probe.evaluates(with_data) == on and not probe.evaluates(without)
+    if on:
+        with pytest.raises(ConfigError, match=r"needs eval data"):
+            rundir.check_eval_split(without)
+    else:
+        rundir.check_eval_split(without)
+
+
+def test_a_multiple_of_the_world_size_is_one_message_from_config_and_planner():
+    """issue 18.4: config validation and the probe's planner refuse an effective batch off the world size with
+    the same words (one helper, `planner.check_effective_batch`), naming the config key."""
+    from autobatch.planner import check_effective_batch
+
+    with pytest.raises(ConfigError) as planned:
+        check_effective_batch(30, 4)
+    with pytest.raises(ConfigError) as built:
+        build_config(overrides={"effective_batch_size": 30, "world_size": 4})
+    assert str(planned.value) == "effective_batch_size 30 is not a multiple of world size 4: use 28 or 32"
+    assert str(planned.value) in str(built.value)

@@ -43,7 +43,7 @@ def test_run_refuses_auto_find_batch_size_with_one_line(tiny_model_dir, tmp_path
 
 
 def test_estimate_needs_the_target_cards_budget():
-    with pytest.raises(ConfigError, match=r"--device estimate plans for a GPU .*--memory-budget 80GB"):
+    with pytest.raises(ConfigError, match=r"^device estimate plans for a GPU .*memory_budget 80GB\)$"):
         make_backend("estimate", None)
 
 

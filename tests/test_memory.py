@@ -5,7 +5,15 @@ import torch
 from helpers import MiB
 
 from autobatch.errors import ConfigError
-from autobatch.memory import CpuBackend, EstimateBackend, LiveBytesMode, is_oom, make_backend
+from autobatch.memory import (
+    CpuBackend,
+    CudaBackend,
+    EstimateBackend,
+    LiveBytesMode,
+    MemoryBackend,
+    is_oom,
+    make_backend,
+)
 
 
 def test_live_bytes_count_each_storage_once_and_release_it():
@@ -68,7 +76,7 @@ def test_estimate_backend_counts_fake_tensors_without_memory():
 def test_cuda_device_without_a_gpu_is_a_config_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(ConfigError, match="no CUDA device"):
+    with pytest.raises(ConfigError, match="^device cuda: no GPU is available; use device cpu or device estimate$"):
         make_backend("cuda", None)
 
 
@@ -76,8 +84,29 @@ def test_a_cpu_budget_past_the_machines_ram_is_refused_in_one_line(capsys):
     """issue 23 (messages): --memory-budget 1TiB on the cpu backend, which really allocates, was accepted."""
     from autobatch.cli import main
     from autobatch.memory import total_ram_bytes
+    from autobatch.units import format_bytes, parse_bytes
 
     budget = f"{total_ram_bytes() * 2 // 2**20}MiB"
     assert main(["plan", "--device", "cpu", "--memory-budget", budget]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("autobatch: error")]
     assert len(lines) == 1 and "more than this machine's RAM" in lines[0] and "micro=" not in lines[0]
+    assert lines[0].startswith(f"autobatch: error: --memory-budget {format_bytes(parse_bytes(budget))} is more")
+    assert lines[0].endswith("plan for a larger GPU with --device estimate"), "keys said as the flags typed"
+
+
+def test_usable_budget_has_one_home_that_the_probe_and_the_run_use(monkeypatch):
+    """issue 18.4: budget × (1 − headroom) is computed by `keep_headroom` alone (the cuda allocator capped
+    there); the probe's usable budget and the run's cap are both its answer."""
+    from autobatch import api, train
+
+    cuda = CudaBackend(1000 * MiB)
+    assert cuda.keep_headroom(0.25) == cuda.cap_bytes == 750 * MiB
+    assert CpuBackend(1000 * MiB).keep_headroom(0.1) == 900 * MiB
+    asked = []
+    keep = MemoryBackend.keep_headroom
+    monkeypatch.setattr(MemoryBackend, "keep_headroom",
+                        lambda self, headroom: asked.append(headroom) or keep(self, headroom) - MiB)
+    plan = api.plan(device="cpu", memory_budget="300MiB", headroom=0.2, max_length=32, max_micro_batch_size=2)
+    assert asked == [0.2] and plan.usable_memory_bytes == 240 * MiB - MiB
+    train._run_backend(api.load(device="cpu", memory_budget="300MiB"), plan)
+    assert asked == [0.2, 0.2], "the run caps at the plan's headroom through the same function"

@@ -119,8 +119,8 @@ def test_effective_batch_splits_exactly_over_devices(effective, world, per_devic
     [
         (0, 1, "must be positive"),
         (-4, 1, "must be positive"),
-        (30, 4, "use --effective-batch-size 28 or 32"),
-        (3, 4, "use --effective-batch-size 4"),
+        (30, 4, "^effective_batch_size 30 is not a multiple of world size 4: use 28 or 32$"),
+        (3, 4, "^effective_batch_size 3 is not a multiple of world size 4: use 4$"),
     ],
 )
 def test_unreachable_effective_batch_names_the_nearest_values(effective, world, message):

@@ -89,7 +89,7 @@ def test_the_default_ladder_is_m_times_powers_of_two_plus_the_target(fake_prober
 
 
 def test_unreachable_rungs_are_refused_before_probing(fake_prober, tiny_model_dir):
-    with pytest.raises(ConfigError, match="use --effective-batch-size 8 or 10"):
+    with pytest.raises(ConfigError, match="^effective_batch_sizes 9 is not a multiple of world size 2: use 8 or 10$"):
         probe_module.plan_ladder(ladder_config(tiny_model_dir(), world_size=2), [9])
     assert not fake_prober
 

@@ -259,6 +259,34 @@ def test_the_old_checkpointing_name_is_mapped_without_a_warning(tmp_path):
 
 # -------------------------------------------------------------------------------------- clear lines
 
+
+def test_a_key_is_named_as_the_user_typed_it(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """issue 18.4: below the CLI a message names the config key; the CLI says the flag the user typed, a YAML
+    key stays a key, and Python is told its keyword (not `--max-length`, a flag it never typed)."""
+    import autobatch
+
+    model = tiny_model_dir("llama")
+    with pytest.raises(ConfigError) as raised:
+        autobatch.plan(model_name_or_path=str(model), max_length=4096, device="cpu")
+    assert str(raised.value) == f"max_length 4096 is beyond the 2048 positions of {model}: use max_length 2048 or less"
+    with pytest.raises(ConfigError, match=r"^model_name_or_path \S*none: no such directory"):
+        autobatch.plan(model_name_or_path=str(tmp_path / "none"), device="cpu")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model_name_or_path: {model}\nmax_length: 4096\ndevice: cpu\n")
+    assert cli.main(["plan", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"autobatch: error: max_length 4096 is beyond the 2048 positions of {model}: use max_length 2048 or less")
+    assert cli.main(["plan", "--device", "estimate"]) == 2  # a key not typed: a person at the CLI is told the flag
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "autobatch: error: --device estimate plans for a GPU this machine does not have: pass --memory-budget with "
+        "that card's memory (e.g. --memory-budget 80GB)")
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    assert cli.main(["sweep", "--effective-batch-sizes", "9,16", "--device", "cpu", "--memory-budget", "300MiB"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "autobatch: error: --effective-batch-sizes 9 is not a multiple of world size 2: use 8 or 10")
+
+
 def test_max_length_past_the_models_positions_is_one_line(tiny_model_dir, capsys):
     model = tiny_model_dir("llama")
     code = cli.main(["plan", "--model", str(model), "--max-length", "4096", "--device", "cpu"])
