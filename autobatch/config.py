@@ -646,7 +646,7 @@ PLAN_META_PREFIX = "# autobatch-plan: "
 NOT_MEMORY_KEYS: dict[str, str] = {
     **dict.fromkeys(("output_dir", "max_steps", "num_train_epochs", "save_strategy", "eval_strategy",
                      "logging_strategy", "disable_tqdm", "report_to", "train_sampling_strategy",
-                     "auto_find_batch_size"), "the probe sets its own value for every trial (probe.Prober._build)"),
+                     "auto_find_batch_size"), "the probe sets its own value for every trial (trial.Prober._build)"),
     **dict.fromkeys(("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size"),
                     "a column of the trial's own row in the cache (micro_batch_size, accumulation, eval_batch_size)"),
     **dict.fromkeys(("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "adam_beta1",

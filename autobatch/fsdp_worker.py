@@ -1,5 +1,5 @@
 """One rank of an FSDP trial group: `python -m autobatch.fsdp_worker SPEC RESULT`, started by
-`sharding.GroupProber` through autobatch.launch with the launcher's variables set.
+`trial.GroupProber` through autobatch.launch with the launcher's variables set.
 
 The rank joins a gloo group with a short timeout, builds the workload with the run's FSDP sharding, runs one
 trial and writes its own report (rank, trial, shape) to the group's report dir before it exits. A rank that
@@ -21,7 +21,7 @@ def run(spec: dict) -> dict:
 
     from autobatch import sharding
     from autobatch.memory import make_backend
-    from autobatch.probe import Prober
+    from autobatch.trial import Prober
 
     if "WORLD_SIZE" not in os.environ:  # a group of one (launch sets these for two or more): FSDP still needs them
         from autobatch.launch import free_port

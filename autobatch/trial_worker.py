@@ -12,11 +12,11 @@ from __future__ import annotations
 from autobatch.config import Config
 from autobatch.launch import worker_main
 from autobatch.memory import make_backend
-from autobatch.probe import Prober
+from autobatch.trial import Prober
 
 
 def run(spec: dict) -> dict:
-    """The trial `spec` names (see `probe.FreshTrials.spec`), as a dict."""
+    """The trial `spec` names (see `trial.FreshTrials.spec`), as a dict."""
     config = Config(**spec["config"])
     backend = make_backend(spec["device"], spec["budget_bytes"])
     if backend.device == "cuda":

@@ -88,7 +88,7 @@ def config_for(model: str, data: str | None, max_length: int, budget: int, **ext
 def estimate_rows(rows: list[tuple], root: Path) -> list[dict]:
     """One Prober per workload, one trial per row (estimate trials do not depend on the ones before)."""
     from autobatch.memory import EstimateBackend
-    from autobatch.probe import Prober
+    from autobatch.trial import Prober
 
     out = []
     for key in dict.fromkeys((r[0], r[1]) for r in rows):

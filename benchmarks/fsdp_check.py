@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from autobatch.builtin import save_model_shape, save_tiny_model
 from autobatch.config import build_config
-from autobatch.probe import GroupProber, make_plan
+from autobatch.probe import make_plan
+from autobatch.trial import GroupProber
 
 FSDP = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_version": 2}}
 

@@ -86,7 +86,7 @@ def exhaustive_max(model_dir: str, max_length: int, budget: int, up_to: int, per
     """Every size 1..up_to measured (estimate peaks are deterministic): the last size before the first failure."""
     from autobatch.config import build_config
     from autobatch.memory import EstimateBackend
-    from autobatch.probe import Prober
+    from autobatch.trial import Prober
 
     config = build_config(overrides={"model_name_or_path": model_dir, "device": "estimate", "max_length": max_length})
     prober = Prober(config, EstimateBackend(budget), budget, per_device)

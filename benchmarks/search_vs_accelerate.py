@@ -62,7 +62,7 @@ def make_prober(model_dir: str, budget: int):
     """A Prober on a fresh cpu backend of `budget` bytes, usable to the byte (headroom 0)."""
     from autobatch.config import build_config
     from autobatch.memory import CpuBackend
-    from autobatch.probe import Prober
+    from autobatch.trial import Prober
 
     config = build_config(overrides={
         "model_name_or_path": model_dir, "device": "cpu", "headroom": 0, "max_length": MAX_LENGTH,

@@ -39,7 +39,7 @@ def peaks(config, sizes, per_device: int | None = None) -> dict[int, int]:
     """Trial peaks at `sizes`, measured with no budget pressure (accumulation for `per_device` samples,
     default the config's effective batch)."""
     from autobatch.memory import CpuBackend
-    from autobatch.probe import Prober
+    from autobatch.trial import Prober
 
     share = config.effective_batch_size if per_device is None else per_device
     prober = Prober(config, CpuBackend(10**12), 10**12, per_device=share)

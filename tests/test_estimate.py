@@ -74,7 +74,7 @@ def wide_tiny_model(tmp_path_factory):
 def _trial(model_dir, **overrides):
     from autobatch.config import build_config
     from autobatch.memory import EstimateBackend
-    from autobatch.probe import Prober
+    from autobatch.trial import Prober
 
     config = build_config(overrides={"model_name_or_path": str(model_dir), "device": "estimate", "memory_budget": 2**30,
                                      "max_length": 16, "headroom": 0, "no_cache": True, **overrides})

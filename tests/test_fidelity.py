@@ -9,7 +9,7 @@ from autobatch.config import build_config, plan_yaml_text
 from autobatch.errors import ConfigError
 from autobatch.memory import CpuBackend, make_backend
 from autobatch.planner import Plan
-from autobatch.probe import Prober
+from autobatch.trial import Prober
 
 
 def test_auto_find_batch_size_trial_reports_the_real_oom_and_neftune_hooks_do_not_pile_up(tiny_model_dir):

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from autobatch import launch, probe, train
+from autobatch import launch, train, trial
 from autobatch.cli import main
 from autobatch.config import build_config, plan_yaml_text, read_plan_meta
 from autobatch.errors import WorkerError
 from autobatch.memory import CpuBackend
 from autobatch.planner import Plan, Trial
-from autobatch.probe import Prober, make_plan, trial_process
+from autobatch.probe import make_plan, trial_process
+from autobatch.trial import Prober
 
 MAX_LENGTH = 64
 
@@ -120,7 +121,7 @@ def test_worker_crash_is_one_line_exit_1(tiny_model_dir, token, monkeypatch, cap
 
 def test_worker_hang_is_ended_with_everything_it_started(tiny_model_dir, token, monkeypatch):
     monkeypatch.setenv(launch.FAULT_ENV, "hang")
-    monkeypatch.setattr(probe, "TRIAL_TIMEOUT_S", 45.0)
+    monkeypatch.setattr(trial, "TRIAL_TIMEOUT_S", 45.0)
     with pytest.raises(WorkerError, match=r"^trial of micro-batch 2: worker autobatch.trial_worker did not finish within 45 s") as info:
         make_plan(fixed_micro_config(tiny_model_dir("llama")))
     assert info.value.kind == "timeout"

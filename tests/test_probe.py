@@ -14,7 +14,8 @@ from helpers import peaks, plan_json
 from autobatch.cli import main
 from autobatch.config import build_config
 from autobatch.memory import CpuBackend
-from autobatch.probe import Prober, make_plan
+from autobatch.probe import make_plan
+from autobatch.trial import Prober
 from autobatch.workload import build_trainer, load_tokenizer, sft_config, synthetic_dataset
 
 MAX_LENGTH = 256

@@ -134,7 +134,7 @@ def test_plan_peak_per_rank_matches_a_plain_two_rank_fsdp_run(tiny_model_dir, tm
 
 @pytest.mark.slow
 def test_rank_1_out_of_memory_ends_the_trial_on_both_ranks(tiny_model_dir, caplog):
-    from autobatch.probe import GroupProber
+    from autobatch.trial import GroupProber
 
     model = tiny_model_dir("llama")
     config = _config(model, device="cpu", memory_budget="1GiB", nproc_per_node=2)

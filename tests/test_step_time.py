@@ -3,10 +3,11 @@ step times planted through the trial timer's clock (no wall-clock asserts)."""
 
 import pytest
 
-from autobatch import probe
+from autobatch import trial
 from autobatch.config import build_config
 from autobatch.planner import steady_seconds
-from autobatch.probe import Prober, make_plan
+from autobatch.probe import make_plan
+from autobatch.trial import Prober
 
 
 @pytest.mark.parametrize("steps, expected", [
@@ -49,7 +50,7 @@ def install_planted(monkeypatch):
             clock.trials.append(clock.key)
 
         monkeypatch.setattr(Prober, "_prepare", timed_prepare)
-        monkeypatch.setattr(probe._StepTimer, "clock", staticmethod(clock))
+        monkeypatch.setattr(trial._StepTimer, "clock", staticmethod(clock))
         return clock
 
     return install
@@ -93,4 +94,4 @@ def test_a_trial_times_several_steps_after_warm_up(tiny_model_dir, planted):
 
     planted(step_seconds)
     make_plan(tiny_config(tiny_model_dir("llama"), per_device_train_batch_size=2))
-    assert seen == list(range(probe.TIMED_TRIAL_STEPS))
+    assert seen == list(range(trial.TIMED_TRIAL_STEPS))
