@@ -29,15 +29,13 @@ from autobatch.config import (
     Config,
     build_config,
     check_model_available,
-    check_output_path,
-    format_bytes,
     parse_value,
-    plan_yaml_text,
-    write_plan_yaml,
 )
 from autobatch.errors import AutobatchError, ConfigError, Interrupted
 from autobatch.interrupt import stop_on_signals
+from autobatch.planfile import check_output_path, hidden_keys, plan_yaml_text, write_plan_yaml
 from autobatch.ranks import is_main
+from autobatch.units import format_bytes
 
 if TYPE_CHECKING:
     from autobatch.planner import Plan, Trial
@@ -219,7 +217,8 @@ def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
     if path is None and "model_name_or_path" not in overrides:
         path = BUILTIN_CONFIG
     # sweep --validate-tokens evaluates on the eval split or fraction whatever eval_strategy says (issue 24)
-    config = build_config(path, overrides, names, evaluates=bool(getattr(args, "validate_tokens", None)))
+    config = build_config(path, overrides, names, evaluates=bool(getattr(args, "validate_tokens", None)),
+                          hidden=hidden_keys(path))
     check_model_available(config, names.get("model_name_or_path", "model_name_or_path"))
     return config
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from autobatch import launch, ranks, sharding
-from autobatch.config import Config, format_bytes, modern_names
+from autobatch.config import Config, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError, WorkerError
 from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, is_oom, make_backend
 from autobatch.planner import (
@@ -36,6 +36,7 @@ from autobatch.planner import (
     search_max_micro_batch,
     steady_seconds,
 )
+from autobatch.units import format_bytes
 from autobatch.workload import build_trainer, fingerprint, load_train_dataset, sft_config
 
 logger = logging.getLogger(__name__)
