@@ -9,8 +9,9 @@ import yaml
 
 from autobatch import api
 from autobatch.cli import format_plan
-from autobatch.config import build_config, plan_yaml_text
+from autobatch.config import build_config
 from autobatch.memory import CpuBackend
+from autobatch.planfile import plan_yaml_text
 from autobatch.probe import Prober, make_plan
 from tests.test_step_time import install_planted, tiny_config
 
