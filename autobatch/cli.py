@@ -33,7 +33,6 @@ from autobatch.config import (
 )
 from autobatch.errors import AutobatchError, ConfigError, Interrupted
 from autobatch.interrupt import stop_on_signals
-from autobatch.planfile import check_output_path, hidden_keys, plan_yaml_text, write_plan_yaml
 from autobatch.ranks import is_main
 from autobatch.units import format_bytes
 
@@ -202,6 +201,8 @@ def _is_number(text: str) -> bool:
 
 def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
     """Defaults < --config (or the built-in tiny config) < known flags and pass-through keys."""
+    from autobatch.planfile import check_output_path, hidden_keys  # with rundir and workload: not for --help
+
     overrides, names = _passthrough(extras)
     for flag, key, _ in _VALUE_FLAGS:
         if key in vars(args):
@@ -447,6 +448,8 @@ def _refuse_unfit(plan: Plan, output: str | None) -> None:
 
 def _write_output(config: Config, plan: Plan, output: str | None) -> None:
     if output and is_main():
+        from autobatch.planfile import plan_yaml_text, write_plan_yaml
+
         path = write_plan_yaml(output, plan_yaml_text(config, plan, model_path=_builtin_model_path(config)))
         _err(f"wrote {path}")
 
