@@ -13,19 +13,17 @@ The CLI is a thin layer over `plan` and `run` here: one code path. Heavy imports
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from autobatch import planfile
 from autobatch.config import (
     BUILTIN_CONFIG,
     Config,
     build_config,
     parse_memory_budget,
-    plan_yaml_text,
     validate_config,
-    write_plan_yaml,
 )
 from autobatch.errors import AutobatchError, ConfigError
 from autobatch.planner import Plan, Trial
@@ -55,7 +53,7 @@ def load(config_or_path: ConfigLike = None, **overrides: Any) -> Config:
     path = config_or_path
     if path is None and "model_name_or_path" not in overrides:
         path = BUILTIN_CONFIG
-    return build_config(path, overrides)
+    return build_config(path, overrides, hidden=planfile.hidden_keys(path))
 
 
 def plan(
@@ -97,16 +95,15 @@ def run_plan(
     rundir.check_can_run(config, resume=resume, overwrite=overwrite)
     if isinstance(plan_file, Plan):
         return plan_file
-    from autobatch import train
     from autobatch.probe import make_plan
 
     if plan_file is not None:
-        plan = train.load_plan(str(plan_file), config)
+        plan = planfile.load_plan(str(plan_file), config)
         if resume:
-            train.check_resume_batch(config, plan, str(plan_file))
+            planfile.check_resume_batch(config, plan, str(plan_file))
         return plan
     if resume:
-        return train.resume_plan(config)
+        return planfile.resume_plan(config)
     return make_plan(config, on_trial=on_trial, on_start=on_start, on_eval_trial=on_eval_trial)
 
 
@@ -237,17 +234,4 @@ def apply_plan(trainer, plan: Plan, *, oom_fallback: bool = False):
 def save_plan(plan: Plan, path: str | os.PathLike, config: ConfigLike = None) -> str:
     """Write the plan atomically: `.json` as `to_dict()`, anything else as plan.yaml (the config with the
     planned batch, for `trl sft --config` / `autobatch run --plan`). Returns the path written."""
-    if str(path).endswith(".json"):
-        text = json.dumps(plan.to_dict(), indent=2, default=str)
-    elif config is None:
-        model = plan.memory_fingerprint.get("model_name_or_path")
-        text = plan_yaml_text(Config(model_name_or_path=model, world_size=plan.world_size), plan)
-    else:
-        config = load(config)
-        model_path = None
-        if config.model_name_or_path is None:
-            from autobatch.workload import model_path as resolve
-
-            model_path = resolve(config)
-        text = plan_yaml_text(config, plan, model_path=model_path)
-    return str(write_plan_yaml(path, text, flag="path"))
+    return planfile.write_plan(plan, path, None if config is None else load(config))

@@ -30,17 +30,14 @@ from autobatch.config import (
     Config,
     build_config,
     check_model_available,
-    check_output_path,
     eval_strategy,
-    format_bytes,
     parse_value,
-    plan_yaml_text,
     read_yaml,
-    write_plan_yaml,
 )
 from autobatch.errors import AutobatchError, ConfigError, Interrupted
 from autobatch.interrupt import stop_on_signals
 from autobatch.ranks import is_main
+from autobatch.units import format_bytes
 
 if TYPE_CHECKING:
     from autobatch.planner import Plan, Trial
@@ -207,6 +204,8 @@ def _is_number(text: str) -> bool:
 
 def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
     """Defaults < --config (or the built-in tiny config) < known flags and pass-through keys."""
+    from autobatch.planfile import check_output_path, hidden_keys  # with rundir and workload: not for --help
+
     overrides, names = _passthrough(extras)
     for flag, key, _ in _VALUE_FLAGS:
         if key in vars(args):
@@ -223,7 +222,8 @@ def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
         path = BUILTIN_CONFIG
     # sweep --validate-tokens evaluates on the eval split or fraction whatever eval_strategy says (issue 24)
     args.names = names  # what the user typed for each key: errors from below are said in those words
-    config = build_config(path, overrides, names, evaluates=bool(getattr(args, "validate_tokens", None)))
+    config = build_config(path, overrides, names, evaluates=bool(getattr(args, "validate_tokens", None)),
+                          hidden=hidden_keys(path))
     args.names = _said_as(args.config, names)
     check_model_available(config, names.get("model_name_or_path", "model_name_or_path"))
     return config
@@ -453,6 +453,8 @@ def _refuse_unfit(plan: Plan, output: str | None) -> None:
 
 def _write_output(config: Config, plan: Plan, output: str | None) -> None:
     if output and is_main():
+        from autobatch.planfile import plan_yaml_text, write_plan_yaml
+
         path = write_plan_yaml(output, plan_yaml_text(config, plan, model_path=_builtin_model_path(config)))
         _err(f"wrote {path}")
 

@@ -3,35 +3,29 @@
 Keys are TRL's (SFTConfig/TrainingArguments, ScriptArguments, ModelConfig) plus autobatch's own fields.
 Every key that is not autobatch's goes to `Config.training_args` untouched; its name and plain type are
 checked against SFTConfig's fields read from TRL's source (`autobatch.fields`), before torch loads. Validation
-collects every problem and raises one `ConfigError`. Also owns plan.yaml: the config with the planned
-batch filled in, written with keys `trl sft --config` accepts.
+collects every problem and raises one `ConfigError`. Also the memory fingerprint (which settings change a
+step's memory), below both the probe cache and plan.yaml (`autobatch.planfile`), which key by it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import re
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-from autobatch.binding import model_content
 from autobatch.errors import AutobatchError, ConfigError
 from autobatch.fields import key_problems
 from autobatch.planner import check_effective_batch
-from autobatch.units import format_bytes, parse_bytes
-
-if TYPE_CHECKING:
-    from autobatch.planner import Plan
+from autobatch.units import parse_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +55,6 @@ MODEL_CONFIG_LORA_KEYS = {
     "use_rslora": "use_rslora",
     "use_dora": "use_dora",
 }
-_LORA_TO_MODEL_CONFIG = {v: k for k, v in MODEL_CONFIG_LORA_KEYS.items()}
 _LORA_SECTION_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
 #: What `use_peft: true` means in TRL (ModelConfig defaults, get_peft_config); a `lora:` section
@@ -315,16 +308,18 @@ def build_config(
     names: Mapping[str, str] | None = None,
     *,
     evaluates: bool = False,
+    hidden: Mapping[str, Any] | None = None,
 ) -> Config:
     """Dataclass defaults < the YAML file at `path` < `overrides` (CLI flags), validated.
 
     `overrides` use the YAML key names; `names` says how each was spelled on the command line
-    (`{"max_length": "--max-length"}`) so messages name what the user typed.
+    (`{"max_length": "--max-length"}`) so messages name what the user typed. `hidden`: the keys a plan.yaml
+    at `path` keeps out of trl's way (`planfile.hidden_keys(path)`), read below the file's YAML.
     """
     merged = _Merged()
     if path is not None:
         data = read_yaml(path)
-        trainer_only = _plan_meta(path).get("autobatch_only") or {}
+        trainer_only = hidden or {}
         merged.apply(trainer_only, {key: f"{key} (in the autobatch-plan line of {path})" for key in trainer_only})
         where = "the built-in tiny.yaml" if Path(path) == BUILTIN_CONFIG else path
         merged.apply(data, {key: f"{key} (in {where})" for key in data if isinstance(key, str)})
@@ -614,32 +609,10 @@ def _lora_problems(lora: dict, names: Mapping[str, str]) -> list[str]:
     return problems
 
 
-# ----------------------------------------------------------------------------------------- plan.yaml
-
-def check_output_path(path: str | os.PathLike, flag: str = "--output") -> Path:
-    """Fail before any work when the file could not be written: its directory must exist."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise ConfigError(f"{flag} {path}: is a directory; give a file name such as {path / 'plan.yaml'}")
-    if not parent.is_dir():
-        raise ConfigError(f"{flag} {path}: directory {parent} does not exist; create it or choose another "
-                          "path")
-    try:  # the honest test: os.access says yes to root on a read-only or special filesystem
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".check"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot write in {parent} ({exc.strerror or exc}); choose another "
-                          "path") from None
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ConfigError(f"{flag} {path}: the file is not writable; choose another path")
-    return path
-
+# -------------------------------------------------------------------------------- memory fingerprint
 
 #: SFTConfig's default for (gradient|activation)_checkpointing (trl/trainer/sft_config.py: True, unlike Trainer).
 SFT_CHECKPOINTING_DEFAULT = True
-
-PLAN_META_PREFIX = "# autobatch-plan: "
 
 #: SFTConfig/TrainingArguments fields that do NOT change a trial's peak, each with the reason. Every other
 #: field is in the probe cache key (`cache.memory_args`): a new or forgotten field is keyed, never ignored.
@@ -676,10 +649,10 @@ NOT_MEMORY_KEYS: dict[str, str] = {
 def memory_fingerprint(config: Config, model_path: str | None = None) -> dict[str, Any]:
     """Everything in a config that changes the memory a training step needs (the key a plan is valid for)."""
     return {  # local paths resolved: `./model` and `/abs/model` are the same workload
-        "model_name_or_path": _resolved(config.model_name_or_path or model_path),
+        "model_name_or_path": resolved_path(config.model_name_or_path or model_path),
         "model_args": dict(sorted(config.model_args.items())),
         "lora": dict(sorted((config.lora or {}).items())),
-        "dataset_name": _resolved(config.dataset_name),
+        "dataset_name": resolved_path(config.dataset_name),
         "dataset_config": config.dataset_config,
         "dataset_train_split": config.dataset_train_split,
         "world_size": config.world_size,
@@ -693,124 +666,6 @@ def memory_training_args(training_args: Mapping[str, Any]) -> dict[str, Any]:
     args = modern_names(training_args)
     args.setdefault("activation_checkpointing", SFT_CHECKPOINTING_DEFAULT)
     return {key: value for key, value in sorted(args.items()) if key not in NOT_MEMORY_KEYS}
-
-
-def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key: saved -> current` for each memory-relevant setting that differs."""
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
-
-
-def read_plan_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The machine-readable `# autobatch-plan: {...}` line of a plan.yaml; ConfigError if there is none."""
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(PLAN_META_PREFIX):
-                    return json.loads(line[len(PLAN_META_PREFIX):])
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--plan {path}: cannot read it ({exc}); write one with autobatch plan --output") from None
-    raise ConfigError(f"--plan {path}: not a plan written by `autobatch plan --output`; write one with it")
-
-
-def _plan_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The `# autobatch-plan:` line of a file, {} if it has none (an ordinary config)."""
-    try:
-        return read_plan_meta(path)
-    except ConfigError:
-        return {}
-
-
-def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | None = None) -> str:
-    """The config with the planned batch filled in, as YAML that `trl sft --config` and `autobatch run` read.
-
-    Only TRL keys are written (SFTConfig/TrainingArguments from `training_args`, ScriptArguments dataset
-    keys, ModelConfig model and LoRA keys); autobatch's own facts are `#` comment lines at the top.
-    `model_path` is the resolved path of the built-in model when `config.model_name_or_path` is None.
-    """
-    if not plan.fits:
-        raise AutobatchError(f"micro-batch {plan.per_device_train_batch_size} does not fit the memory "
-                             "budget: no plan to write")
-    choice = plan.checkpointing
-    if choice is not None:  # what the plan chose (or kept), not TRL's default
-        config = dataclasses.replace(config, training_args={
-            **modern_names(config.training_args), "activation_checkpointing": choice.activation_checkpointing})
-    written = _as_written(config, plan.device, plan.precision)
-    model = written.model_name_or_path or (str(model_path) if model_path is not None else None)
-    if plan.assumed:  # an estimate: the GPU run builds the optimizer the estimate emulated, named
-        written.training_args.setdefault("optim", plan.assumed["optim"])
-    body: dict[str, Any] = {}
-    if model is not None:
-        body["model_name_or_path"] = model
-    body.update(written.model_args)
-    body.update(_dataset_keys(written))
-    body["per_device_train_batch_size"] = plan.per_device_train_batch_size
-    body["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
-    trainer_only = {k: v for k, v in written.training_args.items() if k in TRAINER_KEYS}
-    body.update({k: v for k, v in written.training_args.items() if k not in TRAINER_KEYS})
-    if plan.per_device_eval_batch_size:
-        body["per_device_eval_batch_size"] = plan.per_device_eval_batch_size
-    not_written = []
-    if config.lora is not None:
-        body["use_peft"] = True
-        for key, value in config.lora.items():
-            if key in _LORA_TO_MODEL_CONFIG:
-                if value is not None:
-                    body[_LORA_TO_MODEL_CONFIG[key]] = value
-            else:
-                not_written.append(f"lora.{key}={value!r}")
-
-    budget, usable, peak = plan.memory_budget_bytes, plan.usable_memory_bytes, plan.peak_memory_bytes
-    world = plan.world_size
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    launch = f" (launch {world} processes, e.g. torchrun --nproc_per_node {world})" if world > 1 else ""
-    capped = " (capped by max_micro_batch_size)" if plan.capped else ""
-    if plan.stopped_at_need:
-        capped = " or more (not searched past what the plan needs)"
-    lines = [
-        (f"# Written by `autobatch plan` on {stamp}; use with `trl sft --config FILE` or "
-         "`autobatch run --config FILE`."),
-        (f"# effective batch {plan.effective_batch_size} = per_device_train_batch_size "
-         f"{plan.per_device_train_batch_size} × gradient_accumulation_steps "
-         f"{plan.gradient_accumulation_steps} × world size {world}{launch}"),
-        (f"# device {plan.device}; memory budget {format_bytes(budget)} ({budget} bytes), headroom "
-         f"{plan.headroom:g}, usable {format_bytes(usable)} ({usable} bytes)"),
-        (f"# peak at micro-batch {plan.per_device_train_batch_size}: {format_bytes(peak)} ({peak} bytes); "
-         f"largest micro-batch that fits: {plan.max_micro_batch_size}{capped}; max_length {plan.max_length}; "
-         f"{len(plan.trials)} trials"),
-    ]
-    meta = {
-        "device": plan.device, "memory_budget_bytes": budget, "usable_memory_bytes": usable, "headroom": plan.headroom,
-        "peak_memory_bytes": peak, "max_micro_batch_size": plan.max_micro_batch_size, "max_length": plan.max_length,
-        "effective_batch_size": plan.effective_batch_size, "world_size": world, "seconds_per_step": plan.seconds_per_step,
-        "memory_fingerprint": memory_fingerprint(written, str(model_path) if model_path else None),
-        "per_device_train_batch_size": plan.per_device_train_batch_size,
-        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-        "model_content": model_content(model),  # the plan holds for this model, wherever it is saved
-    }
-    if choice is not None:
-        meta["checkpointing"] = dataclasses.asdict(choice)
-        on_off = "true" if choice.activation_checkpointing else "false"
-        lines.append(f"# activation_checkpointing {on_off} ({'measured' if choice.chosen_by == 'measured' else 'yours'}): "
-                     f"{choice.reason}")
-    if plan.device == "cuda":  # the allocator setting the trials ran under; `run --plan` warns when it differs
-        meta["pytorch_cuda_alloc_conf"] = plan.pytorch_cuda_alloc_conf
-    if trainer_only:  # read back by autobatch (build_config), invisible to trl sft
-        meta["autobatch_only"] = trainer_only
-    lines.append(PLAN_META_PREFIX + json.dumps(meta, sort_keys=True, default=str))
-    if model is None:
-        lines.append("# model_name_or_path: the built-in tiny model (pass its path to write it here)")
-    if config.dataset_name is None:
-        lines.append("# dataset_name: none, autobatch uses its built-in text sample; set one for trl sft")
-    for key, value in trainer_only.items():
-        lines.append(f"# {key}: {value} is for autobatch run only (trl sft has no such key; kept in the line above)")
-    if not_written:
-        lines.append(f"# LoRA settings trl sft has no key for (autobatch run only): {', '.join(not_written)}")
-    try:
-        text = yaml.safe_dump(body, sort_keys=False, default_flow_style=False, allow_unicode=True)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"cannot write the plan as YAML: {exc}") from None
-    return "\n".join(lines) + "\n" + text
 
 
 def modern_names(training_args: Mapping[str, Any]) -> dict[str, Any]:
@@ -831,56 +686,11 @@ def modern_names(training_args: Mapping[str, Any]) -> dict[str, Any]:
     return args
 
 
-def _as_written(config: Config, device: str, precision: str | None = None) -> Config:
-    """The config as plan.yaml states it: the precision the plan was measured with, current key names.
-
-    `precision` ("bf16", "fp16", "fp32") is what the trials measured, written as bf16/fp16 so `trl sft`
-    trains what was planned. Without it, on the cpu backend bf16/fp16 are off (the probe turned them off),
-    so `trl sft` on that machine does not fall back to TRL's bf16 default, which the CPU refuses.
-    """
-    args = modern_names(config.training_args)
-    args.setdefault("activation_checkpointing", SFT_CHECKPOINTING_DEFAULT)  # said, not left to TRL's default
-    if device == "cpu":  # measured on the CPU: `trl sft` trains there too, even where a GPU is visible
-        args["use_cpu"] = True
-    if precision:
-        args.update(bf16=precision == "bf16", fp16=precision == "fp16")
-    elif device == "cpu":
-        args["bf16"] = False
-        if args.get("fp16"):
-            args["fp16"] = False
-    # trl sft may be started from elsewhere: local model and data alike are written as absolute paths
-    return dataclasses.replace(config, training_args=args, dataset_name=_resolved(config.dataset_name),
-                               model_name_or_path=_resolved(config.model_name_or_path))
-
-
-def _resolved(name: Any) -> Any:
+def resolved_path(name: Any) -> Any:
     """A local path as an absolute one (the same file from any working directory); a hub name as it is."""
     if isinstance(name, str) and os.path.exists(os.path.expanduser(name)):
         return os.path.abspath(os.path.expanduser(name))
     return name
-
-
-def _dataset_keys(config: Config) -> dict[str, Any]:
-    """The data as TRL spells it: a `datasets:` entry for a local file or a held-out fraction, else ScriptArguments.
-
-    `trl sft` reads a local file only through DatasetMixtureConfig (`{path: json, data_files: FILE}`), and a
-    held-out fraction only as its `test_split_size`; autobatch reads both spellings back.
-    """
-    name = config.dataset_name
-    if name is None:
-        return {}
-    builder = LOCAL_DATA_FORMATS.get(Path(name).suffix.lower()) if os.path.isfile(name) else None
-    if builder is None and config.eval_fraction is None:
-        keys = {key: getattr(config, key) for key in SCRIPT_ARGUMENTS_KEYS}
-        return {k: v for k, v in keys.items() if v is not None}
-    entry: dict[str, Any] = {"path": builder, "data_files": name} if builder else {"path": name}
-    if not builder and config.dataset_config is not None:
-        entry["name"] = config.dataset_config
-    entry["split"] = config.dataset_train_split
-    keys = {"datasets": [entry]}
-    if config.eval_fraction is not None:
-        keys["test_split_size"] = config.eval_fraction
-    return keys
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -905,12 +715,3 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
                 os.unlink(tmp_name)
         raise
     return path
-
-
-def write_plan_yaml(path: str | os.PathLike, text: str, flag: str = "--output") -> Path:
-    """Write `text` atomically (see `write_atomic`): never half-written."""
-    path = check_output_path(path, flag)
-    try:
-        return write_atomic(path, text)
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot write it ({exc.strerror or exc})") from None

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from autobatch import ranks, sharding
-from autobatch.config import Config, eval_strategy, format_bytes, modern_names
+from autobatch.config import Config, eval_strategy, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
 from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, make_backend
 from autobatch.planner import (
@@ -31,6 +31,7 @@ from autobatch.planner import (
     search_max_micro_batch,
 )
 from autobatch.trial import FreshTrials, GroupProber, Prober
+from autobatch.units import format_bytes
 from autobatch.workload import fingerprint
 
 CUDA_DEFAULT_HEADROOM = 0.05  # fragmentation and kernel workspaces the peak counters do not show

@@ -31,21 +31,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from autobatch import ranks, sharding
-from autobatch.config import (
-    Config,
-    build_config,
-    fingerprint_differences,
-    format_bytes,
-    read_plan_meta,
-    write_atomic,
-)
-from autobatch.errors import AutobatchError, ConfigError, Interrupted
+from autobatch.config import Config
+from autobatch.errors import AutobatchError, Interrupted
 from autobatch.interrupt import SignalStop
-from autobatch.memory import alloc_conf, check_cpu_budget, is_oom, make_backend
-from autobatch.planner import CheckpointingChoice, Plan
+from autobatch.memory import check_cpu_budget, is_oom, make_backend
+from autobatch.planfile import write_run_plan
+from autobatch.planner import Plan
 from autobatch.rundir import (  # noqa: F401 - check_can_run and check_output_dir are train's API too
     CHECKPOINT_NAME,
-    PLAN_FILE,
     STATE_FILE,
     check_can_run,
     check_output_dir,
@@ -54,7 +47,8 @@ from autobatch.rundir import (  # noqa: F401 - check_can_run and check_output_di
     complete_checkpoints,
     resume_checkpoint,
 )
-from autobatch.workload import build_trainer, fingerprint, load_train_dataset, model_path, sft_config
+from autobatch.units import format_bytes
+from autobatch.workload import build_trainer, load_train_dataset, sft_config
 
 logger = logging.getLogger(__name__)
 
@@ -316,50 +310,6 @@ def _write_failure(exc: BaseException) -> str:
     return "the write failed, most likely the disk is full (torch: file write failed)"
 
 
-def plan_from_checkpoint(config: Config, checkpoint: Path) -> Plan:
-    """For --resume without plan.json: the micro-batch from the checkpoint's trainer_state.json, the
-    accumulation from the config's effective batch (or accumulation); refused where either is unknown."""
-    try:
-        micro = json.loads((checkpoint / STATE_FILE).read_text()).get("train_batch_size")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume: cannot read {checkpoint / STATE_FILE} ({exc})") from None
-    world = config.world_size
-    accumulation = config.gradient_accumulation_steps
-    effective = config.effective_batch_size
-    known = isinstance(accumulation, int) or not isinstance(micro, int)
-    if not known and effective and effective % (micro * world) == 0:
-        accumulation = effective // (micro * world)
-    wanted = config.per_device_train_batch_size
-    if not isinstance(micro, int) or not isinstance(accumulation, int) or wanted not in ("auto", None, micro):
-        raise ConfigError(
-            f"--resume: {checkpoint.parent} has no readable {PLAN_FILE} and {checkpoint / STATE_FILE} gives "
-            f"micro-batch {micro}; pass the --effective-batch-size (or --gradient-accumulation-steps) the run used, "
-            "so the data position stays exact"
-        )
-    return Plan(
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=accumulation,
-        effective_batch_size=micro * accumulation * world,
-        world_size=world,
-        max_micro_batch_size=micro,
-        memory_budget_bytes=config.memory_budget_bytes or 0,
-        usable_memory_bytes=0,
-        headroom=config.headroom or 0.0,
-        peak_memory_bytes=0,
-        device=config.device or "",
-        max_length=config.training_args.get("max_length") or 0,
-        trials=[],
-        notes=[f"--resume without {PLAN_FILE}: micro-batch from {checkpoint / STATE_FILE}, no probing"],
-        memory_fingerprint=fingerprint(config),
-    )
-
-
-def resume_plan(config: Config) -> Plan:
-    """The plan `--resume` trains with: OUT/plan.json, else the newest complete checkpoint's batch."""
-    checkpoint = resume_checkpoint(config)
-    return saved_plan(config) or plan_from_checkpoint(config, checkpoint)
-
-
 def _remove_earlier_checkpoints(output_dir: str) -> None:
     """--overwrite-output-dir: the earlier run's checkpoints go, so --resume never mixes two runs."""
     old = [p for p in Path(output_dir).iterdir() if CHECKPOINT_NAME.match(p.name) and p.is_dir()]
@@ -429,167 +379,6 @@ def _datasets(config: Config):
     return train, evaluation
 
 
-def load_plan(path: str, config: Config) -> Plan:
-    """A plan saved by `autobatch plan --output`, refused unless it holds for `config`: the same memory
-    settings, the same model content (wherever it is saved), and the batch its probe measured."""
-    saved = build_config(path)
-    meta = read_plan_meta(path)
-    differences = plan_differences(meta, config, path)
-    if differences:
-        raise ConfigError(
-            f"--plan {path} was made for other memory settings ({'; '.join(differences)}): "
-            "plan again without --plan, or run with the settings it was made for"
-        )
-    micro, accumulation = check_planned_batch(path, meta, config, saved)
-    _warn_alloc_conf(path, meta)
-    return Plan(
-        per_device_train_batch_size=micro,
-        gradient_accumulation_steps=accumulation,
-        effective_batch_size=micro * accumulation * saved.world_size,
-        world_size=saved.world_size,
-        max_micro_batch_size=meta["max_micro_batch_size"],
-        memory_budget_bytes=meta["memory_budget_bytes"],
-        usable_memory_bytes=meta["usable_memory_bytes"],
-        headroom=meta["headroom"],
-        peak_memory_bytes=meta["peak_memory_bytes"],
-        device=meta["device"],
-        max_length=meta["max_length"],
-        trials=[],
-        seconds_per_step=meta.get("seconds_per_step", 0.0),
-        notes=[f"reused {path}: no probing"],
-        memory_fingerprint=fingerprint(config),
-        per_device_eval_batch_size=saved.training_args.get("per_device_eval_batch_size"),
-        checkpointing=CheckpointingChoice(**meta["checkpointing"]) if meta.get("checkpointing") else None,
-        pytorch_cuda_alloc_conf=meta.get("pytorch_cuda_alloc_conf"),
-    )
-
-
-def plan_differences(meta: dict, config: Config, path: str) -> list[str]:
-    """What differs between the settings and model a plan.yaml was made for and `config`'s.
-
-    The config is compared as plan.yaml writes it (current key names, cpu precision off), with keys it
-    leaves to defaults (bf16, fp16, use_cpu) taken as planned; the model by content, not by path.
-    """
-    from autobatch.binding import model_content
-    from autobatch.config import _as_written
-
-    saved = dict(meta["memory_fingerprint"])
-    current = fingerprint(_as_written(config, meta["device"]))
-    for key in ("bf16", "fp16", "use_cpu"):
-        if key not in config.training_args and key in saved:
-            current[key] = saved[key]
-    model = model_path(config)
-    if "model_content" in meta:
-        now = model_content(model)
-        if meta["model_content"] is not None and now is not None:
-            saved.pop("model_name_or_path", None)
-            current.pop("model_name_or_path", None)
-            for part in ("config", "weights"):
-                if meta["model_content"][part] != now[part]:
-                    saved[f"model {part}"], current[f"model {part}"] = meta["model_content"][part], now[part]
-    else:
-        logger.warning("--plan %s was written before plans were bound to the model's content: the model at %s is "
-                       "taken to be the one it was made for (plan again to bind it)", path, model)
-    differences = fingerprint_differences(saved, current)
-    if config.memory_budget_bytes is not None and config.memory_budget_bytes != meta["memory_budget_bytes"]:
-        differences.append(f"memory_budget: {meta['memory_budget_bytes']} -> {config.memory_budget_bytes}")
-    if config.device not in (None, meta["device"]) and meta["device"] != "estimate":  # estimate plans for a GPU
-        differences.append(f"device: {meta['device']} -> {config.device}")
-    return differences
-
-
-def check_planned_batch(path: str, meta: dict, config: Config, saved: Config) -> tuple[int, int]:
-    """The micro-batch × accumulation the plan's probe measured; a hand-edited one is refused in one line.
-
-    `config` may be another file (`--config tiny.yaml --plan plan.yaml`): where it leaves the batch to
-    autobatch (auto), the plan file's values are taken.
-    """
-    micro, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
-    micro = micro if isinstance(micro, int) else saved.per_device_train_batch_size
-    accumulation = accumulation if isinstance(accumulation, int) else saved.gradient_accumulation_steps
-    if not (isinstance(micro, int) and isinstance(accumulation, int)):
-        raise ConfigError(f"--plan {path}: per_device_train_batch_size and gradient_accumulation_steps must be set")
-    planned = (meta.get("per_device_train_batch_size", micro), meta.get("gradient_accumulation_steps", accumulation))
-    effective = micro * accumulation * config.world_size
-    wanted = config.effective_batch_size
-    if (micro, accumulation) != planned or effective != meta["effective_batch_size"] or wanted not in (None, effective):
-        raise ConfigError(
-            f"--plan {path}: per_device_train_batch_size {micro} × gradient_accumulation_steps {accumulation} is not "
-            f"what it planned ({planned[0]} × {planned[1]}, effective {meta['effective_batch_size']}; the peak it "
-            f"states is for micro-batch {planned[0]}): restore those values, or plan "
-            f"--micro-batch-size {micro} --output {path} to check the new size"
-        )
-    return micro, accumulation
-
-
-def check_resume_batch(config: Config, plan: Plan, plan_file: str) -> None:
-    """--resume --plan: the plan must state the batch the run trained with, or the effective batch changes
-    mid-run (and plan.json would be overwritten with the other one)."""
-    checkpoint = resume_checkpoint(config)
-    path = check_output_dir(config) / PLAN_FILE
-    try:
-        before = json.loads(path.read_text())
-        trained = (before["per_device_train_batch_size"], before["gradient_accumulation_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-        trained = (state.get("train_batch_size"), plan.gradient_accumulation_steps)
-    if trained != (plan.per_device_train_batch_size, plan.gradient_accumulation_steps):
-        raise ConfigError(
-            f"--resume --plan {plan_file}: it states micro-batch {plan.per_device_train_batch_size} × accumulation "
-            f"{plan.gradient_accumulation_steps}, but the run in {path.parent} trained with {trained[0]} × "
-            f"{trained[1]}: resume without --plan (the run's own {PLAN_FILE} is used), or train the new plan into "
-            "another --output-dir"
-        )
-
-
-def _warn_alloc_conf(path: str, meta: dict) -> None:
-    """One line when this run's allocator setting is not the one the plan was measured under: the edge
-    moves with it (an H200 fitted 43 with expandable_segments:True, 39 without; issue 19)."""
-    if "pytorch_cuda_alloc_conf" not in meta:  # not a cuda plan, or written before the setting was recorded
-        return
-    planned, now = meta["pytorch_cuda_alloc_conf"], alloc_conf()
-    if planned != now:
-        logger.warning("--plan %s was measured with PYTORCH_CUDA_ALLOC_CONF=%s but this run has %s: the largest "
-                       "micro-batch may differ; run with the plan's setting or plan again", path,
-                       planned or "(unset)", now or "(unset)")
-
-
-def saved_plan(config: Config) -> Plan | None:
-    """The plan of an earlier run in this output dir (for `--resume`), None if there is none.
-
-    Refused when the config's memory settings or batch no longer match it: resuming with another
-    micro-batch or accumulation would change the effective batch mid-run.
-    """
-    path = check_output_dir(config) / PLAN_FILE
-    if not path.is_file():
-        return None
-    try:
-        plan = Plan.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
-        # The checkpoint holds the micro-batch too: resuming stays possible (advising a plain run was a dead end)
-        logger.warning("--resume: %s is unreadable (%s): the batch comes from the checkpoint instead", path,
-                       type(exc).__name__)
-        return None
-    differences = fingerprint_differences(plan.memory_fingerprint, fingerprint(config))
-    for key, wanted in (
-        ("per_device_train_batch_size", config.per_device_train_batch_size),
-        ("gradient_accumulation_steps", config.gradient_accumulation_steps),
-        ("effective_batch_size", config.effective_batch_size),
-        ("memory_budget_bytes", config.memory_budget_bytes),
-        ("device", config.device),
-    ):
-        if wanted not in (None, "auto", getattr(plan, key)):
-            differences.append(f"{key}: {getattr(plan, key)!r} -> {wanted!r}")
-    if differences:
-        raise ConfigError(
-            f"--resume: {path} was planned for other settings ({'; '.join(differences)}): "
-            "resume with the settings it was made for, or train into a new --output-dir"
-        )
-    note = f"reused {path} to resume: no probing"
-    plan.notes = [*plan.notes, *([] if note in plan.notes else [note])]  # a second resume: said once
-    return plan
-
-
 def _run_backend(config: Config, plan: Plan):
     """The backend the run trains on: the flags, else the plan's device and budget (a reused plan's too).
 
@@ -651,7 +440,7 @@ def run(
     if overwrite and not resume and ranks.is_main():
         _remove_earlier_checkpoints(output_dir)
     if ranks.is_main():
-        write_atomic(Path(output_dir, PLAN_FILE), json.dumps(plan.to_dict(), indent=2))
+        write_run_plan(output_dir, plan)
     logger.info("plan: %s", json.dumps({k: v for k, v in plan.to_dict().items() if k not in ("trials", "options")}))
     started = time.perf_counter()
     with backend.measure() as measured:

@@ -22,10 +22,11 @@ import time
 from collections.abc import Callable
 
 from autobatch import launch, ranks, sharding
-from autobatch.config import Config, format_bytes, modern_names
+from autobatch.config import Config, modern_names
 from autobatch.errors import ConfigError, WorkerError
 from autobatch.memory import MemoryBackend, is_oom
 from autobatch.planner import Trial, steady_seconds
+from autobatch.units import format_bytes
 from autobatch.workload import build_trainer, load_train_dataset, sft_config
 
 logger = logging.getLogger(__name__)

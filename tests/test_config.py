@@ -18,14 +18,12 @@ from autobatch.config import (
     SCRIPT_ARGUMENTS_KEYS,
     Config,
     build_config,
-    format_bytes,
-    parse_bytes,
     parse_value,
-    plan_yaml_text,
     validate_config,
-    write_plan_yaml,
 )
 from autobatch.errors import AutobatchError, ConfigError
+from autobatch.planfile import plan_yaml_text, write_plan_yaml
+from autobatch.units import format_bytes, parse_bytes
 
 SHIPPED_CONFIGS = sorted((ROOT / "configs").glob("**/*.yaml"))
 

@@ -5,9 +5,10 @@ import yaml
 from helpers import plan_json
 
 from autobatch.cli import main
-from autobatch.config import build_config, plan_yaml_text
+from autobatch.config import build_config
 from autobatch.errors import ConfigError
 from autobatch.memory import CpuBackend, make_backend
+from autobatch.planfile import plan_yaml_text
 from autobatch.planner import Plan
 from autobatch.trial import Prober
 
@@ -78,8 +79,7 @@ def test_estimate_with_lora_in_bf16_on_a_7b_llama_config(tmp_path, capsys):
 
 
 def test_plan_yaml_with_its_precision_is_reusable_by_run_plan(tmp_path):
-    from autobatch.config import read_plan_meta, write_plan_yaml
-    from autobatch.train import load_plan
+    from autobatch.planfile import load_plan, read_plan_meta, write_plan_yaml
 
     model = tmp_path / "model"  # a model directory is checked for its config.json when a config loads
     model.mkdir()

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from autobatch import launch, train, trial
+from autobatch import launch, planfile, trial
 from autobatch.cli import main
-from autobatch.config import build_config, plan_yaml_text, read_plan_meta
+from autobatch.config import build_config
 from autobatch.errors import WorkerError
 from autobatch.memory import CpuBackend
+from autobatch.planfile import plan_yaml_text, read_plan_meta
 from autobatch.planner import Plan, Trial
 from autobatch.probe import make_plan, trial_process
 from autobatch.trial import Prober
@@ -163,7 +164,7 @@ def test_run_plan_warns_when_the_allocator_setting_differs(planned, now, warned,
     else:
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", now)
     with caplog.at_level(logging.WARNING, logger="autobatch"):
-        plan = train.load_plan(str(path), build_config(str(path)))  # as `run --plan` reads it
+        plan = planfile.load_plan(str(path), build_config(str(path)))  # as `run --plan` reads it
     lines = [r.getMessage() for r in caplog.records if "PYTORCH_CUDA_ALLOC_CONF" in r.getMessage()]
     assert len(lines) == int(warned) and plan.pytorch_cuda_alloc_conf == planned
     if warned:

@@ -110,19 +110,19 @@ def test_resume_with_only_a_cut_checkpoint_is_refused(tmp_path):
 
 
 def test_resume_without_plan_json_takes_the_batch_from_the_checkpoint(tmp_path):
-    from autobatch import train
+    from autobatch import planfile
 
     out = tmp_path / "out"
     path = checkpoint(out, 4, train_batch_size=4)
-    plan = train.resume_plan(build_config(overrides={"output_dir": str(out), "effective_batch_size": 24}))
+    plan = planfile.resume_plan(build_config(overrides={"output_dir": str(out), "effective_batch_size": 24}))
     assert (plan.per_device_train_batch_size, plan.gradient_accumulation_steps, plan.effective_batch_size) == (4, 6, 24)
     assert plan.trials == [] and "trainer_state.json" in plan.notes[0]
     with pytest.raises(ConfigError, match="--effective-batch-size"):  # the accumulation is not in the checkpoint
-        train.plan_from_checkpoint(build_config(overrides={"output_dir": str(out), "effective_batch_size": None}),
-                                   path)
+        planfile.plan_from_checkpoint(build_config(overrides={"output_dir": str(out), "effective_batch_size": None}),
+                                      path)
     with pytest.raises(ConfigError, match="gives micro-batch 4"):  # a different micro-batch would move the data
-        train.plan_from_checkpoint(build_config(overrides={"output_dir": str(out), "effective_batch_size": 24,
-                                                           "per_device_train_batch_size": 8}), path)
+        planfile.plan_from_checkpoint(build_config(overrides={"output_dir": str(out), "effective_batch_size": 24,
+                                                              "per_device_train_batch_size": 8}), path)
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,9 @@ import yaml
 from helpers import ROOT, MiB
 
 from autobatch import cli
-from autobatch.config import Config, build_config, plan_yaml_text, write_plan_yaml
+from autobatch.config import Config, build_config
 from autobatch.errors import ConfigError
+from autobatch.planfile import hidden_keys, plan_yaml_text, write_plan_yaml
 from autobatch.planner import Option, Plan, Trial
 
 BAR = r"\d+/2 \[\d\d:\d\d"  # tqdm's "2/2 [00:03<00:00, ...]": the Trainer's training bar
@@ -153,9 +154,26 @@ def test_plan_yaml_keeps_autobatch_only_keys_out_of_trls_way(tiny_dataset_file, 
 
     parser = trl.TrlParser((trl.ScriptArguments, trl.SFTConfig, trl.ModelConfig, DatasetMixtureConfig))
     parser.parse_args_and_config(args=["--config", str(path)], fail_with_unknown_args=True)
-    again = build_config(path)  # autobatch reads back what trl sft cannot hold
+    again = build_config(path, hidden=hidden_keys(path))  # autobatch reads back what trl sft cannot hold
     assert again.training_args["formatting_func"] == "my_formats:to_text"
     assert again.dataset_name == str(tiny_dataset_file) and again.dataset_train_split == "train"
+
+
+def test_cli_and_load_read_a_plan_yamls_autobatch_only_keys_back(tmp_path):
+    """build_config takes them as `hidden` (config never imports planfile): every reader of a --config passes them."""
+    import autobatch
+
+    model = tmp_path / "model"  # a local directory: the CLI checks offline that the model can load
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    config = build_config(overrides={"model_name_or_path": str(model), "formatting_func": "my_formats:to_text"})
+    path = write_plan_yaml(tmp_path / "plan.yaml", plan_yaml_text(config, small_plan()))
+    args, extras = cli._make_parser().parse_known_args(["run", "--config", str(path)])
+    assert cli._config_from_args(args, extras).training_args["formatting_func"] == "my_formats:to_text"
+    assert autobatch.load(path).training_args["formatting_func"] == "my_formats:to_text"
+    ordinary = tmp_path / "c.yaml"
+    ordinary.write_text("max_length: 64\n")
+    assert hidden_keys(ordinary) == {} and hidden_keys(None) == {}
 
 
 def test_plan_yaml_for_an_estimate_keeps_the_users_precision():
