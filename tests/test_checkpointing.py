@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from autobatch import api
-from autobatch.cli import format_plan
 from autobatch.config import build_config, plan_yaml_text
 from autobatch.memory import CpuBackend
 from autobatch.probe import Prober, make_plan
+from autobatch.report import format_plan
 from tests.test_step_time import install_planted, tiny_config
 
 SPEED = {True: 1.0, False: 0.6}  # planted seconds per micro-batch with / without checkpointing
