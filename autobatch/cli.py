@@ -24,13 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autobatch import __version__
+from autobatch import __version__, report
 from autobatch.config import (
     BUILTIN_CONFIG,
     Config,
     build_config,
     check_model_available,
-    eval_strategy,
     parse_value,
     read_yaml,
 )
@@ -231,56 +230,7 @@ def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
 
 def _print_setup(config: Config, command: str) -> None:
     """The derived numbers, before any work starts (nanoGPT style)."""
-    args = config.training_args
-    effective = config.effective_batch_size
-    if config.dataset_name:
-        dataset = config.dataset_name
-    elif config.model_name_or_path is None:
-        dataset = "built-in text sample"
-    else:
-        dataset = "none: a synthetic sequence of max_length tokens is measured"
-    rows = [
-        ("model", config.model_name_or_path or "built-in tiny causal LM"),
-        ("dataset", dataset),
-        ("device", config.device or "auto (cuda if available, else cpu)"),
-        ("memory budget", "auto (free GPU memory / available RAM)" if config.memory_budget_bytes is None
-         else f"{format_bytes(config.memory_budget_bytes)} ({config.memory_budget_bytes} bytes)"),
-        ("headroom", "device default" if config.headroom is None else f"{config.headroom:g}"),
-        ("max_length", args.get("max_length", "SFTConfig default (1024)")),
-        ("effective batch", "largest micro-batch that fits" if effective is None
-         else f"{effective} = micro-batch × accumulation × {config.world_size} process(es)"),
-        ("micro-batch", "search up to " + str(config.max_micro_batch_size)
-         if config.per_device_train_batch_size == "auto" else f"check {config.per_device_train_batch_size}"),
-        ("accumulation", config.gradient_accumulation_steps),
-        ("world size", config.world_size),
-    ]
-    if config.lora is not None:
-        rows.append(("lora", ", ".join(f"{k}={v}" for k, v in config.lora.items())))
-    rows += _memory_rows(config)
-    for key in ("packing", "optim"):
-        if key in args:
-            rows.append((key, args[key]))
-    _err(f"autobatch {command}:")
-    for label, value in rows:
-        _err(f"  {label:<22} {value}")
-
-
-def _memory_rows(config: Config) -> list[tuple[str, Any]]:
-    """The settings that change memory, TRL's defaults named as such: what the trials will measure."""
-    args = config.training_args
-    checkpointing = args.get("activation_checkpointing", args.get("gradient_checkpointing"))
-    rows = [
-        ("checkpointing", "true (SFTConfig default)" if checkpointing is None else checkpointing),
-        ("dtype", config.model_args.get("dtype", "float32 (TRL ModelConfig default)")),
-        ("bf16", args.get("bf16", "SFTConfig default: on where supported (off on cpu)")),
-    ]
-    if args.get("fp16"):
-        rows.append(("fp16", True))
-    if config.eval_fraction is not None or config.dataset_test_split is not None:
-        held = (f"{config.eval_fraction:g} of the training data" if config.eval_fraction is not None
-                else f"split {config.dataset_test_split}")
-        rows.append(("evaluation", f"{held}, eval_strategy {eval_strategy(config)}"))
-    return rows
+    _err(report.setup_text(config, command))
 
 
 def _progress_wanted(args: argparse.Namespace) -> bool:
@@ -290,115 +240,17 @@ def _progress_wanted(args: argparse.Namespace) -> bool:
 
 def _start_printer(micro: int, eval_batch: int | None) -> None:
     """`trying micro=512 …` before a trial starts: a large trial can take minutes."""
-    if eval_batch is None:
-        _err(f"trying micro={micro} …")
-    else:
-        _err(f"trying eval batch={eval_batch} beside training at micro={micro} …")
+    _err(report.start_line(micro, eval_batch))
 
 
 def _eval_trial_printer(budget_bytes: int | None) -> Callable[[Trial], None]:
     """One stderr line per evaluation trial: `eval batch=8 fits peak=...`."""
-    return lambda trial: _err(_trial_line(trial, budget_bytes, "eval batch"))
+    return lambda trial: _err(report.trial_line(trial, budget_bytes, "eval batch"))
 
 
 def _trial_printer(budget_bytes: int | None) -> Callable[[Trial], None]:
     """One stderr line per trial: `micro=16 fits peak=31.2GiB (78% of budget) 0.42 s/step`."""
-    return lambda trial: _err(_trial_line(trial, budget_bytes))
-
-
-def _trial_line(trial: Trial, budget_bytes: int | None, label: str = "micro") -> str:
-    status = "fits" if trial.fits else ("OOM" if trial.oom else "does not fit")
-    share = f" ({trial.peak_memory_bytes / budget_bytes:.0%} of budget)" if budget_bytes else ""
-    speed = f" {trial.seconds:.2f} s/step" if trial.fits and label == "micro" else ""
-    fresh = " (fresh process)" if trial.fresh_process else ""
-    return (f"{label}={trial.micro_batch_size} {status} peak={format_bytes(trial.peak_memory_bytes)}{share}{speed}{fresh}"
-            + _rank_peaks(trial.rank_peak_bytes))
-
-
-def _rank_peaks(peaks: list[int] | None) -> str:
-    """` ranks 0..N-1: 10.5MiB, 10.6MiB` for an FSDP group trial (a rank ended before reporting: `?`)."""
-    if not peaks or len(peaks) < 2:
-        return ""
-    return f" ranks 0..{len(peaks) - 1}: " + ", ".join(format_bytes(p) if p >= 0 else "?" for p in peaks)
-
-
-def format_plan(plan: Plan) -> str:
-    """The readable report: chosen row, memory, search cost, alternatives, notes and the flags to use."""
-    micro, accumulation = plan.per_device_train_batch_size, plan.gradient_accumulation_steps
-    budget, usable, peak = plan.memory_budget_bytes, plan.usable_memory_bytes, plan.peak_memory_bytes
-    tried = {t.micro_batch_size: t for t in plan.cached_trials + plan.trials}
-    largest = plan.max_micro_batch_size
-    if plan.capped:
-        limit = f"{largest} (capped by --max-micro-batch-size)"
-    elif plan.stopped_at_need:
-        limit = f"≥ {largest} (not searched past what the plan needs; --find-max searches on)"
-    elif largest + 1 in tried and not tried[largest + 1].fits:
-        limit = f"{largest} ({largest + 1} does not fit)"
-    else:
-        limit = str(largest)
-    ooms = sum(1 for t in plan.trials if t.oom)
-    left = budget - peak
-    lines = [
-        f"micro-batch {micro} × accumulation {accumulation} × world size {plan.world_size} = effective batch "
-        f"{plan.effective_batch_size}" + ("" if plan.fits else f"   (micro-batch {micro} does NOT fit)"),
-        (f"  peak memory      {format_bytes(peak)} of {format_bytes(usable)} usable "
-         f"({_pct(peak, usable)}; budget {format_bytes(budget)}, headroom {plan.headroom:g})"),
-        f"  left at peak     {format_bytes(left)} ({_pct(left, budget)} of budget)",
-        *([f"  peak per rank   {_rank_peaks(plan.rank_peak_bytes).strip()}"] if _rank_peaks(plan.rank_peak_bytes) else []),
-        f"  max micro-batch  {limit}",
-        f"  trials           {len(plan.trials)}" + (f" ({ooms} OOM)" if ooms else "")
-        + (f", {sum(t.fresh_process for t in plan.trials)} in fresh processes" if plan.trial_process == "fresh" else "")
-        + (f" + {len(plan.cached_trials)} from the probe cache" if plan.cached_trials else "")
-        + f", search {plan.search_seconds:.1f} s",
-        f"  device           {plan.device}, max_length {plan.max_length}",
-    ]
-    if plan.checkpointing is not None:
-        lines.append(f"  checkpointing    {_checkpointing_text(plan.checkpointing)}")
-    if plan.assumed:  # what an estimate emulated: the card it plans for
-        a = plan.assumed
-        lines += [f"  assumed device   {a['device']}, {format_bytes(a['memory_bytes'])}",
-                  f"  assumed step     {a['precision']}, optimizer {a['optimizer']}, attention {a['attention']}",
-                  (f"  assumed memory   {a['allocator']['name']}, expandable_segments "
-                   f"{a['allocator']['expandable_segments']}, cuBLAS workspace "
-                   f"{format_bytes(a['cublas_workspace_bytes'])} per handle (reserved bytes, the CUDA context not counted)")]
-    if plan.per_device_eval_batch_size:
-        eval_peak = plan.eval_peak_memory_bytes or 0
-        lines.append(f"  eval batch       {plan.per_device_eval_batch_size} (peak {format_bytes(eval_peak)} with "
-                     f"training state; {len(plan.eval_trials)} trials)")
-    if plan.options:
-        lines += ["", "  micro  accumulation  samples/s  s/micro-batch  s/optimizer-step   timing"]
-        for option in plan.options[:10]:
-            mark = "*" if option.micro_batch_size == micro else " "
-            rate = option.samples_per_s
-            lines.append(
-                f"{mark} {option.micro_batch_size:>5}  {option.gradient_accumulation_steps:>12}  "
-                f"{rate if math.isfinite(rate) else 0:>9.1f}  {option.seconds_per_step:>13.3f}  "
-                f"{option.seconds_per_step * option.gradient_accumulation_steps:>16.3f}   "
-                + ("measured" if option.measured else "interpolated")
-            )
-        if len(plan.options) > 10:
-            lines.append(f"  ... {len(plan.options) - 10} more in --json")
-        if plan.checkpointing and plan.checkpointing.chosen_by == "measured" and not plan.checkpointing.activation_checkpointing:
-            lines.append("  (options timed with checkpointing on, as searched; the plan trains without it)")
-    if plan.notes:
-        lines.append("")
-        lines += [f"note: {note}" for note in plan.notes]
-    use = f"use: --per_device_train_batch_size {micro} --gradient_accumulation_steps {accumulation}"
-    if plan.per_device_eval_batch_size:
-        use += f" --per_device_eval_batch_size {plan.per_device_eval_batch_size}"
-    if plan.fits:  # a micro-batch that does not fit is no advice to follow
-        lines += ["", use]
-    return "\n".join(lines)
-
-
-def _checkpointing_text(choice) -> str:
-    """`off (measured: micro-batch 8 fits without it: 1.19× faster ...)`: the choice and why."""
-    said = "yours, kept" if choice.chosen_by == "user" else f"measured: {choice.reason}"
-    return f"{'on' if choice.activation_checkpointing else 'off'} ({said})"
-
-
-def _pct(part: float, whole: float) -> str:
-    return f"{part / whole:.0%}" if whole else "n/a"
+    return lambda trial: _err(report.trial_line(trial, budget_bytes))
 
 
 def _json_safe(value: Any) -> Any:
@@ -428,7 +280,7 @@ def _progress_callbacks(config: Config, progress: bool) -> dict[str, Any]:
     """The probe's progress hooks: a line before each trial on a terminal, and one after each eval trial."""
     extra: dict[str, Any] = {"on_eval_trial": _eval_trial_printer(config.memory_budget_bytes)}
     if progress:
-        _err(f"loading {config.model_name_or_path or 'the built-in model'} and its data …")
+        _err(report.loading_line(config))
         extra["on_start"] = _start_printer
     return extra
 
@@ -466,7 +318,7 @@ def _cmd_plan(args: argparse.Namespace, extras: list[str]) -> int:
         _print_setup(config, "plan")
     _quiet_third_party(args.verbose)
     plan = _probe(config, _progress_wanted(args))
-    print(_plan_json(plan) if args.json else format_plan(plan), flush=True)
+    print(_plan_json(plan) if args.json else report.format_plan(plan), flush=True)
     _plot_memory(plots, plan)
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
@@ -513,7 +365,7 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
                             on_trial=_trial_printer(config.memory_budget_bytes),
                             **_progress_callbacks(config, _progress_wanted(args)))
     if not args.json:
-        print(format_plan(plan), flush=True)
+        print(report.format_plan(plan), flush=True)
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
     _show_training_progress(config, _progress_wanted(args))
@@ -534,17 +386,12 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
 
         _err(f"wrote {plot_noise_scale(noise, plots)}")
     if args.json:
-        report = {"plan": plan.to_dict(), "run": result.to_dict()}
+        out = {"plan": plan.to_dict(), "run": result.to_dict()}
         if args.gns:
-            report["gradient_noise_scale"] = noise
-        print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
+            out["gradient_noise_scale"] = noise
+        print(json.dumps(_json_safe(out), allow_nan=False), flush=True)
     else:
-        from autobatch import train
-
-        lines = train.summary_lines(result)
-        if noise is not None:
-            lines.insert(-1, "gradient noise scale: " + gns_text(noise))
-        print("\n".join(lines), flush=True)
+        print(report.run_text(result, noise), flush=True)
     return 0
 
 
@@ -577,7 +424,7 @@ def _show_training_progress(config: Config, progress: bool) -> None:
     """
     config.training_args.setdefault("disable_tqdm", not progress)
     if progress:
-        _err(f"loading {config.model_name_or_path or 'the built-in model'} and its data for training …")
+        _err(report.loading_line(config, training=True))
 
 
 def _gns_callbacks(wanted: bool, every: int | None, config: Config, plan: Plan) -> list:
@@ -587,8 +434,7 @@ def _gns_callbacks(wanted: bool, every: int | None, config: Config, plan: Plan) 
     from autobatch.gns import gns_callback
 
     if plan.gradient_accumulation_steps == 1 and config.world_size == 1:
-        _err("note: --gns with accumulation 1: no small/big gradient pair on one device, nothing to measure "
-             "(set --effective-batch-size to twice the micro-batch or more)")
+        _err(report.gns_accumulation_note())
     return [gns_callback(every)]
 
 
@@ -598,12 +444,9 @@ def _gns_report(callbacks: list, output_dir: str) -> dict | None:
         return None
     from autobatch.gns import write_report
 
-    report = callbacks[0].report()
-    path = write_report(output_dir, report)
-    overhead = report.get("overhead")
-    measured = f", {report.get('measured_steps')} of {report.get('optimizer_steps')} steps measured"
-    _err(f"wrote {path}" + (f" (gns overhead {overhead:.1%} of step time{measured})" if overhead is not None else ""))
-    return report
+    noise = callbacks[0].report()
+    _err(report.gns_written_line(write_report(output_dir, noise), noise))
+    return noise
 
 
 def _add_sweep_flags(sweep: argparse.ArgumentParser) -> None:
@@ -660,7 +503,8 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     if study is not None:
         sweep.check_validation_budget(study, args.validate_tokens)  # before the probe
     if args.validate_tokens:
-        _err(_validation_budget(config, sizes, len(multipliers), args.validate_tokens, args.max_trials))
+        _err(report.validation_budget_text(_validation_rungs(config, sizes), len(multipliers), args.validate_tokens,
+                                           args.max_trials))
     with contextlib.redirect_stdout(sys.stderr):
         ladder = plan_ladder(config, sizes, on_trial=_trial_printer(config.memory_budget_bytes))
     if study is None:
@@ -678,7 +522,7 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     chosen = next(r for r in rungs if r.effective_batch_size == recommended)
     study_info = {"storage": storage, "name": args.study_name}
     if args.json:
-        report = {
+        out = {
             "plans": [{**r.plan.to_dict(), "prediction": r.prediction()} for r in rungs],
             "trials": [t.to_dict() for t in ladder.trials],
             "cached_trials": [t.to_dict() for t in ladder.cached_trials],
@@ -689,10 +533,10 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
             "notes": notes,
             "study": study_info,
         }
-        print(json.dumps(_json_safe(report), allow_nan=False), flush=True)
+        print(json.dumps(_json_safe(out), allow_nan=False), flush=True)
     else:
-        print(format_sweep(rungs, ladder, gns_report, recommended, reason, notes, results), flush=True)
-        _err(f"study {args.study_name!r} in {storage} (open it with optuna.load_study or optuna-dashboard)")
+        print(report.format_sweep(rungs, ladder, gns_report, recommended, reason, notes, results), flush=True)
+        _err(report.study_line(args.study_name, storage))
     if plots is not None:
         _plot_sweep(plots, study, rungs, chosen, gns_report, results)
     if args.output:
@@ -707,18 +551,14 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
     return 0
 
 
-def _validation_budget(config: Config, sizes: list[int] | None, rates: int, tokens: int,
-                       max_trials: int | None) -> str:
-    """What --validate-tokens will cost, said before the probe: runs × tokens (seconds follow the probe)."""
+def _validation_rungs(config: Config, sizes: list[int] | None) -> str:
+    """How many rungs --validate-tokens will train, known before the probe ("5–6" when the target may add one)."""
     from autobatch.probe import ladder_rungs
 
     if sizes:
-        rungs = str(len(ladder_rungs(sizes, 1, config.world_size, config.effective_batch_size)))
-    else:  # m·W·2^k for k = 0..4, and the target when it is not one of them
-        rungs = "5" if config.effective_batch_size is None else "5–6"
-    runs = f"{rungs} rungs × {rates} rate(s)" + (f", at most {max_trials} this time" if max_trials else "")
-    return (f"validation: {runs}, each about {tokens} tokens of training plus an evaluation; "
-            "the probe comes first, then the predicted seconds")
+        return str(len(ladder_rungs(sizes, 1, config.world_size, config.effective_batch_size)))
+    # m·W·2^k for k = 0..4, and the target when it is not one of them
+    return "5" if config.effective_batch_size is None else "5–6"
 
 
 def _validate(config: Config, args: argparse.Namespace, study, points: list, ladder, gns_report: dict | None,
@@ -734,24 +574,20 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
                       if p.rung.effective_batch_size * ladder.tokens_per_example > tokens})
     points = [p for p in points if p.rung.effective_batch_size not in too_big]
     if too_big:
-        _err(f"validation: not run at B = {', '.join(map(str, too_big))}: one optimizer step there is more than "
-             f"--validate-tokens {tokens} (about {ladder.tokens_per_example:.0f} tokens per example), so they "
-             "could not be compared at equal tokens; raise --validate-tokens to include them")
+        _err(report.too_big_text(too_big, tokens, ladder.tokens_per_example))
     if not points:
         raise ConfigError(f"--validate-tokens {tokens} is less than one optimizer step at every rung: raise it")
     examples = _validation_examples(tokens, sorted({p.rung.effective_batch_size for p in points}),
                                     ladder.tokens_per_example)
     estimate = sum(sweep.validation_steps(examples, p.rung) * p.rung.seconds_per_optimizer_step for p in points)
-    _err(f"validation: {len(points)} runs, predicted {estimate:.0f} s of training "
-         "(at the worst-case length; shorter examples train faster)")
+    _err(report.validation_cost_text(len(points), estimate))
 
     def validate(point, trial):
         name = f"B{point.rung.effective_batch_size}-lr{point.learning_rate:.3g}-trial{trial.number}"
         out = str(Path(output_dir) / "validate" / name)
         with contextlib.redirect_stdout(sys.stderr):
             loss, attrs = sweep.validate_point(config, point, examples, device, out)
-        _err(f"validated B={point.rung.effective_batch_size} lr={point.learning_rate:.3g}: eval loss {loss:.4f} "
-             f"after {attrs['tokens_seen']} tokens, {attrs['wall_seconds']:.1f} s")
+        _err(report.validated_line(point.rung.effective_batch_size, point.learning_rate, loss, attrs))
         return loss, attrs
 
     sweep.check_validation_budget(study, tokens, examples)
@@ -763,7 +599,7 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
         [t.user_attrs["gradient_noise_scale"] for t in done if t.user_attrs.get("gradient_noise_scale")])
     if not done:
         raise AutobatchError("no validation trial finished: raise --timeout or --max-trials, then --resume")
-    seen = f"the same {examples} examples" if isinstance(examples, int) else f"about {tokens} tokens"
+    seen = report.seen_text(examples, tokens)
     results = [sweep.EvalResult(t.params["effective_batch_size"], t.params["learning_rate"], t.user_attrs["eval_losses"],
                                 t.user_attrs.get("lr_multiplier", 1.0)) for t in done if t.user_attrs.get("eval_losses")]
     if results and len(results) == len(done):
@@ -772,10 +608,8 @@ def _validate(config: Config, args: argparse.Namespace, study, points: list, lad
         reason, notes = sweep.verdict_text(verdict, ladder.tokens_per_example, seen)
         return verdict.recommended, reason, noise, notes, results
     best = min(done, key=lambda t: t.value)  # a study from before per-example losses were stored
-    reason = (f"lowest eval loss after {seen} (measured: {best.value:.4f} at learning rate "
-              f"{best.params['learning_rate']:.3g})")
-    return best.params["effective_batch_size"], reason, noise, [
-        "no per-example eval losses in the study, so no error bars: this difference may be noise"], []
+    reason = report.lowest_loss_reason(seen, best.value, best.params["learning_rate"])
+    return best.params["effective_batch_size"], reason, noise, [report.NO_ERROR_BARS_NOTE], []
 
 
 def _validation_examples(tokens: int, sizes: list[int], tokens_per_example: float) -> float:
@@ -785,14 +619,10 @@ def _validation_examples(tokens: int, sizes: list[int], tokens_per_example: floa
 
     examples = common_examples(tokens, sizes, tokens_per_example)
     if examples is not None:
-        _err(f"validation: every run trains on the same {examples} examples in the same order (about "
-             f"{examples * tokens_per_example:.0f} tokens, a multiple of every B), so eval losses compare at equal tokens")
+        _err(report.same_examples_text(examples, tokens_per_example))
         return examples
     examples = tokens / tokens_per_example
-    seen = [max(1, round(examples / size)) * size for size in sizes]
-    _err(f"validation: no multiple of every B ({', '.join(map(str, sizes))}) is near {examples:.0f} examples, so each "
-         f"run trains whole steps on {min(seen)} to {max(seen)} examples: the rung that sees more is favoured; "
-         "--effective-batch-sizes with a smaller common multiple compares at equal tokens")
+    _err(report.unequal_examples_text(examples, sizes))
     return examples
 
 
@@ -805,7 +635,7 @@ def _plot_sweep(directory, study, rungs: list, chosen, gns_report: dict | None, 
 
     _plot_memory(directory, chosen.plan)
     if gns_report and not any(r.time_to_target_s is not None for r in rungs):
-        _err("time_to_target.png not drawn: no usable noise scale to predict time to a loss from (see the notes)")
+        _err(report.time_to_target_skipped_line())
     else:
         _err(f"wrote {plots.plot_time_to_target(rungs, chosen.effective_batch_size, directory)}")
     if results:
@@ -821,12 +651,12 @@ def _plot_sweep(directory, study, rungs: list, chosen, gns_report: dict | None, 
 
 def _read_gns_file(path: str) -> dict:
     try:
-        report = json.loads(Path(path).read_text())
+        noise = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--gns-file {path}: cannot read it ({exc}); write one with autobatch run --gns") from None
-    if not isinstance(report, dict) or "low" not in report or "b_simple" not in report:
+    if not isinstance(noise, dict) or "low" not in noise or "b_simple" not in noise:
         raise ConfigError(f"--gns-file {path}: not a gns.json written by autobatch run --gns")
-    return report
+    return noise
 
 
 def _verdict(config: Config, plans: list, examples: int, rule: str | None, gns_report: dict | None):
@@ -846,9 +676,8 @@ def _verdict(config: Config, plans: list, examples: int, rule: str | None, gns_r
     recommended, reason = sweep.recommend(rungs, b_noise, lora=config.lora is not None)
     notes += sweep.notes(rungs, config.lora is not None)
     if gns_report and not gns_report.get("resolved"):
-        notes.append(f"gradient noise scale unresolved (B_noise > {gns_report.get('low') or 0:.0f}): no verdict on loss")
-    notes.append(f"learning rate: {rule} scaling from {base_lr:g} at effective batch {base_batch}"
-                 + (f", not raised past B_noise {b_noise:.0f}" if b_noise else ""))
+        notes.append(report.unresolved_gns_note(gns_report))
+    notes.append(report.lr_note(rule, base_lr, base_batch, b_noise))
     return rungs, recommended, reason, notes
 
 
@@ -859,62 +688,11 @@ def _usable_noise_scale(gns_report: dict | None, rungs: list, notes: list[str]) 
     b_noise = gns_report.get("b_simple") if gns_report and gns_report.get("resolved") else None
     sizes = [r.effective_batch_size for r in rungs]
     if sweep.noise_scale_below_rungs(b_noise, sizes):
-        note = (f"B_noise {b_noise:.3g} is below the smallest rung ({min(sizes)}): every rung is past the noise scale, "
-                "so no efficiency or time-to-target is predicted (they would be numbers with nothing behind them)")
+        note = report.noise_below_rungs_note(b_noise, min(sizes))
         if note not in notes:
             notes.append(note)
         return None
     return b_noise
-
-
-def format_sweep(rungs: list, ladder, gns_report: dict | None, recommended: int, reason: str,
-                 notes: list[str], results: list = ()) -> str:
-    """The sweep table: measured cost per rung, then the model's predictions when B_noise is known."""
-    predicted = any(r.sample_efficiency is not None for r in rungs)
-    head = (f"  {'B':>5}  {'micro×acc×W':>12}  {'peak':>9}  {'tokens/s':>9}  {'s/step':>7}  {'epoch s':>8}  "
-            f"{'lr':>9}")
-    if predicted:
-        head += f"  {'efficiency':>10}  {'steps×':>6}  {'time×S_min':>10}"
-    cached = f" + {len(ladder.cached_trials)} from the probe cache" if ladder.cached_trials else ""
-    lines = [f"{len(ladder.trials)} trials{cached}, one probe; every plan exact (micro × accumulation × world = B)",
-             "", head]
-    for rung in rungs:
-        plan = rung.plan
-        mark = "*" if rung.effective_batch_size == recommended else " "
-        split = f"{plan.per_device_train_batch_size}×{plan.gradient_accumulation_steps}×{plan.world_size}"
-        row = (f"{mark} {rung.effective_batch_size:>5}  {split:>12}  {format_bytes(plan.peak_memory_bytes):>9}  "
-               f"{rung.tokens_per_s:>9.0f}  {rung.seconds_per_optimizer_step:>7.3f}  {rung.epoch_seconds:>8.1f}  "
-               f"{rung.learning_rate:>9.3g}")
-        if predicted:
-            row += (f"  {rung.sample_efficiency:>10.0%}  {rung.relative_steps:>6.2f}  "
-                    f"{rung.time_to_target_s:>10.3f}")
-        lines.append(row)
-    lines += ["", "measured: peak, tokens/s, s/step (per optimizer step), epoch s (at the worst-case length)"]
-    if predicted:
-        lines.append("predicted (McCandlish et al. 2018, not measured): efficiency 1/(1 + B/B_noise), steps× = "
-                     "steps to the same loss / S_min, time×S_min = steps× · s/step")
-    if gns_report:
-        lines.append("gradient noise scale: " + gns_text(gns_report))
-    if results:
-        lines += ["", f"  {'B':>5}  {'lr':>9}  {'eval loss':>9}  {'± s.e.':>7}  {'examples':>8}   (validation, measured)"]
-        for r in sorted(results, key=lambda r: (r.effective_batch_size, r.learning_rate)):
-            lines.append(f"  {r.effective_batch_size:>5}  {r.learning_rate:>9.3g}  {r.mean:>9.4f}  {r.sem:>7.4f}  "
-                         f"{len(r.losses):>8}")
-    lines += ["", f"recommended effective batch {recommended}: {reason}"]
-    lines += [f"note: {note}" for note in notes]
-    return "\n".join(lines)
-
-
-def gns_text(report: dict) -> str:
-    """`B_noise 41 sequences (90% interval 30–60), 612 loss tokens, 48 steps` or `B_noise > 30 ...`."""
-    steps = f"{report.get('steps', 0)} steps"
-    if report.get("reason"):
-        return f"not measured: {report['reason']}"
-    if not report.get("resolved"):
-        return f"B_noise > {report.get('low') or 0:.3g} {report.get('unit', 'sequences')} (interval open-ended), {steps}"
-    tokens = f", {report['b_simple_tokens']:.0f} loss tokens" if report.get("b_simple_tokens") else ""
-    return (f"B_noise {report['b_simple']:.3g} {report.get('unit', 'sequences')} (90% interval "
-            f"{report['low']:.3g}–{report['high']:.3g}){tokens}, {steps}")
 
 
 def _cmd_cache(args: argparse.Namespace, extras: list[str]) -> int:
@@ -932,7 +710,7 @@ def _cmd_cache(args: argparse.Namespace, extras: list[str]) -> int:
     try:
         if args.action == "clear":
             count = cache.clear(path)
-            print(f"cleared {count} trial(s) from {path}", flush=True)
+            print(report.cleared_line(count, path), flush=True)
             return 0
         entries = cache.list_entries(path)
     except cache.NotACache as exc:
@@ -944,22 +722,8 @@ def _cmd_cache(args: argparse.Namespace, extras: list[str]) -> int:
     if args.json:
         print(json.dumps({"path": str(path), "entries": [vars(e) for e in entries]}, default=str), flush=True)
         return 0
-    print(f"{path}: {len(entries)} workload(s)", flush=True)
-    for entry in entries:
-        print("  " + _describe_entry(entry), flush=True)
+    print(report.cache_listing(path, entries), flush=True)
     return 0
-
-
-def _describe_entry(entry) -> str:
-    """`abc123  model  max_length 512 (examples 512)  estimate  world 1  5 trials  2026-11-26 12:00`."""
-    import time
-
-    description = entry.description
-    config, args = description.get("config", {}), description.get("training_args", {})
-    used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
-    return (f"{entry.fingerprint[:12]}  {config.get('model_name_or_path')}  max_length {args.get('max_length')} "
-            f"(longest example {description.get('example_length')})  {description.get('device', {}).get('device')}"
-            f"  world {description.get('world_size')}  {entry.trials} trial(s)  {used}")
 
 
 def _err(text: str, every_rank: bool = False) -> None:

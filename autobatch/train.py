@@ -47,7 +47,6 @@ from autobatch.rundir import (  # noqa: F401 - check_can_run and check_output_di
     complete_checkpoints,
     resume_checkpoint,
 )
-from autobatch.units import format_bytes
 from autobatch.workload import build_trainer, load_train_dataset, sft_config
 
 logger = logging.getLogger(__name__)
@@ -501,31 +500,3 @@ def _stopped(stop: SignalStop, trainer, output_dir: str) -> Interrupted:
     where = f"complete checkpoint {newest[0]}" if newest else "no checkpoint (none could be saved)"
     return Interrupted(f"stopped by {stop.signal_name} at step {step} of {total}: {where}", stop.signum,
                        checkpoint=str(newest[0]) if newest else None)
-
-
-def summary_lines(result: RunResult) -> list[str]:
-    """The closing summary the CLI prints."""
-    trained = result.global_step - result.resumed_from_step
-    resumed = f" (resumed at step {result.resumed_from_step}, now at {result.global_step})" if result.resumed_from_step else ""
-    lines = [
-        (f"trained {trained} steps{resumed}, micro-batch {result.per_device_train_batch_size} × accumulation "
-         f"{result.gradient_accumulation_steps} = effective {result.effective_batch_size}"),
-        (f"peak memory {format_bytes(result.peak_memory_bytes)} (probe predicted "
-         f"{format_bytes(result.predicted_peak_memory_bytes)}; budget {format_bytes(result.memory_budget_bytes)}, "
-         f"{result.device})"),
-    ]
-    if result.samples_per_s:
-        # Trainer's training_loss is the mean over the steps this invocation trained, not the last loss
-        losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
-        last = f", last logged loss {losses[-1]:.4f}" if losses else ""
-        lines.append(f"{result.samples_per_s:.1f} samples/s, mean train loss {result.train_loss:.4f} over "
-                     f"{trained} steps{last}")
-    for event in result.fallbacks:
-        lines.append(
-            f"OOM survived at step {event.global_step}: continued with micro-batch {event.per_device_train_batch_size}"
-            f" × accumulation {event.gradient_accumulation_steps}"
-        )
-    if result.eval_fallbacks:
-        lines.append(f"OOM in evaluation survived: eval batch lowered to {result.eval_fallbacks[-1]}")
-    lines.append(f"model saved to {result.output_dir}")
-    return lines

@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 from autobatch import api
-from autobatch.cli import format_plan
 from autobatch.config import build_config
 from autobatch.memory import CpuBackend
 from autobatch.planfile import plan_yaml_text
 from autobatch.probe import make_plan
+from autobatch.report import format_plan
 from autobatch.trial import Prober
 from tests.test_step_time import install_planted, tiny_config
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers import TrainerCallback
 
-from autobatch import planner, train
+from autobatch import planner, report, train
 from autobatch.cli import main
 from autobatch.config import build_config
 from autobatch.errors import AutobatchError
@@ -222,7 +222,7 @@ def test_oom_mid_run_halves_the_micro_batch_and_keeps_the_step(
     assert event.per_device_train_batch_size * event.gradient_accumulation_steps == EFFECTIVE
     # the peak was reached at micro-batch 4 before the budget dropped: exactly the probe's figure for it
     assert result.peak_memory_bytes == measured[MICRO]
-    assert any("OOM survived at step 2" in line for line in train.summary_lines(result))
+    assert any("OOM survived at step 2" in line for line in report.summary_lines(result))
     trainer_state = state(out)
     steps = [entry["step"] for entry in trainer_state["log_history"]]
     assert steps == sorted(steps), "global step never goes back"

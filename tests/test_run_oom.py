@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers import Trainer, TrainerCallback
 from trl import SFTTrainer
 
-from autobatch import train
+from autobatch import report, train
 from autobatch.config import build_config
 from autobatch.errors import AutobatchError
 from autobatch.memory import LiveBytesMode
@@ -132,7 +132,7 @@ def test_oom_in_evaluation_halves_the_eval_batch_and_the_run_finishes(llama, tin
     assert sizes[:2] == [8, 4] and set(sizes[2:]) == {2}, "8 and 4 failed once each; 2 from then on"
     assert result.global_step == MAX_STEPS
     assert [e["step"] for e in state(out)["log_history"] if "eval_loss" in e] == [2, 4]
-    assert "OOM in evaluation survived: eval batch lowered to 2" in train.summary_lines(result)
+    assert "OOM in evaluation survived: eval batch lowered to 2" in report.summary_lines(result)
 
 
 def test_oom_while_saving_names_the_incomplete_checkpoint(llama, tiny_dataset_file, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from helpers import ROOT, MiB
 
-from autobatch import cli
+from autobatch import cli, report
 from autobatch.config import Config, build_config
 from autobatch.errors import ConfigError
 from autobatch.planfile import hidden_keys, plan_yaml_text, write_plan_yaml
@@ -333,15 +333,16 @@ def test_unreachable_hub_is_one_line_naming_hf_hub_offline(tiny_model_dir, monke
 # -------------------------------------------------------------------------------------------- words
 
 def test_a_plan_that_does_not_fit_has_no_use_line_and_columns_say_their_unit():
-    unfit = cli.format_plan(small_plan(fits=False))
+    unfit = report.format_plan(small_plan(fits=False))
     assert "does NOT fit" in unfit and "use:" not in unfit
-    fits = cli.format_plan(small_plan(options=[Option(2, 3, 0.5, True)], gradient_accumulation_steps=3))
+    fits = report.format_plan(small_plan(options=[Option(2, 3, 0.5, True)], gradient_accumulation_steps=3))
     assert "s/micro-batch  s/optimizer-step" in fits
     assert "0.500             1.500" in fits  # 3 micro-batches of 0.5 s per optimizer step
 
 
 def test_summary_says_mean_loss_and_the_steps_this_invocation_trained():
-    from autobatch.train import RunResult, summary_lines
+    from autobatch.report import summary_lines
+    from autobatch.train import RunResult
 
     result = RunResult(output_dir="out", global_step=4, train_loss=1.75, samples_per_s=10.0, peak_memory_bytes=1,
                        predicted_peak_memory_bytes=1, memory_budget_bytes=2, device="cpu",
