@@ -253,7 +253,13 @@ def make_plan(
     `on_start(micro, eval_batch)` is called before every trial run (eval_batch None for a training trial),
     `on_trial` after each training trial, `on_eval_trial` after each evaluation trial: progress for the CLI.
     With `trainer`, the trials run on that trainer (`Prober.for_trainer`) instead of one built from `config`.
+    The process environment is left as found (`sharding.environment_kept`).
     """
+    with sharding.environment_kept():
+        return _make_plan(config, on_trial, on_start, on_eval_trial, trainer)
+
+
+def _make_plan(config: Config, on_trial, on_start, on_eval_trial, trainer) -> Plan:
     started = time.perf_counter()
     per_device = None
     if config.effective_batch_size is not None:
@@ -288,7 +294,9 @@ def make_plan(
                     raise _budget_error(session.trials[-1], session.usable, config)
             plan = _choose(config, session.prober, per_device, max_micro, session.trials, session.probe)
         run_trial = session.run_trial
-        if plan.fits and trainer is None:  # a caller's trainer keeps its own args
+        # a caller's trainer keeps its own args; FSDP trial groups train the config's setting (their ranks are
+        # launched from the config, with no trainer here to switch)
+        if plan.fits and trainer is None and not isinstance(session.prober, GroupProber):
             plan.checkpointing, run_trial = _choose_checkpointing(session, config, plan, closing)
         if plan.fits and evaluates(config):
             plan.per_device_eval_batch_size, plan.eval_trials = _plan_eval(

@@ -52,6 +52,24 @@ def check_shardable(training_args: dict[str, Any]) -> None:
             )
 
 
+#: What TrainingArguments writes into os.environ when it is given `fsdp` (transformers training_args.py sets
+#: ACCELERATE_USE_FSDP and FSDP_* for accelerate to read): left behind, the next plan in the same process would
+#: take any config for an FSDP one (`fsdp_requested` reads the launcher's ACCELERATE_USE_FSDP).
+ENVIRONMENT_PREFIXES = ("ACCELERATE_", "FSDP_")
+
+
+@contextlib.contextmanager
+def environment_kept() -> Iterator[None]:
+    """Inside, trainers may write accelerate's variables; on exit os.environ holds exactly what it held before."""
+    before = {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT_PREFIXES)}
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k.startswith(ENVIRONMENT_PREFIXES) and k not in before]:
+            del os.environ[key]
+        os.environ.update(before)
+
+
 @contextlib.contextmanager
 def fsdp_on_cpu() -> Iterator[None]:
     """While inside, accelerate keeps an FSDP plugin on cpu ranks (`MULTI_CPU` becomes `FSDP`).

@@ -47,6 +47,16 @@ def _fresh_probe_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _accelerate_environment_kept():
+    """A trainer given `fsdp` writes accelerate's variables into os.environ (ACCELERATE_USE_FSDP, FSDP_*): an
+    in-process run of one would make every later test in this worker an FSDP job."""
+    from autobatch.sharding import environment_kept
+
+    with environment_kept():
+        yield
+
+
 # Named variants: (architecture, config overrides). "llama-wide" has enough weight memory (~2.2M parameters)
 # that LoRA's savings on gradients and AdamW moments show against the activations.
 VARIANTS = {"llama-wide": ("llama", {"hidden_size": 256, "intermediate_size": 1024})}

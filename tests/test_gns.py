@@ -167,7 +167,7 @@ def test_run_gns_brackets_the_exact_noise_scale_at_learning_rate_zero(tiny_model
     data = equal_length_data(tmp_path / "equal.jsonl")
     model = tiny_model_dir()
     out = tmp_path / "out"
-    code = main(["run", "--gns", "--model", str(model), "--dataset", str(data), "--device", "cpu",
+    code = main(["run", "--gns", "--gns-every", "1", "--model", str(model), "--dataset", str(data), "--device", "cpu",
                  "--memory-budget", "4GiB", "--micro-batch-size", "2", "--effective-batch-size", "8",
                  "--max-length", "64", "--learning-rate", "0", "--num-train-epochs", "4", "--output-dir", str(out),
                  "--gradient-checkpointing", "false", "--save-strategy", "'no'", "--disable-tqdm", "true"])
@@ -176,7 +176,7 @@ def test_run_gns_brackets_the_exact_noise_scale_at_learning_rate_zero(tiny_model
     report = _json.loads((out / "gns.json").read_text())
     exact, tokens_per_sequence = exact_b_simple(model, data, 64)
     print(f"exact {exact:.3f}, interval {report['low']:.3f}-{report['high']:.3f}, b_simple {report['b_simple']:.3f}, overhead {report['overhead']:.2%}")
-    assert report["steps"] == 32 and report["resolved"]  # 64 sequences / 8 a step × 4 epochs
+    assert report["steps"] == 32 and report["resolved"]  # every step (--gns-every 1): 64 sequences / 8 a step × 4 epochs
     assert report["low"] < exact < report["high"]
     assert report["high"] < 3 * report["low"]  # not vacuous
     assert report["b_simple_tokens"] == pytest.approx(report["b_simple"] * tokens_per_sequence, rel=1e-6)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from autobatch import sharding
 from autobatch.builtin import save_model_shape
 from autobatch.config import build_config
 from autobatch.errors import ConfigError
@@ -213,3 +214,16 @@ def test_plan_yaml_carries_fsdp_and_torchrun_trains_it_then_a_mid_run_oom_stops_
     peer = "autobatch: error: rank 0 of 2 stopped: another rank left the run (its own line says why)"
     # one line a rank: rank 1 names the OOM; rank 0, if it lives to print before torchrun ends it, says why it stopped
     assert errors.count(oom) == 1 and set(errors) <= {oom, peer}, errors
+
+
+def test_environment_kept_undoes_what_a_trainer_writes_for_accelerate(monkeypatch):
+    """TrainingArguments with `fsdp` sets ACCELERATE_USE_FSDP: left behind, the next plan in the process would
+    be refused as an FSDP1 job (seen: 17 tests after one in-process FSDP estimate)."""
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    with sharding.environment_kept():
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_STATE_DICT_TYPE"] = "SHARDED_STATE_DICT"
+        assert sharding.fsdp_requested({})
+    assert "ACCELERATE_USE_FSDP" not in os.environ and not sharding.fsdp_requested({})
+    assert os.environ["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
