@@ -46,10 +46,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
-from autobatch import allocator
+from autobatch import allocator, sharding
 
 #: cuBLAS workspace per handle on sm90+ (CublasHandlePool.cpp `getChosenWorkspaceSize`, ":4096:8" = 32 MiB)
 CUBLAS_WORKSPACE_BYTES = 32 << 20
@@ -71,7 +71,7 @@ class AllocatorMode(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.allocator = allocator.CachingAllocator()
-        self.live: dict[int, int] = {}
+        self.live: dict[int, int | None] = {}
         self._active = True
         self._workspaces: set[int] = set()
         from torch._subclasses.fake_tensor import FakeTensor
@@ -84,6 +84,10 @@ class AllocatorMode(TorchDispatchMode):
 
     def _track(self, tensor: torch.Tensor) -> None:
         if tensor.is_sparse:
+            return
+        if is_traceable_wrapper_subclass(tensor):  # FSDP2's DTensor: the rank holds its local shard
+            for part in sharding.held_parts(tensor):
+                self._track(part)
             return
         try:
             storage = tensor.untyped_storage()
@@ -99,6 +103,28 @@ class AllocatorMode(TorchDispatchMode):
         handle = self.live.pop(key, None)
         if handle is not None and self._active:
             self.allocator.free(handle)
+
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        """A storage resized in place (FSDP2's all-gather buffers): on cuda its old block is freed and a
+        block of the new size allocated (nothing for size 0)."""
+        if not self._active:
+            return
+        key = storage._cdata
+        if key not in self.live:
+            weakref.finalize(storage, self._release, key)
+        handle = self.live.pop(key, None)
+        if handle is not None:
+            self.allocator.free(handle)
+        self.live[key] = self.allocator.malloc(storage.nbytes()) if storage.nbytes() else None
+
+    def __enter__(self):
+        self._resizes = sharding.resizes_seen(self._resized)
+        self._resizes.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._resizes.__exit__(None, None, None)
+        return super().__exit__(*exc)
 
     def stop(self) -> None:
         self._active = False

@@ -32,6 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
+from autobatch import sharding
 from autobatch.errors import ConfigError
 from autobatch.units import format_bytes
 
@@ -103,11 +104,7 @@ class LiveBytesMode(TorchDispatchMode):
         if tensor.is_sparse or tensor.device.type == "cuda":
             return 0
         if is_traceable_wrapper_subclass(tensor):
-            # A DTensor (FSDP2's sharded parameters and gradients) is a wrapper whose own storage has the
-            # global size and holds nothing: what a rank holds is its local tensor(s).
-            inner, _ = tensor.__tensor_flatten__()
-            parts = (getattr(tensor, name) for name in inner)
-            return sum(self._track(part) for part in parts if isinstance(part, torch.Tensor))
+            return sum(self._track(part) for part in sharding.held_parts(tensor))
         try:
             storage = tensor.untyped_storage()
         except (NotImplementedError, RuntimeError):  # e.g. tensor subclasses without storage
@@ -129,26 +126,17 @@ class LiveBytesMode(TorchDispatchMode):
         self._active = False
 
     def __enter__(self):
-        # FSDP2 frees and re-allocates its all-gathered parameters with `UntypedStorage.resize_`, which no
-        # dispatch mode sees (torch/distributed/fsdp/_fully_shard/_fsdp_param.py `free_storage`); torch's
-        # own MemTracker patches it the same way (torch/distributed/_tools/mem_tracker.py `_track_resize`).
-        self._resize = torch.UntypedStorage.resize_
-        mode, resize = self, self._resize
-
-        def resize_(storage: torch.UntypedStorage, size: int):
-            out = resize(storage, size)
-            if mode._active:
-                mode._resized(storage)
-            return out
-
-        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+        self._resizes = sharding.resizes_seen(self._resized)
+        self._resizes.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
-        torch.UntypedStorage.resize_ = self._resize  # type: ignore[method-assign]
+        self._resizes.__exit__(None, None, None)
         return super().__exit__(*exc)
 
     def _resized(self, storage: torch.UntypedStorage) -> None:
+        if not self._active:
+            return
         key, size = storage._cdata, storage.nbytes()
         if key not in self.live:
             weakref.finalize(storage, self._release, key)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from autobatch.errors import ConfigError
@@ -56,6 +56,45 @@ def check_shardable(training_args: dict[str, Any]) -> None:
 #: ACCELERATE_USE_FSDP and FSDP_* for accelerate to read): left behind, the next plan in the same process would
 #: take any config for an FSDP one (`fsdp_requested` reads the launcher's ACCELERATE_USE_FSDP).
 ENVIRONMENT_PREFIXES = ("ACCELERATE_", "FSDP_")
+
+
+def held_parts(tensor) -> list:
+    """The plain tensors a rank holds for `tensor`, whose storages a memory count adds up.
+
+    A DTensor (FSDP2's sharded parameters and gradients) is a wrapper whose own storage has the global size
+    and holds nothing: what a rank holds is its local tensor(s).
+    """
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor]
+    inner, _ = tensor.__tensor_flatten__()
+    parts = (getattr(tensor, name) for name in inner)
+    return [held for part in parts if part is not None and hasattr(part, "untyped_storage") for held in held_parts(part)]
+
+
+@contextlib.contextmanager
+def resizes_seen(on_resize: Callable[[Any], None]) -> Iterator[None]:
+    """Inside, `on_resize(storage)` follows every `UntypedStorage.resize_`.
+
+    FSDP2 frees and re-allocates its all-gathered parameters with `resize_`, which no dispatch mode sees
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param.py `free_storage`); torch's own MemTracker patches it
+    the same way (torch/distributed/_tools/mem_tracker.py `_track_resize`).
+    """
+    import torch
+
+    resize = torch.UntypedStorage.resize_
+
+    def resize_(storage, size):
+        out = resize(storage, size)
+        on_resize(storage)
+        return out
+
+    torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.UntypedStorage.resize_ = resize  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager

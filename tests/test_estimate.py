@@ -39,6 +39,20 @@ def test_autocast_bf16_activations_and_cached_weight_copy(bf16):
     assert grown == expected + CUBLAS_WORKSPACE_BYTES
 
 
+def test_a_storage_resized_in_place_frees_and_reallocates_its_block():
+    """FSDP2 frees an all-gathered parameter with `storage.resize_(0)` and gathers it again with `resize_(n)`; on
+    cuda each is a free and a malloc of the allocator, so a freed gather buffer is no longer held."""
+    with _fake(), AllocatorMode() as mode:
+        start = mode.allocator.allocated_bytes
+        buffer = torch.empty(MiB, dtype=torch.uint8) * 1  # an op's output: 1 MiB, tracked
+        held = mode.allocator.allocated_bytes - start
+        buffer.untyped_storage().resize_(0)
+        freed = mode.allocator.allocated_bytes - start
+        buffer.untyped_storage().resize_(4 * MiB)
+        regathered = mode.allocator.allocated_bytes - start
+    assert (held, freed, regathered) == (MiB, 0, 4 * MiB)
+
+
 def _chunked_logprob_peak(emulate: bool, tokens: int = 64, hidden: int = 64, vocab: int = 1000, chunk: int = 512):
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 

@@ -1,5 +1,6 @@
 """FSDP planned under its own sharding: real 2-rank gloo groups on cpu, and one rank of N traced on a fake group."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -72,13 +73,22 @@ def _group_plan(model, micro: int, budget: str):
 
 
 @pytest.mark.slow
-def test_two_rank_estimate_equals_the_real_two_rank_peak(tiny_model_dir):
+def test_two_rank_estimate_traces_the_real_two_rank_peak(tiny_model_dir, monkeypatch):
+    """The traced rank (fake group, fake tensors, DTensor shards, FSDP2's resized all-gather buffers) holds what a
+    real rank of two gloo ranks holds, compared like for like: both counted by the cpu backend's live bytes, both
+    on cpu kernels. What the estimate adds for the card (allocator blocks, cuBLAS workspaces, cuda kernels) is
+    checked against the H200 in test_estimate.py."""
+    from autobatch import estimate, memory
+
     model = tiny_model_dir("llama")
     real = _group_plan(model, 2, "1GiB")
-    estimate = make_plan(_config(model, device="estimate", memory_budget="1GiB", nproc_per_node=2,
-                                 per_device_train_batch_size=2))
+    monkeypatch.setattr(memory.EstimateBackend, "measure", memory.CpuBackend.measure)
+    monkeypatch.setattr(estimate, "cuda_step", contextlib.nullcontext)
+    traced = make_plan(_config(model, device="estimate", memory_budget="1GiB", nproc_per_node=2,
+                               per_device_train_batch_size=2, bf16=False))
     assert real.rank_peak_bytes is not None and len(real.rank_peak_bytes) == 2
-    assert abs(estimate.peak_memory_bytes / max(real.rank_peak_bytes) - 1) < 0.03
+    assert abs(traced.peak_memory_bytes / max(real.rank_peak_bytes) - 1) < 0.03, (traced.peak_memory_bytes,
+                                                                                  real.rank_peak_bytes)
 
 
 _PLAIN_RUN = textwrap.dedent("""
