@@ -11,7 +11,6 @@ import subprocess
 import sys
 import termios
 import time
-import types
 import warnings
 from pathlib import Path
 
@@ -256,10 +255,10 @@ def test_without_a_target_the_plan_is_the_largest_micro_batch_with_no_accumulati
     # micro 1 is the fastest per sample: a "fastest split of 17 samples" would say 1 × 17
     trials = [Trial(1, 10 * MiB, True, 0.01), Trial(2, 20 * MiB, True, 0.2), Trial(17, 170 * MiB, True, 1.0),
               Trial(18, 181 * MiB, False, 0.0)]
-    plan = _choose(Config(), types.SimpleNamespace(max_length=32), None, 17, trials, probe=None)
-    assert (plan.per_device_train_batch_size, plan.gradient_accumulation_steps, plan.effective_batch_size) == (17, 1, 17)
-    plan = _choose(Config(gradient_accumulation_steps=4), types.SimpleNamespace(max_length=32), None, 17, trials, None)
-    assert (plan.per_device_train_batch_size, plan.gradient_accumulation_steps) == (17, 4)
+    chosen = _choose(Config(), None, 17, trials, probe=None).options[0]
+    assert (chosen.micro_batch_size, chosen.gradient_accumulation_steps) == (17, 1)
+    chosen = _choose(Config(gradient_accumulation_steps=4), None, 17, trials, None).options[0]
+    assert (chosen.micro_batch_size, chosen.gradient_accumulation_steps) == (17, 4)
 
 
 def test_the_old_checkpointing_name_is_mapped_without_a_warning(tmp_path):
