@@ -178,6 +178,7 @@ class ProbeCache:
         self.budget_bytes = budget_bytes
         self.fresh_process = description.get("trial_process") == "fresh"  # its trials ran in worker processes
         self.broken: str | None = None
+        self.hits = 0  # answers given (each marked `Trial.cached`)
         self._connection: sqlite3.Connection | None = None
         self._guard(self._open)
 
@@ -222,9 +223,10 @@ class ProbeCache:
         if oom:  # it ran out of `budget`: that says nothing about a larger one
             if self.budget_bytes > budget:
                 return None
-            return Trial(size, peak, fits=False, seconds=0.0, oom=True, fresh_process=self.fresh_process)
+            return Trial(size, peak, fits=False, seconds=0.0, oom=True, fresh_process=self.fresh_process,
+                         cached=True)
         return Trial(size, peak, fits=peak <= usable_bytes, seconds=seconds, oom=False,
-                     fresh_process=self.fresh_process)
+                     fresh_process=self.fresh_process, cached=True)
 
     def store(self, micro_batch_size: int, accumulation: int, eval_batch_size: int | None, trial: Trial) -> None:
         def write():
@@ -236,16 +238,15 @@ class ProbeCache:
 
         self._guard(write)
 
-    def wrap(self, run_trial: RunTrial, accumulation: Callable[[int], int], usable_bytes: int,
-             cached: list[Trial]) -> RunTrial:
-        """`run_trial` that answers from the cache when it can (appending those answers to `cached`)."""
+    def wrap(self, run_trial: RunTrial, accumulation: Callable[[int], int], usable_bytes: int) -> RunTrial:
+        """`run_trial` that answers from the cache when it can (those answers marked `Trial.cached`)."""
 
         def cached_run_trial(micro_batch_size: int, eval_batch_size: int | None = None) -> Trial:
             steps = accumulation(micro_batch_size)
             hit = self.lookup(micro_batch_size, steps, eval_batch_size, usable_bytes)
             if hit is not None:
                 logger.info("micro=%d answered from the probe cache", hit.micro_batch_size)
-                cached.append(hit)
+                self.hits += 1
                 return hit
             trial = run_trial(micro_batch_size, eval_batch_size=eval_batch_size)
             self.store(micro_batch_size, steps, eval_batch_size, trial)

@@ -36,9 +36,13 @@ class Trial:
     peak_allocated_bytes: int | None = None  # tensors alone; peak_memory_bytes (reserved on cuda) decides
     fresh_process: bool = False  # measured in a worker process of its own (no allocator history before it)
     rank_peak_bytes: list[int] | None = None  # FSDP group trials: each rank's peak, rank order (None: one rank)
+    cached: bool = False  # answered by the probe cache, not run (a plan keeps these apart, in `cached_trials`)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The `--json` form; `cached` is left out: the plan's `trials` and `cached_trials` lists say it."""
+        data = asdict(self)
+        del data["cached"]
+        return data
 
 
 Probe = Callable[[int], Trial]
@@ -443,6 +447,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        for name in ("trials", "eval_trials", "cached_trials"):
+            data[name] = [t.to_dict() for t in getattr(self, name)]
         data["options"] = [o.to_dict() for o in self.options]
         if self.checkpointing is not None:
             data["checkpointing"]["speedup"] = self.checkpointing.speedup
@@ -470,7 +476,7 @@ class Plan:
         values = {k: v for k, v in data.items() if k in names}
         values["trials"] = [Trial(**t) for t in data.get("trials", [])]
         values["eval_trials"] = [Trial(**t) for t in data.get("eval_trials", [])]
-        values["cached_trials"] = [Trial(**t) for t in data.get("cached_trials", [])]
+        values["cached_trials"] = [Trial(**t, cached=True) for t in data.get("cached_trials", [])]
         values["options"] = [
             Option(**{k: v for k, v in o.items() if k != "samples_per_s"}) for o in data.get("options", [])
         ]

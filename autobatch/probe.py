@@ -127,7 +127,6 @@ class _Session:
         self.trial_process = "same" if group else trial_process(config, self.backend.device, trainer)
         self.fresh = False  # set by go_fresh: every probe from then on runs in a worker process
         self.trials: list[Trial] = []
-        self.cached: list[Trial] = []  # the answers the cache gave
         self.caches = []  # the probe caches opened, in-process trials' and fresh trials' (separate workloads)
         try:  # a caller's own trainer (collator, loss, callbacks) has no fingerprint the cache could trust
             self.cache = _open_cache(config, self.prober, self.backend) if trainer is None and not group else None
@@ -141,7 +140,7 @@ class _Session:
         if self.cache is None:
             return run_trial
         self.caches.append(self.cache)
-        return self.cache.wrap(run_trial, self.prober._accumulation, self.usable, self.cached)
+        return self.cache.wrap(run_trial, self.prober._accumulation, self.usable)
 
     def go_fresh(self) -> None:
         """From here on every probe is a trial in a fresh worker process (`trial_process` fresh).
@@ -176,13 +175,9 @@ class _Session:
 
     def probe(self, size: int) -> Trial:
         """One answer at `size`, from the cache or a trial, agreed by every rank (one rank's OOM is everyone's)."""
-        raw = self.run_trial(size)
-        hit = bool(self.cached) and self.cached[-1] is raw
-        trial = ranks.agree(raw)  # one search path on every rank
-        if hit:
-            self.cached[-1] = trial  # the agreed answer is the one the search used
+        trial = ranks.agree(self.run_trial(size))  # one search path on every rank; a cache answer stays marked
         self.trials.append(trial)
-        if self.on_trial and not hit:
+        if self.on_trial and not trial.cached:
             self.on_trial(trial)
         return trial
 
@@ -202,9 +197,8 @@ class _Session:
         for cache in self.caches:
             cache.close()
         if self.cache:
-            given = {id(t) for t in self.cached}
-            self.run = [t for t in self.trials if id(t) not in given]
-            self.from_cache = [t for t in self.trials if id(t) in given]
+            self.run = [t for t in self.trials if not t.cached]
+            self.from_cache = [t for t in self.trials if t.cached]
 
     def build(self, choice: _Choice, *, capped: bool, started: float, stopped_at_need: bool = False,
               checkpointing: CheckpointingChoice | None = None, evaluation: dict | None = None) -> Plan:
@@ -256,9 +250,9 @@ class _Session:
         notes = [*self.prober.notes, *own]
         if cache is not None and cache.broken:
             notes.append(f"probe cache {cache.path} ignored ({cache.broken}); every trial ran")
-        elif cache is not None and self.cached:
+        elif cache is not None and (hits := sum(c.hits for c in self.caches)):
             run = "no trial run" if not self.run else f"{len(self.run)} trial(s) run"
-            notes.append(f"{len(self.cached)} answer(s) from the probe cache {cache.path}, {run} "
+            notes.append(f"{hits} answer(s) from the probe cache {cache.path}, {run} "
                          "(--no-cache measures again)")
         if backend.budget_source:
             notes.append(f"budget: {format_bytes(backend.budget_bytes)} from {backend.budget_source}")
@@ -374,8 +368,6 @@ def _choose_checkpointing(
     else:
         run_without = run_with = prober.run_trial
 
-    hits: list[Trial] = []  # the answers the probe cache of that setting gave
-
     def trial(on: bool) -> Trial:
         nonlocal run_without
         if on in measured:
@@ -386,10 +378,9 @@ def _choose_checkpointing(
             cache = _open_cache(without_config, prober, session.backend, _without_description(prober, without_config,
                                                                                               session.fresh))
             closing.callback(cache.close)
-            run_without = cache.wrap(run_without, prober._accumulation, session.usable, hits)
-        raw = run_without(micro)
-        measured[on] = ranks.agree(raw)
-        cached = bool(hits) and hits[-1] is raw
+            run_without = cache.wrap(run_without, prober._accumulation, session.usable)
+        measured[on] = ranks.agree(run_without(micro))
+        cached = measured[on].cached
         if session.on_trial and not cached:
             session.on_trial(measured[on])
         # an answer from the cache is compared with the stored time with it: an identical plan runs no trial
