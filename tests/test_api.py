@@ -124,7 +124,11 @@ def test_apply_plan_sets_the_batch_and_eval_batch_and_trains_it(user_trainer):
     assert SEEN == [micro]
     assert user_trainer.state.train_batch_size == micro
     assert user_trainer.state.global_step == 1 and callback.steps == 1  # no trial step leaked into the run
-    assert user_trainer.fallbacks == [] and type(user_trainer).__mro__[1].__name__ == "SFTTrainer"
+    from trl import SFTTrainer
+
+    from autobatch.train import OomSafeTrainer
+
+    assert user_trainer.fallbacks == [] and type(user_trainer).__bases__ == (OomSafeTrainer, SFTTrainer)
 
 
 def test_plan_trainer_refuses_the_estimate_device(user_trainer):
