@@ -223,9 +223,9 @@ class ProbeCache:
         if oom:  # it ran out of `budget`: that says nothing about a larger one
             if self.budget_bytes > budget:
                 return None
-            return Trial(size, peak, fits=False, seconds=0.0, oom=True, fresh_process=self.fresh_process,
+            return Trial(size, peak, fits=False, seconds_per_micro_batch=0.0, oom=True, fresh_process=self.fresh_process,
                          cached=True)
-        return Trial(size, peak, fits=peak <= usable_bytes, seconds=seconds, oom=False,
+        return Trial(size, peak, fits=peak <= usable_bytes, seconds_per_micro_batch=seconds, oom=False,
                      fresh_process=self.fresh_process, cached=True)
 
     def store(self, micro_batch_size: int, accumulation: int, eval_batch_size: int | None, trial: Trial) -> None:
@@ -233,7 +233,7 @@ class ProbeCache:
             self._connection.execute(
                 "INSERT OR REPLACE INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (self.fingerprint, micro_batch_size, accumulation, eval_batch_size or 0,
-                 trial.peak_memory_bytes, int(trial.oom), trial.seconds, self.budget_bytes, time.time()),
+                 trial.peak_memory_bytes, int(trial.oom), trial.seconds_per_micro_batch, self.budget_bytes, time.time()),
             )
 
         self._guard(write)

@@ -216,7 +216,7 @@ class _Session:
             gradient_accumulation_steps=option.gradient_accumulation_steps,
             effective_batch_size=option.micro_batch_size * option.gradient_accumulation_steps * config.world_size,
             world_size=config.world_size,
-            max_micro_batch_size=choice.max_micro,
+            max_fitting_micro_batch_size=choice.max_micro,
             memory_budget_bytes=backend.budget_bytes,
             usable_memory_bytes=self.usable,
             headroom=self.headroom,
@@ -226,7 +226,7 @@ class _Session:
             trials=self.run,
             fits=trial.fits,
             capped=capped,
-            seconds_per_step=trial.seconds,
+            seconds_per_micro_batch=trial.seconds_per_micro_batch,
             options=choice.options,
             notes=self._notes(choice.notes, capped),
             memory_fingerprint=fingerprint(config),
@@ -392,7 +392,7 @@ def _choose_checkpointing(
             if not session.fresh:
                 _set_checkpointing(prober.trainer, False)
             if again.fits:
-                measured[True] = dataclasses.replace(measured[True], seconds=again.seconds)
+                measured[True] = dataclasses.replace(measured[True], seconds_per_micro_batch=again.seconds_per_micro_batch)
         return measured[on]
 
     choice = choose_checkpointing(user, micro, trial)
@@ -542,10 +542,11 @@ def _choose(config: Config, per_device: int | None, max_micro: int, trials, prob
                 f"for effective batch {per_device * world}: pick a divisor of {per_device}"
             )
         trial = next(t for t in trials if t.micro_batch_size == micro)
-        options = [Option(micro, per_device // micro, trial.seconds, measured=True)]
+        options = [Option(micro, per_device // micro, trial.seconds_per_micro_batch, measured=True)]
     elif per_device is None:  # no target: the largest micro-batch that fits, accumulation as given (auto: 1)
         trial = [t for t in trials if t.micro_batch_size == max_micro][-1]
-        options = [Option(max_micro, accumulation if isinstance(accumulation, int) else 1, trial.seconds, True)]
+        steps = accumulation if isinstance(accumulation, int) else 1
+        options = [Option(max_micro, steps, trial.seconds_per_micro_batch, True)]
     else:
         options = _measured_options(per_device, max_micro, accumulation, trials, probe)
     chosen = options[0]

@@ -42,7 +42,7 @@ def make_probe(curve, limit: int, oom_at: int | None = None):
         tried.append(b)
         peak = curve(b)
         oom = oom_at is not None and peak > oom_at
-        return Trial(b, min(peak, oom_at) if oom else peak, fits=peak <= limit, seconds=0.01 * b + 0.05, oom=oom)
+        return Trial(b, min(peak, oom_at) if oom else peak, fits=peak <= limit, seconds_per_micro_batch=0.01 * b + 0.05, oom=oom)
 
     return probe, tried
 

@@ -30,7 +30,7 @@ BAR = r"\d+/2 \[\d\d:\d\d"  # tqdm's "2/2 [00:03<00:00, ...]": the Trainer's tra
 def small_plan(**changes) -> Plan:
     trials = [Trial(1, 60 * MiB, True, 0.05), Trial(2, 80 * MiB, True, 0.08), Trial(3, 301 * MiB, False, 0.0, oom=True)]
     plan = Plan(per_device_train_batch_size=2, gradient_accumulation_steps=1, effective_batch_size=2, world_size=1,
-                max_micro_batch_size=2, memory_budget_bytes=300 * MiB, usable_memory_bytes=300 * MiB, headroom=0.0,
+                max_fitting_micro_batch_size=2, memory_budget_bytes=300 * MiB, usable_memory_bytes=300 * MiB, headroom=0.0,
                 peak_memory_bytes=80 * MiB, device="cpu", max_length=32, trials=trials,
                 options=[Option(2, 1, 0.08, True)])
     for key, value in changes.items():
