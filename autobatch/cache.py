@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autobatch import __version__
+from autobatch.config import NOT_MEMORY_KEYS
 from autobatch.planner import Trial
 
 logger = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ def workload_key(description: dict[str, Any]) -> str:
 def memory_args(args) -> dict[str, Any]:
     """Every SFTConfig field of `args` except those `NOT_MEMORY_KEYS` names with a reason: keyed by
     construction, so a field nobody thought of (pad_to_multiple_of) still keys the cache."""
-    from autobatch.config import NOT_MEMORY_KEYS
-
     values = args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
     return {key: value for key, value in sorted(values.items()) if key not in NOT_MEMORY_KEYS}
 
@@ -75,8 +75,6 @@ def workload_description(memory_fingerprint: dict[str, Any], model, args, exampl
     the SFTConfig values in force, the worst-case example length, the device, and the library versions.
     """
     from importlib.metadata import PackageNotFoundError, version
-
-    from autobatch import __version__
 
     model_config = getattr(model, "config", None)
     shape = model_config.to_dict() if hasattr(model_config, "to_dict") else {}

@@ -34,6 +34,8 @@ from torch.utils._pytree import tree_flatten
 
 from autobatch import sharding
 from autobatch.errors import ConfigError
+from autobatch.estimate import AllocatorMode, cuda_step
+from autobatch.ranks import select_cuda_device
 from autobatch.units import format_bytes
 
 logger = logging.getLogger(__name__)
@@ -252,16 +254,12 @@ class EstimateBackend(CpuBackend):
 
     @contextlib.contextmanager
     def tensor_mode(self) -> Iterator[None]:
-        from autobatch.estimate import cuda_step
-
         with self._fake_mode, cuda_step():
             yield
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[Measurement]:
         """Peak reserved bytes of the emulated caching allocator (allocated: its blocks' bytes)."""
-        from autobatch.estimate import AllocatorMode
-
         result = Measurement()
         mode = AllocatorMode()
         try:
@@ -478,8 +476,6 @@ def make_backend(device: str | None, memory_budget_bytes: int | None) -> MemoryB
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device cuda: no GPU is available; use device cpu or device estimate", keys=("device",))
-        from autobatch.ranks import select_cuda_device
-
         index = select_cuda_device()  # LOCAL_RANK's GPU, current before any other CUDA call
         capacity = cuda_capacity_bytes(index)
         total = torch.cuda.mem_get_info(index)[1]

@@ -3,6 +3,10 @@
 A planning session (`_Session`) owns the backend and its usable budget, the process group, one prober
 (autobatch.trial) and the probe cache in front of its trials; the search, the checkpointing and evaluation
 choices and the sweep's ladder of effective batch sizes ask it for answers and build the plans from them.
+
+One module over ~600 lines on purpose: `make_plan` and `plan_ladder` are two uses of one `_Session` and its
+private helpers (the choice of a split, checkpointing, the eval batch, the probe cache); one trial is
+autobatch.trial's, the search and arithmetic autobatch.planner's.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from autobatch import ranks, sharding
+from autobatch.cache import ProbeCache, cache_path, workload_description
 from autobatch.config import Config, eval_strategy, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
+from autobatch.estimate import assumptions
 from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, make_backend
 from autobatch.planner import (
     CheckpointingChoice,
@@ -208,8 +214,6 @@ class _Session:
         option, trial = choice.options[0], choice.trial
         assumed = None
         if backend.device == "estimate":
-            from autobatch.estimate import assumptions
-
             assumed = assumptions(prober.args, backend.budget_bytes, prober.precision)
         return Plan(
             per_device_train_batch_size=option.micro_batch_size,
@@ -423,8 +427,6 @@ def _open_cache(config: Config, prober: Prober, backend: MemoryBackend, descript
     """
     if config.no_cache:
         return None
-    from autobatch.cache import ProbeCache, cache_path, workload_description
-
     if description is None:
         description = workload_description(
             fingerprint(config), prober.trainer.model, prober.args, prober.max_length, prober.padded,

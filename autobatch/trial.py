@@ -26,6 +26,7 @@ from autobatch.config import Config, modern_names
 from autobatch.errors import ConfigError, WorkerError
 from autobatch.memory import MemoryBackend, is_oom
 from autobatch.planner import Trial, steady_seconds
+from autobatch.snapshot import TrainerSnapshot, ZeroLearningRate, trial_callbacks
 from autobatch.units import format_bytes
 from autobatch.workload import build_trainer, load_train_dataset, sft_config
 
@@ -134,8 +135,6 @@ class Prober:
         Trials use the trainer's own model, collator, `compute_loss`, optimizer settings and callbacks
         (copies), with the args of a two-step trial; see `autobatch.snapshot` for what is saved and restored.
         """
-        from autobatch.snapshot import TrainerSnapshot, ZeroLearningRate, trial_callbacks
-
         prober = cls.__new__(cls)
         prober._setup(backend, usable_bytes, per_device, ddp)
         prober.notes = []

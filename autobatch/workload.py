@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from autobatch.builtin import builtin_dataset_path, builtin_model_dir, is_builtin_model_path
 from autobatch.config import (
     AUTOBATCH_KEYS,
     LOCAL_DATA_FORMATS,
@@ -40,8 +41,6 @@ def fingerprint(config: Config) -> dict[str, Any]:
 def model_path(config: Config) -> str:
     """The model to load: the config's, or the built-in tiny model saved on first use."""
     if config.model_name_or_path is None:
-        from autobatch.builtin import builtin_model_dir
-
         return str(builtin_model_dir())
     name = os.path.expanduser(config.model_name_or_path)
     looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
@@ -186,8 +185,6 @@ def load_train_dataset(config: Config, split: str | None = None):
 
     name = config.dataset_name
     if name is None:
-        from autobatch.builtin import builtin_dataset_path, is_builtin_model_path
-
         if config.model_name_or_path is not None and not is_builtin_model_path(config.model_name_or_path):
             return None  # the probe then measures a synthetic example of max_length tokens
 
