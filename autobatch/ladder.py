@@ -7,7 +7,8 @@ prediction (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"
 scale B_noise, reaching a given loss takes S = S_min·(1 + B_noise/B) optimizer steps, so a rung's sample
 efficiency is 1/(1 + B/B_noise) and its time to that loss is S·(seconds per step). Predictions are labelled
 as such; only validation runs (`validate_tokens`) measure loss. Messages name the sweep's keyword arguments
-(`validate_tokens`), which the CLI says as its flags (`--validate-tokens`).
+(`validate_tokens`), which the CLI says as its flags (`--validate-tokens`). Past 600 lines as the one home of a
+sweep's numbers and their study; the validation run (`validate_point`) is the part to move out if it grows.
 """
 
 from __future__ import annotations
