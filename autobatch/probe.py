@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from autobatch import ranks, sharding
 from autobatch.config import Config, eval_strategy, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
-from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, make_backend
+from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, default_device, make_backend
 from autobatch.planner import (
     CheckpointingChoice,
     Option,
@@ -96,9 +96,8 @@ class _Session:
         group = sharded and sharding.launches_groups(self.backend.device)  # --nproc-per-node from a shell
         if sharded and ranks.current().launched and self.backend.device != "estimate":
             raise ConfigError(
-                "FSDP is planned from a shell, not under a launcher (a rank's OOM inside one shared group would "
-                "stall the others): autobatch plan --nproc-per-node N --output plan.yaml, then run under the "
-                "launcher with --plan plan.yaml"
+                "an FSDP sweep runs from a shell, not under a launcher (its trials are groups of fresh processes "
+                "it launches itself): autobatch sweep --nproc-per-node N"
             )
         if sharded and not group:
             self._scope.enter_context(sharding.sharded_trials(self.backend.device, config.world_size))
@@ -256,7 +255,17 @@ def make_plan(
     The process environment is left as found (`sharding.environment_kept`).
     """
     with sharding.environment_kept():
+        if trainer is None and _fsdp_under_launcher(config):  # the same plan as from a shell, on every rank
+            device = config.device or default_device()
+            return ranks.planned_on_rank_0(lambda: _make_plan(config, on_trial, on_start, on_eval_trial, None),
+                                           device, ranks.group_timeout_s(config, device))
         return _make_plan(config, on_trial, on_start, on_eval_trial, trainer)
+
+
+def _fsdp_under_launcher(config: Config) -> bool:
+    """FSDP trials are groups rank 0 launches (`ranks.planned_on_rank_0`); a traced estimate needs no group."""
+    return (sharding.fsdp_requested(config.training_args) and ranks.current().launched
+            and config.device != "estimate")
 
 
 def _make_plan(config: Config, on_trial, on_start, on_eval_trial, trainer) -> Plan:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import shutil
+import sys
 from pathlib import Path
 
 from autobatch.planner import Option, Plan, Trial
@@ -13,6 +15,16 @@ from autobatch.planner import Option, Plan, Trial
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
 GiB = 2**30
+
+
+def _script(name: str) -> str | None:
+    """A console script of this interpreter's environment (CI runs `venv/bin/python -m pytest`, bin not on PATH)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+TORCHRUN = _script("torchrun")
+AUTOBATCH = _script("autobatch")
 
 
 def error_lines(err: str) -> list[str]:

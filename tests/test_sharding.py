@@ -191,7 +191,7 @@ _SMALLER_RANK = textwrap.dedent("""
 
 
 def _torchrun_run(plan, out_dir, script=None):
-    from tests.test_ranks import AUTOBATCH, TORCHRUN
+    from helpers import AUTOBATCH, TORCHRUN
 
     return subprocess.run(
         [TORCHRUN, "--nproc_per_node", "2", "--standalone", str(script or AUTOBATCH), "run", "--plan", str(plan),
@@ -224,6 +224,34 @@ def test_plan_yaml_carries_fsdp_and_torchrun_trains_it_then_a_mid_run_oom_stops_
     peer = "autobatch: error: rank 0 of 2 stopped: another rank left the run (its own line says why)"
     # one line a rank: rank 1 names the OOM; rank 0, if it lives to print before torchrun ends it, says why it stopped
     assert errors.count(oom) == 1 and set(errors) <= {oom, peer}, errors
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_plans_as_a_shell_would_and_every_rank_gets_the_plan(
+    tiny_model_dir, tiny_dataset_file, capsys
+):
+    """`torchrun --nproc_per_node 2 autobatch plan` with fsdp: rank 0 launches the trial groups (the launcher's ranks
+    cannot share one group's trials), the other rank waits, and the plan is the one `--nproc-per-node 2` makes."""
+    from helpers import AUTOBATCH, TORCHRUN, error_lines, plan_json
+
+    flags = ["--model", str(tiny_model_dir("llama")), "--dataset", str(tiny_dataset_file), "--device", "cpu",
+             "--memory-budget", "24MiB", "--headroom", "0", "--max-length", "64", "--fsdp", "full_shard auto_wrap",
+             "--fsdp-config", "{fsdp_version: 2}", "--gradient-checkpointing", "false", "--effective-batch-size", "8",
+             "--no-cache"]
+    launched = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--standalone", str(AUTOBATCH), "plan", *flags, "--json"],
+                              check=False, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    under_launcher = json.loads(launched.stdout)  # rank 0 alone prints
+    from_shell = plan_json(["--nproc-per-node", "2", *flags], capsys)
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "rank_peak_bytes")
+    assert [under_launcher[k] for k in keys] == [from_shell[k] for k in keys]
+    small = [f if f != "24MiB" else "4MiB" for f in flags]  # micro-batch 1 does not fit: rank 0's refusal is every rank's
+    refused = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--standalone", str(AUTOBATCH), "plan", *small],
+                             check=False, capture_output=True, text=True, timeout=900,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    lines = error_lines(refused.stderr)
+    assert refused.returncode != 0 and len(lines) == 1 and "micro-batch 1 needs" in lines[0], refused.stderr[-2000:]
 
 
 def test_environment_kept_undoes_what_a_trainer_writes_for_accelerate(monkeypatch):
