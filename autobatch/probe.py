@@ -87,13 +87,13 @@ class _Session:
             raise ConfigError("plan_trainer does not plan an FSDP trainer: plan from its config with "
                               "autobatch.plan(...) or `autobatch plan` (the fsdp keys in the YAML)")
         self.config, self.on_trial = config, on_trial
-        self.backend = make_backend(config.device, config.memory_budget_bytes)
+        # FSDP: the trials run sharded on every rank (estimate: one rank traced on a fake group of world size)
+        group = sharded and sharding.launches_groups(config.device or default_device())  # from a shell
+        self.backend = make_backend(config.device, config.memory_budget_bytes, coordinator=group)
         check_cpu_budget(self.backend.device, config.memory_budget_bytes)
         self.headroom = resolve_headroom(config, self.backend.device)
         self.usable = self.backend.keep_headroom(self.headroom)  # on cuda a trial past it is a real OOM
-        # FSDP: the trials run sharded on every rank (estimate: one rank traced on a fake group of world size)
         self._scope = contextlib.ExitStack()
-        group = sharded and sharding.launches_groups(self.backend.device)  # --nproc-per-node from a shell
         if sharded and ranks.current().launched and self.backend.device != "estimate":
             raise ConfigError(
                 "an FSDP sweep runs from a shell, not under a launcher (its trials are groups of fresh processes "
