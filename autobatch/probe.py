@@ -94,11 +94,6 @@ class _Session:
         self.headroom = resolve_headroom(config, self.backend.device)
         self.usable = self.backend.keep_headroom(self.headroom)  # on cuda a trial past it is a real OOM
         self._scope = contextlib.ExitStack()
-        if sharded and ranks.current().launched and self.backend.device != "estimate":
-            raise ConfigError(
-                "an FSDP sweep runs from a shell, not under a launcher (its trials are groups of fresh processes "
-                "it launches itself): autobatch sweep --nproc-per-node N"
-            )
         if sharded and not group:
             self._scope.enter_context(sharding.sharded_trials(self.backend.device, config.world_size))
         try:
@@ -583,6 +578,9 @@ def plan_ladder(
     """
     import dataclasses
 
+    if sharding.fsdp_requested(config.training_args):
+        raise ConfigError("sweep does not plan FSDP jobs yet: plan each effective batch with autobatch plan "
+                          "--nproc-per-node N --effective-batch-size B with the same fsdp settings", keys=("fsdp",))
     started = time.perf_counter()
     world = config.world_size
     for size in effective_batch_sizes or []:

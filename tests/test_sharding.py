@@ -265,3 +265,18 @@ def test_environment_kept_undoes_what_a_trainer_writes_for_accelerate(monkeypatc
         assert sharding.fsdp_requested({})
     assert "ACCELERATE_USE_FSDP" not in os.environ and not sharding.fsdp_requested({})
     assert os.environ["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+
+
+def test_a_sweep_of_an_fsdp_job_is_refused_with_one_line(tiny_model_dir, tiny_dataset_file, tmp_path, capsys):
+    from autobatch.cli import main
+    from helpers import error_lines
+
+    code = main(["sweep", "--model", str(tiny_model_dir("llama")), "--dataset", str(tiny_dataset_file), "--device",
+                 "cpu", "--memory-budget", "24MiB", "--fsdp", "full_shard auto_wrap", "--fsdp-config",
+                 "{fsdp_version: 2}", "--nproc-per-node", "2", "--effective-batch-sizes", "4,8", "--no-cache",
+                 "--output-dir", str(tmp_path / "sweep")])
+    lines = error_lines(capsys.readouterr().err)
+    assert code == 2 and lines == ["autobatch: error: sweep does not plan FSDP jobs yet: plan each effective batch "
+                                   "with autobatch plan --nproc-per-node N --effective-batch-size B with the same "
+                                   "--fsdp settings"]
+    assert not (tmp_path / "sweep").exists()
