@@ -268,8 +268,9 @@ def test_environment_kept_undoes_what_a_trainer_writes_for_accelerate(monkeypatc
 
 
 def test_a_sweep_of_an_fsdp_job_is_refused_with_one_line(tiny_model_dir, tiny_dataset_file, tmp_path, capsys):
-    from autobatch.cli import main
     from helpers import error_lines
+
+    from autobatch.cli import main
 
     code = main(["sweep", "--model", str(tiny_model_dir("llama")), "--dataset", str(tiny_dataset_file), "--device",
                  "cpu", "--memory-budget", "24MiB", "--fsdp", "full_shard auto_wrap", "--fsdp-config",
