@@ -277,7 +277,7 @@ def test_a_sweep_of_an_fsdp_job_is_refused_with_one_line(tiny_model_dir, tiny_da
                  "{fsdp_version: 2}", "--nproc-per-node", "2", "--effective-batch-sizes", "4,8", "--no-cache",
                  "--output-dir", str(tmp_path / "sweep")])
     lines = error_lines(capsys.readouterr().err)
-    assert code == 2 and lines == ["autobatch: error: sweep does not plan FSDP jobs yet: plan each effective batch "
-                                   "with autobatch plan --nproc-per-node N --effective-batch-size B with the same "
-                                   "--fsdp settings"]
+    said = ("autobatch: error: sweep does not plan FSDP jobs yet: plan each effective batch with autobatch plan "
+            "--nproc-per-node N --effective-batch-size B with the same --fsdp settings")
+    assert code == 2 and lines == [said]
     assert not (tmp_path / "sweep").exists()
