@@ -150,7 +150,7 @@ def fake_group(world_size: int, rank: int = 0) -> Iterator[None]:
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
     if dist.is_initialized():
-        raise ConfigError("--device estimate with FSDP traces one rank alone: run it without a launcher")
+        raise ConfigError("device estimate with FSDP traces one rank alone: run it without a launcher", keys=("device",))
     names = {"WORLD_SIZE": str(world_size), "RANK": str(rank), "LOCAL_RANK": str(rank),
              "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     saved = {name: os.environ.get(name) for name in names}
@@ -232,8 +232,8 @@ def sharded_trials(device: str, world_size: int) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if device == "estimate":
             if world_size < 2:
-                raise ConfigError("--device estimate with fsdp traces one rank of several: pass --world-size N "
-                                  "(or --nproc-per-node N), N >= 2")
+                raise ConfigError("device estimate with fsdp traces one rank of several: pass world_size N "
+                                  "(or nproc_per_node N), N >= 2", keys=("device", "fsdp", "world_size", "nproc_per_node"))
             stack.enter_context(fake_group(world_size))
         if device in ("estimate", "cpu"):
             stack.enter_context(fsdp_on_cpu())
