@@ -635,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     except AutobatchError as exc:
         if debug:
             traceback.print_exc()
-        _err(f"autobatch: error: {_one_line(_as_typed(exc, getattr(args, 'names', {})))}", every_rank=True)
+        _err(f"autobatch: error: {_one_line(_as_typed(exc, getattr(args, 'names', {})))}",
+             every_rank=not getattr(exc, "said_by_rank_0", False))
         return exc.exit_code
     except KeyboardInterrupt:
         _err("autobatch: interrupted", every_rank=True)
