@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -473,226 +472,50 @@ def _add_sweep_flags(sweep: argparse.ArgumentParser) -> None:
                        help="continue the study in --storage: failed or missing trials run, done ones do not")
 
 
+#: The sweep's own keys (its keyword arguments, not config keys), each said as its flag.
+_SWEEP_KEYS = ("effective_batch_sizes", "lr_scaling", "gns_file", "validate_tokens", "lr_multipliers", "max_trials",
+               "timeout", "storage", "study_name", "resume")
+
+
 def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
-    from autobatch import sweep
+    """Parse, then `api.sweep` decides (checks, probe, verdict, validation runs, plots); the table is printed here."""
+    from autobatch import api
 
     config = _config_from_args(args, extras)
-    if args.effective_batch_sizes:
-        args.names["effective_batch_sizes"] = "--effective-batch-sizes"
-    sizes = sweep.parse_sizes(args.effective_batch_sizes) if args.effective_batch_sizes else None
-    multipliers = sweep.parse_floats(args.lr_multipliers, "--lr-multipliers") if args.lr_multipliers else [1.0]
-    if args.lr_multipliers and not args.validate_tokens:
-        raise ConfigError("--lr-multipliers needs --validate-tokens N (the rates are compared by training)")
-    if args.validate_tokens is not None and args.validate_tokens < 1:
-        raise ConfigError("--validate-tokens must be a positive number of tokens, e.g. --validate-tokens 20000")
-    if args.validate_tokens and config.device == "estimate":
-        raise ConfigError("--validate-tokens trains, and --device estimate cannot: use --device cpu or cuda")
-    gns_report = _read_gns_file(args.gns_file) if args.gns_file else None
-    plots = _plot_dir(args)
-    if not args.json:  # --json: one JSON object on stdout and nothing else
-        _print_setup(config, "sweep")
-    _quiet_third_party(args.verbose)
-    from autobatch.probe import evaluates, plan_ladder
-    from autobatch.train import check_output_dir
-
-    output_dir = str(check_output_dir(config))
-    storage = args.storage or sweep.default_storage(output_dir)
-    # A study that may exist is opened (and refused without --resume) before minutes of probing; a new
-    # default one is created after the probe, so a sweep that fails there leaves nothing on disk.
-    study = sweep.open_study(storage, args.study_name, args.resume) if not sweep.is_new(storage) else None
-    if study is not None:
-        sweep.check_validation_budget(study, args.validate_tokens)  # before the probe
-    if args.validate_tokens:
-        _err(report.validation_budget_text(_validation_rungs(config, sizes), len(multipliers), args.validate_tokens,
-                                           args.max_trials))
-    with contextlib.redirect_stdout(sys.stderr):
-        ladder = plan_ladder(config, sizes, on_trial=_trial_printer(config.memory_budget_bytes))
-    if study is None:
-        study = sweep.open_study(storage, args.study_name, args.resume)
-    rungs, recommended, reason, notes = _verdict(config, ladder.plans, ladder.examples, args.lr_scaling, gns_report)
-    points = [sweep.Point(r, r.learning_rate * m, m) for r in rungs for m in multipliers]
-    results: list = []
-    if args.validate_tokens:
-        recommended, reason, gns_report, verdict_notes, results = _validate(
-            config, args, study, points, ladder, gns_report, output_dir)
-        notes += verdict_notes
-        sweep.predict(rungs, _usable_noise_scale(gns_report, rungs, notes))
-    else:
-        sweep.record_predictions(study, points, "predicted time to target" if gns_report else "epoch seconds")
-    chosen = next(r for r in rungs if r.effective_batch_size == recommended)
-    study_info = {"storage": storage, "name": args.study_name}
-    if args.json:
-        out = {
-            "plans": [{**r.plan.to_dict(), "prediction": r.prediction()} for r in rungs],
-            "trials": [t.to_dict() for t in ladder.trials],
-            "cached_trials": [t.to_dict() for t in ladder.cached_trials],
-            "gradient_noise_scale": gns_report,
-            "recommended_effective_batch_size": recommended,
-            "recommendation_reason": reason,
-            "eval_losses": sweep.eval_bars(results),
-            "notes": notes,
-            "study": study_info,
-        }
-        print(json.dumps(_json_safe(out), allow_nan=False), flush=True)
-    else:
-        print(report.format_sweep(rungs, ladder, gns_report, recommended, reason, notes, results), flush=True)
-        _err(report.study_line(args.study_name, storage))
-    if plots is not None:
-        _plot_sweep(plots, study, rungs, chosen, gns_report, results)
-    if args.output:
-        # its own output_dir: training into the sweep's folder would land the model beside sweep.db
-        rung_config = dataclasses.replace(
-            config, effective_batch_size=recommended,
-            training_args={**config.training_args, "learning_rate": chosen.learning_rate,
-                           "output_dir": str(Path(output_dir).resolve() / f"run-B{recommended}")})
-        if not evaluates(config):  # eval data only the validation runs used: a run without eval_strategy refuses it
-            rung_config = dataclasses.replace(rung_config, eval_fraction=None, dataset_test_split=None)
-        _write_output(rung_config, chosen.plan, args.output)
-    return 0
-
-
-def _validation_rungs(config: Config, sizes: list[int] | None) -> str:
-    """How many rungs --validate-tokens will train, known before the probe ("5–6" when the target may add one)."""
-    from autobatch.probe import ladder_rungs
-
-    if sizes:
-        return str(len(ladder_rungs(sizes, 1, config.world_size, config.effective_batch_size)))
-    # m·W·2^k for k = 0..4, and the target when it is not one of them
-    return "5" if config.effective_batch_size is None else "5–6"
-
-
-def _validate(config: Config, args: argparse.Namespace, study, points: list, ladder, gns_report: dict | None,
-              output_dir: str):
-    """Validation runs as study trials; cost printed first. Returns (recommended B, reason, noise report)."""
-    import optuna
-
-    from autobatch import sweep
-
+    args.names.update({key: "--" + key.replace("_", "-") for key in _SWEEP_KEYS})
     tokens = args.validate_tokens
-    device = ladder.plans[0].device
-    too_big = sorted({p.rung.effective_batch_size for p in points
-                      if p.rung.effective_batch_size * ladder.tokens_per_example > tokens})
-    points = [p for p in points if p.rung.effective_batch_size not in too_big]
-    if too_big:
-        _err(report.too_big_text(too_big, tokens, ladder.tokens_per_example))
-    if not points:
-        raise ConfigError(f"--validate-tokens {tokens} is less than one optimizer step at every rung: raise it")
-    examples = _validation_examples(tokens, sorted({p.rung.effective_batch_size for p in points}),
-                                    ladder.tokens_per_example)
-    estimate = sum(sweep.validation_steps(examples, p.rung) * p.rung.seconds_per_optimizer_step for p in points)
-    _err(report.validation_cost_text(len(points), estimate))
 
-    def validate(point, trial):
-        name = f"B{point.rung.effective_batch_size}-lr{point.learning_rate:.3g}-trial{trial.number}"
-        out = str(Path(output_dir) / "validate" / name)
-        with contextlib.redirect_stdout(sys.stderr):
-            loss, attrs = sweep.validate_point(config, point, examples, device, out)
-        _err(report.validated_line(point.rung.effective_batch_size, point.learning_rate, loss, attrs))
-        return loss, attrs
+    def checked(config: Config) -> None:  # arguments checked, nothing done yet: the setup, as plan and run say it
+        if not args.json:  # --json: one JSON object on stdout and nothing else
+            _print_setup(config, "sweep")
+        _quiet_third_party(args.verbose)
 
-    sweep.check_validation_budget(study, tokens, examples)
-    sweep.run_validation_study(study, points, validate, args.max_trials, args.timeout)
-    ladder_sizes = {p.rung.effective_batch_size for p in points}
-    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if t.params.get("effective_batch_size") in ladder_sizes]  # a resumed study may hold other rungs
-    noise = gns_report or sweep.best_noise_scale(
-        [t.user_attrs["gradient_noise_scale"] for t in done if t.user_attrs.get("gradient_noise_scale")])
-    if not done:
-        raise AutobatchError("no validation trial finished: raise --timeout or --max-trials, then --resume")
-    seen = report.seen_text(examples, tokens)
-    results = [sweep.EvalResult(t.params["effective_batch_size"], t.params["learning_rate"], t.user_attrs["eval_losses"],
-                                t.user_attrs.get("lr_multiplier", 1.0)) for t in done if t.user_attrs.get("eval_losses")]
-    if results and len(results) == len(done):
-        speed = {p.rung.effective_batch_size: p.rung.tokens_per_s for p in points}
-        verdict = sweep.judge(results, speed)
-        reason, notes = sweep.verdict_text(verdict, ladder.tokens_per_example, seen)
-        return verdict.recommended, reason, noise, notes, results
-    best = min(done, key=lambda t: t.value)  # a study from before per-example losses were stored
-    reason = report.lowest_loss_reason(seen, best.value, best.params["learning_rate"])
-    return best.params["effective_batch_size"], reason, noise, [report.NO_ERROR_BARS_NOTE], []
-
-
-def _validation_examples(tokens: int, sizes: list[int], tokens_per_example: float) -> float:
-    """The examples each validation run trains on, said on stderr: one count that every B divides when one is
-    near the budget (the same examples for every rung), else the budget's, each rung rounded to whole steps."""
-    from autobatch.sweep import common_examples
-
-    examples = common_examples(tokens, sizes, tokens_per_example)
-    if examples is not None:
-        _err(report.same_examples_text(examples, tokens_per_example))
-        return examples
-    examples = tokens / tokens_per_example
-    _err(report.unequal_examples_text(examples, sizes))
-    return examples
-
-
-def _plot_sweep(directory, study, rungs: list, chosen, gns_report: dict | None, results: list) -> None:
-    """memory.png, time_to_target.png, and from validation runs eval_loss.png (the verdict's losses with their
-    error bars), loss_vs_tokens.png (training loss) and noise_scale.png."""
-    import optuna
-
-    from autobatch import plots, sweep
-
-    _plot_memory(directory, chosen.plan)
-    if gns_report and not any(r.time_to_target_s is not None for r in rungs):
-        _err(report.time_to_target_skipped_line())
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the report / the one JSON object
+        result = api.sweep(
+            config, effective_batch_sizes=args.effective_batch_sizes, lr_scaling=args.lr_scaling,
+            gns_file=args.gns_file, validate_tokens=tokens, lr_multipliers=args.lr_multipliers,
+            max_trials=args.max_trials, timeout=args.timeout, storage=args.storage, study_name=args.study_name,
+            resume=args.resume, plot_dir=args.plot, on_checked=checked,
+            on_trial=_trial_printer(config.memory_budget_bytes),
+            on_validation_budget=lambda rungs, rates: _err(
+                report.validation_budget_text(rungs, rates, tokens, args.max_trials)),
+            on_too_big=lambda sizes, per_example: _err(report.too_big_text(sizes, tokens, per_example)),
+            on_examples=lambda examples, sizes, per_example: _err(report.examples_text(examples, sizes, per_example)),
+            on_validation_cost=lambda runs, seconds: _err(report.validation_cost_text(runs, seconds)),
+            on_validated=lambda point, loss, attrs: _err(
+                report.validated_line(point.rung.effective_batch_size, point.learning_rate, loss, attrs)),
+        )
+    if args.json:
+        print(json.dumps(_json_safe(result.to_dict()), allow_nan=False), flush=True)
     else:
-        _err(f"wrote {plots.plot_time_to_target(rungs, chosen.effective_batch_size, directory)}")
-    if results:
-        _err(f"wrote {plots.plot_eval_losses(sweep.eval_bars(results), chosen.effective_batch_size, directory)}")
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    curves = {f"B={t.params['effective_batch_size']} lr={t.params['learning_rate']:.3g}": t.user_attrs["loss_curve"]
-              for t in done if t.user_attrs.get("loss_curve")}
-    if curves:
-        _err(f"wrote {plots.plot_loss_curves(curves, directory)}")
-    if gns_report and gns_report.get("history"):
-        _err(f"wrote {plots.plot_noise_scale(gns_report, directory)}")
-
-
-def _read_gns_file(path: str) -> dict:
-    try:
-        noise = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--gns-file {path}: cannot read it ({exc}); write one with autobatch run --gns") from None
-    if not isinstance(noise, dict) or "low" not in noise or "b_simple" not in noise:
-        raise ConfigError(f"--gns-file {path}: not a gns.json written by autobatch run --gns")
-    return noise
-
-
-def _verdict(config: Config, plans: list, examples: int, rule: str | None, gns_report: dict | None):
-    """Rungs with their learning rates and predictions, the recommended effective batch, its reason, notes."""
-    from trl import SFTConfig
-
-    from autobatch import sweep
-
-    args = config.training_args
-    base_lr = args.get("learning_rate", SFTConfig.__dataclass_fields__["learning_rate"].default)
-    optim = str(args.get("optim", "adamw_torch"))
-    rule = rule or sweep.default_lr_rule(optim)
-    base_batch = config.effective_batch_size or plans[0].effective_batch_size
-    notes = []
-    b_noise = _usable_noise_scale(gns_report, plans, notes)
-    rungs = sweep.make_rungs(plans, examples, base_lr=base_lr, base_batch=base_batch, lr_rule=rule, b_noise=b_noise)
-    recommended, reason = sweep.recommend(rungs, b_noise, lora=config.lora is not None)
-    notes += sweep.notes(rungs, config.lora is not None)
-    if gns_report and not gns_report.get("resolved"):
-        notes.append(report.unresolved_gns_note(gns_report))
-    notes.append(report.lr_note(rule, base_lr, base_batch, b_noise))
-    return rungs, recommended, reason, notes
-
-
-def _usable_noise_scale(gns_report: dict | None, rungs: list, notes: list[str]) -> float | None:
-    """B_noise when resolved and not below the smallest rung; else None, the reason added to `notes` once."""
-    from autobatch import sweep
-
-    b_noise = gns_report.get("b_simple") if gns_report and gns_report.get("resolved") else None
-    sizes = [r.effective_batch_size for r in rungs]
-    if sweep.noise_scale_below_rungs(b_noise, sizes):
-        note = report.noise_below_rungs_note(b_noise, min(sizes))
-        if note not in notes:
-            notes.append(note)
-        return None
-    return b_noise
+        print(report.format_sweep(result.rungs, result.ladder, result.gradient_noise_scale, result.recommended,
+                                  result.reason, result.notes, result.results), flush=True)
+        _err(report.study_line(result.study_name, result.storage))
+    for path in result.plots.values():
+        _err(f"wrote {path}" if path is not None else report.time_to_target_skipped_line())
+    if args.output:
+        _write_output(result.rung_config, result.plan, args.output)
+    return 0
 
 
 def _cmd_cache(args: argparse.Namespace, extras: list[str]) -> int:
@@ -812,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     except AutobatchError as exc:
         if debug:
             traceback.print_exc()
-        _err(f"autobatch: error: {_one_line(_as_typed(exc, getattr(args, 'names', {})))}", every_rank=True)
+        _err(f"autobatch: error: {_one_line(_as_typed(exc, getattr(args, 'names', {})))}",
+             every_rank=not getattr(exc, "said_by_rank_0", False))
         return exc.exit_code
     except KeyboardInterrupt:
         _err("autobatch: interrupted", every_rank=True)
@@ -840,7 +664,8 @@ def _as_typed(exc: AutobatchError, names: dict[str, str]) -> str:
     text = str(exc)
     for key in getattr(exc, "keys", ()):
         if key in names:
-            text = re.sub(rf"(?<![\w-]){re.escape(key)}(?![\w-])", names[key], text)
+            # a key inside a path or file name (/mnt/storage/sweep.db, resume.yaml) is not the key
+            text = re.sub(rf"(?<![\w/.-]){re.escape(key)}(?![\w/-]|\.\w)", names[key], text)
     return text
 
 

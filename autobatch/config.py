@@ -350,9 +350,9 @@ def parse_memory_budget(value: str | int, name: str = "memory_budget") -> int:
     return parse_bytes(value, name)
 
 
-def validate_config(config: Config) -> Config:
+def validate_config(config: Config, evaluates: bool = False) -> Config:
     """A checked, normalized copy of a Config built in Python ("auto" lower-cased, "true" -> True, ...)."""
-    return _validate(config, {}, [])
+    return _validate(config, {}, [], evaluates)
 
 
 # -------------------------------------------------------------------------------------------- checks

@@ -41,6 +41,8 @@ LAUNCHER_VARIABLES = (
     "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK",
     "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK",
 )
+#: The parent group's rendezvous, which a worker group replaces with its own.
+PARENT_GROUP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "GROUP_WORLD_SIZE", "ROLE_NAME")
 #: After one rank fails, the others get this long to exit on SIGTERM before SIGKILL ends them.
 GRACE_S = 5.0
 #: How often the parent looks at its children while waiting.
@@ -104,8 +106,11 @@ def free_port() -> int:
 
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
     """This process's environment, this autobatch first on PYTHONPATH, the launcher's variables of a parent
-    run under torchrun removed (a worker group gets its own), and `extra` on top."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and k not in ("MASTER_ADDR", "MASTER_PORT")}
+    run under torchrun removed (a worker group gets its own), and `extra` on top. torchrun's TORCHELASTIC_* go
+    too: with TORCHELASTIC_USE_AGENT_STORE a worker's rank 0 would not serve its group's store but dial the
+    parent's agent, and every worker timed out connecting (seen under `torchrun autobatch plan` with fsdp)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARIABLES and k not in PARENT_GROUP_VARIABLES and not k.startswith("TORCHELASTIC_")}
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
     env.update(extra or {})

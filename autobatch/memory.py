@@ -470,12 +470,55 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_backend(device: str | None, memory_budget_bytes: int | None) -> MemoryBackend:
-    """The backend for `--device` (None: cuda when available, else cpu) and `--memory-budget`."""
+def nvml_free_bytes() -> int | None:
+    """The least free memory NVML reports over the GPUs this process may use (`CUDA_VISIBLE_DEVICES`, as indices
+    or UUIDs), without a CUDA context; None without NVML. NVML numbers GPUs in PCI order and CUDA may not, so
+    the least over all of them stands for each rank's."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:  # noqa: BLE001 - NVML missing or no driver
+        logger.debug("NVML not used: %s", exc)
+        return None
+    try:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        names = [n.strip() for n in visible.split(",") if n.strip()] if visible is not None else \
+            [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        handles = [pynvml.nvmlDeviceGetHandleByUUID(n) if n.startswith(("GPU-", "MIG-"))
+                   else pynvml.nvmlDeviceGetHandleByIndex(int(n)) for n in names]
+        return min((int(pynvml.nvmlDeviceGetMemoryInfo(h).free) for h in handles), default=None)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _coordinator_backend(memory_budget_bytes: int | None) -> MemoryBackend:
+    """cuda as FSDP trial groups' coordinator sees it: this process trains nothing, so it owns no GPU and makes
+    no CUDA context (one would hold about 0.5 GiB of the card a rank's worker then trials on). The budget is
+    the least of `--memory-budget` and NVML's free memory; each worker caps its own card there."""
+    free = nvml_free_bytes()
+    if free is None and memory_budget_bytes is None:
+        raise ConfigError("FSDP trial groups on cuda read each GPU's free memory through NVML, which is not "
+                          "available here: pass memory_budget (e.g. memory_budget 80GB)", keys=("memory_budget",))
+    budget = min(b for b in (free, memory_budget_bytes) if b is not None)
+    backend = CudaBackend(budget, device_index=0, total_bytes=None)
+    backend.budget_source = "--memory-budget" if memory_budget_bytes and budget == memory_budget_bytes else \
+        "free GPU memory (NVML, the least over the visible GPUs)"
+    return backend
+
+
+def make_backend(device: str | None, memory_budget_bytes: int | None, coordinator: bool = False) -> MemoryBackend:
+    """The backend for `--device` (None: cuda when available, else cpu) and `--memory-budget`.
+
+    A `coordinator` (FSDP trial groups launched from this process) trains nothing on cuda: see
+    `_coordinator_backend`.
+    """
     device = device or default_device()
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device cuda: no GPU is available; use device cpu or device estimate", keys=("device",))
+        if coordinator:
+            return _coordinator_backend(memory_budget_bytes)
         index = select_cuda_device()  # LOCAL_RANK's GPU, current before any other CUDA call
         capacity = cuda_capacity_bytes(index)
         total = torch.cuda.mem_get_info(index)[1]

@@ -22,7 +22,7 @@ from autobatch.cache import ProbeCache, cache_path, workload_description
 from autobatch.config import Config, eval_strategy, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
 from autobatch.estimate import assumptions
-from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, make_backend
+from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, default_device, make_backend
 from autobatch.planner import (
     CheckpointingChoice,
     Option,
@@ -94,19 +94,13 @@ class _Session:
             raise ConfigError("plan_trainer does not plan an FSDP trainer: plan from its config with "
                               "autobatch.plan(...) or `autobatch plan` (the fsdp keys in the YAML)")
         self.config, self.on_trial = config, on_trial
-        self.backend = make_backend(config.device, config.memory_budget_bytes)
+        # FSDP: the trials run sharded on every rank (estimate: one rank traced on a fake group of world size)
+        group = sharded and sharding.launches_groups(config.device or default_device())  # from a shell
+        self.backend = make_backend(config.device, config.memory_budget_bytes, coordinator=group)
         check_cpu_budget(self.backend.device, config.memory_budget_bytes)
         self.headroom = resolve_headroom(config, self.backend.device)
         self.usable = self.backend.keep_headroom(self.headroom)  # on cuda a trial past it is a real OOM
-        # FSDP: the trials run sharded on every rank (estimate: one rank traced on a fake group of world size)
         self._scope = contextlib.ExitStack()
-        group = sharded and sharding.launches_groups(self.backend.device)  # --nproc-per-node from a shell
-        if sharded and ranks.current().launched and self.backend.device != "estimate":
-            raise ConfigError(
-                "FSDP is planned from a shell, not under a launcher (a rank's OOM inside one shared group would "
-                "stall the others): autobatch plan --nproc-per-node N --output plan.yaml, then run under the "
-                "launcher with --plan plan.yaml"
-            )
         if sharded and not group:
             self._scope.enter_context(sharding.sharded_trials(self.backend.device, config.world_size))
         try:
@@ -286,7 +280,17 @@ def make_plan(
     The process environment is left as found (`sharding.environment_kept`).
     """
     with sharding.environment_kept():
+        if trainer is None and _fsdp_under_launcher(config):  # the same plan as from a shell, on every rank
+            device = config.device or default_device()
+            return ranks.planned_on_rank_0(lambda: _make_plan(config, on_trial, on_start, on_eval_trial, None),
+                                           device, ranks.group_timeout_s(config, device))
         return _make_plan(config, on_trial, on_start, on_eval_trial, trainer)
+
+
+def _fsdp_under_launcher(config: Config) -> bool:
+    """FSDP trials are groups rank 0 launches (`ranks.planned_on_rank_0`); a traced estimate needs no group."""
+    return (sharding.fsdp_requested(config.training_args) and ranks.current().launched
+            and config.device != "estimate")
 
 
 def _make_plan(config: Config, on_trial, on_start, on_eval_trial, trainer) -> Plan:
@@ -595,6 +599,9 @@ def plan_ladder(
     the worst case for every rung). Without explicit sizes the ladder is m·W·2^k, k = 0..4, plus the
     config's target; its largest micro-batch m is confirmed again at that accumulation.
     """
+    if sharding.fsdp_requested(config.training_args):
+        raise ConfigError("sweep does not plan FSDP jobs yet: plan each effective batch with autobatch plan "
+                          "--nproc-per-node N --effective-batch-size B with the same fsdp settings", keys=("fsdp",))
     started = time.perf_counter()
     world = config.world_size
     for size in effective_batch_sizes or []:

@@ -17,15 +17,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from autobatch.errors import ConfigError
+from autobatch.errors import AutobatchError, ConfigError
 from autobatch.launch import LAUNCHER_VARIABLES
 
 if TYPE_CHECKING:
-    from autobatch.planner import Trial
+    from autobatch.planner import Plan, Trial
 
 
 
@@ -42,6 +42,8 @@ class Ranks:
         return self.world_size > 1
 
 
+#: Rank 0 planning alone (`_launcher_hidden`): the group exists, but the other ranks are not in the trials.
+_alone = False
 #: The launcher's variables while `local_only` hides them from the Trainer (this process is still rank r).
 _hidden: dict[str, str] = {}
 
@@ -148,7 +150,7 @@ def _group_ready() -> bool:
     """A process group of several ranks exists (the launcher's variables may be hidden by `local_only`)."""
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def agree(trial: Trial) -> Trial:
@@ -185,6 +187,60 @@ def smallest(value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
+
+
+#: How long ranks 1..N-1 wait for rank 0's FSDP plan: a search of trial groups can take hours on a large model.
+#: A rank 0 that dies is no reason to wait: the launcher (torchrun, accelerate launch) ends the others at once.
+PLAN_WAIT_S = 6 * 3600
+
+
+def planned_on_rank_0(make_plan: Callable[[], Plan], device: str, timeout_s: int | None = None) -> Plan:
+    """Under a launcher, rank 0 plans alone, as from a shell, and every rank gets its plan.
+
+    FSDP's trials are groups of fresh processes on all the ranks' devices (`trial.GroupProber`): the launcher's
+    own ranks cannot share one group's trials (a rank's OOM would stall the others), so rank 0 launches them
+    with the launcher's variables out of sight, while the other ranks wait in a broadcast on a gloo group of
+    their own (`PLAN_WAIT_S`). A refusal on rank 0 is every rank's, with its exit code.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    init_group(device, timeout_s)  # the run's group, which the Trainer joins after the plan
+    waiting = dist.new_group(backend="gloo", timeout=timedelta(seconds=PLAN_WAIT_S))
+    box: list = [None]
+    error = None
+    if current().rank == 0:
+        try:
+            with _launcher_hidden():
+                box[0] = ("plan", make_plan())
+        except AutobatchError as exc:
+            error, box[0] = exc, ("error", exc.exit_code, str(exc), exc.keys)
+    dist.broadcast_object_list(box, src=0, group=waiting)
+    dist.destroy_process_group(waiting)
+    if error is not None:
+        raise error
+    kind, *answer = box[0]
+    if kind == "error":
+        code, message, keys = answer
+        refusal = (ConfigError if code == ConfigError.exit_code else AutobatchError)(message, keys=keys)
+        refusal.said_by_rank_0 = True  # one line for the user: rank 0's
+        raise refusal
+    return answer[0]
+
+
+@contextlib.contextmanager
+def _launcher_hidden() -> Iterator[None]:
+    """This process as if started from a shell: the launcher's variables out of the environment (and of
+    `current()`), back on exit."""
+    global _alone
+    saved = {name: os.environ.pop(name) for name in LAUNCHER_VARIABLES if name in os.environ}
+    _alone = True
+    try:
+        yield
+    finally:
+        _alone = False
+        os.environ.update(saved)
 
 
 @contextlib.contextmanager

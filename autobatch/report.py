@@ -311,9 +311,11 @@ def study_line(name: str, storage: str) -> str:
     return f"study {name!r} in {storage} (open it with optuna.load_study or optuna-dashboard)"
 
 
-def validation_budget_text(rungs: str, rates: int, tokens: int, max_trials: int | None) -> str:
-    """What --validate-tokens will cost, said before the probe: runs × tokens (seconds follow the probe)."""
-    runs = f"{rungs} rungs × {rates} rate(s)" + (f", at most {max_trials} this time" if max_trials else "")
+def validation_budget_text(rungs: tuple[int, int], rates: int, tokens: int, max_trials: int | None) -> str:
+    """What --validate-tokens will cost, said before the probe: runs × tokens (seconds follow the probe);
+    `rungs` is (fewest, most), "5–6" when the ladder's target may add one."""
+    count = str(rungs[0]) if rungs[0] == rungs[1] else f"{rungs[0]}–{rungs[1]}"
+    runs = f"{count} rungs × {rates} rate(s)" + (f", at most {max_trials} this time" if max_trials else "")
     return (f"validation: {runs}, each about {tokens} tokens of training plus an evaluation; "
             "the probe comes first, then the predicted seconds")
 
@@ -328,6 +330,13 @@ def too_big_text(too_big: list[int], tokens: int, tokens_per_example: float) -> 
 def validation_cost_text(runs: int, seconds: float) -> str:
     return (f"validation: {runs} runs, predicted {seconds:.0f} s of training "
             "(at the worst-case length; shorter examples train faster)")
+
+
+def examples_text(examples: float, sizes: list[int], tokens_per_example: float) -> str:
+    """What every validation run trains on: the same examples (an int count), or each rung its own whole steps."""
+    if isinstance(examples, int):
+        return same_examples_text(examples, tokens_per_example)
+    return unequal_examples_text(examples, sizes)
 
 
 def same_examples_text(examples: int, tokens_per_example: float) -> str:

@@ -33,7 +33,8 @@ def check_output_dir(config: Config) -> Path:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir {out}: {existing} is not a writable directory; pass --output-dir with one")
+        raise ConfigError(f"output_dir {out}: {existing} is not a writable directory; pass output_dir with one",
+                          keys=("output_dir",))
     return path
 
 
@@ -201,7 +202,8 @@ def check_training_data(config: Config) -> None:
     """A model of the user's needs --dataset (the built-in model trains on its built-in sample): before probing."""
     model = config.model_name_or_path
     if config.dataset_name is None and model is not None and not is_builtin_model_path(model):
-        raise ConfigError("run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)")
+        raise ConfigError("run needs training data: pass dataset_name (a hub name or a local json/jsonl/csv file)",
+                          keys=("dataset_name",))
 
 
 def check_eval_split(config: Config) -> None:

@@ -87,3 +87,11 @@ def tiny_dataset_file(tmp_path_factory):
             n = 20 + (i * 397) % 911  # lengths spread over the range without sorting
             f.write(json.dumps({"text": long_prose[:n].strip()}) + "\n")
     return path
+
+
+@pytest.fixture
+def planted(monkeypatch):
+    """`planted(step_seconds)`: trials' step times from a planted clock (helpers.PlantedClock), no wall clock."""
+    from helpers import install_planted
+
+    return install_planted(monkeypatch)

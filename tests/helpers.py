@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import shutil
+import sys
 from pathlib import Path
 
 from autobatch.planner import Option, Plan, Trial
@@ -13,6 +15,16 @@ from autobatch.planner import Option, Plan, Trial
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
 GiB = 2**30
+
+
+def _script(name: str) -> str | None:
+    """A console script of this interpreter's environment (CI runs `venv/bin/python -m pytest`, bin not on PATH)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+TORCHRUN = _script("torchrun")
+AUTOBATCH = _script("autobatch")
 
 
 def error_lines(err: str) -> list[str]:
@@ -69,3 +81,51 @@ def plan_at(batch: int, micro: int, seconds: float = 0.1) -> Plan:
                 effective_batch_size=batch, world_size=1, max_fitting_micro_batch_size=micro, memory_budget_bytes=1,
                 usable_memory_bytes=1, headroom=0.0, peak_memory_bytes=1, device="cpu", max_length=100,
                 trials=[], seconds_per_micro_batch=seconds)
+
+
+class PlantedClock:
+    """A clock whose optimizer steps take `step_seconds(micro, checkpointing, index) × micro-batches` seconds."""
+
+    def __init__(self, step_seconds):
+        self.step_seconds = step_seconds
+        self.now, self.begun, self.key, self.index = 0.0, False, None, 0
+        self.trials: list[tuple] = []
+
+    def __call__(self) -> float:
+        if self.begun:  # on_step_end: the planted step has passed
+            micro, checkpointing, micro_steps = self.key
+            self.now += self.step_seconds(micro, checkpointing, self.index) * micro_steps
+            self.index += 1
+        self.begun = not self.begun
+        return self.now
+
+
+def install_planted(monkeypatch):
+    """`install(step_seconds)` puts a PlantedClock in the trial timer and returns it; trials use it from then on."""
+    from autobatch import trial
+    from autobatch.trial import Prober
+
+    def install(step_seconds):
+        clock = PlantedClock(step_seconds)
+        prepare = Prober._prepare
+
+        def timed_prepare(self, micro_batch_size, micro_steps, eval_batch_size):
+            prepare(self, micro_batch_size, micro_steps, eval_batch_size)
+            clock.key, clock.index = (micro_batch_size, bool(self.trainer.args.activation_checkpointing), micro_steps), 0
+            clock.trials.append(clock.key)
+
+        monkeypatch.setattr(Prober, "_prepare", timed_prepare)
+        monkeypatch.setattr(trial._StepTimer, "clock", staticmethod(clock))
+        return clock
+
+    return install
+
+
+def tiny_config(model_dir, **overrides):
+    """A cpu config of the tiny model: no headroom, 32 tokens, 8 GiB, no cache, checkpointing off (None: unset)."""
+    from autobatch.config import build_config
+
+    values = {"model_name_or_path": str(model_dir), "device": "cpu", "headroom": 0, "max_length": 32,
+              "memory_budget": "8GiB", "no_cache": True, "gradient_checkpointing": False}
+    values.update(overrides)
+    return build_config(overrides={k: v for k, v in values.items() if v is not None})

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import yaml
+from helpers import tiny_config
 
 from autobatch import api
 from autobatch.config import build_config
@@ -14,14 +15,8 @@ from autobatch.planfile import plan_yaml_text
 from autobatch.probe import make_plan
 from autobatch.report import format_plan
 from autobatch.trial import Prober
-from tests.test_step_time import install_planted, tiny_config
 
 SPEED = {True: 1.0, False: 0.6}  # planted seconds per micro-batch with / without checkpointing
-
-
-@pytest.fixture
-def planted(monkeypatch):
-    return install_planted(monkeypatch)
 
 
 def by_checkpointing(micro, checkpointing, index):

@@ -61,9 +61,9 @@ def probe(monkeypatch):
 
     module.make_plan = make_plan
     monkeypatch.setitem(sys.modules, "autobatch.probe", module)
-    builtin = types.ModuleType("autobatch.builtin")
-    builtin.builtin_model_dir = lambda: Path("/cache/autobatch/tiny-model")
-    monkeypatch.setitem(sys.modules, "autobatch.builtin", builtin)
+    from autobatch import builtin  # torch-free: the real module, its model folder faked
+
+    monkeypatch.setattr(builtin, "builtin_model_dir", lambda: Path("/cache/autobatch/tiny-model"))
     # The models named here are fakes the fake probe never loads: no path or hub cache to check them against.
     monkeypatch.setattr(config_module, "_model_problems", lambda model, name: [])
     monkeypatch.setattr(cli, "check_model_available", lambda config, flag: None)

@@ -272,7 +272,7 @@ def test_under_ddp_the_small_batch_is_a_ranks_micro_batch_and_the_big_one_the_gl
     import os
     import subprocess
 
-    from tests.test_ranks import TORCHRUN
+    from helpers import TORCHRUN
 
     if TORCHRUN is None:
         pytest.skip("torchrun not found")

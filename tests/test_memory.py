@@ -110,3 +110,65 @@ def test_usable_budget_has_one_home_that_the_probe_and_the_run_use(monkeypatch):
     assert asked == [0.2] and plan.usable_memory_bytes == 240 * MiB - MiB
     train._run_backend(api.load(device="cpu", memory_budget="300MiB"), plan)
     assert asked == [0.2, 0.2], "the run caps at the plan's headroom through the same function"
+
+
+class _FakeNvml:
+    """pynvml with two GPUs (indices 0 and 1, UUIDs GPU-a and GPU-b) and the given free bytes."""
+
+    def __init__(self, free: list[int]) -> None:
+        self.free, self.open = free, 0
+
+    def nvmlInit(self):
+        self.open += 1
+
+    def nvmlShutdown(self):
+        self.open -= 1
+
+    def nvmlDeviceGetCount(self):
+        return len(self.free)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        return "ab".index(uuid[-1])
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return type("Info", (), {"free": self.free[handle]})()
+
+
+@pytest.mark.parametrize(("visible", "budget", "expected"), [
+    (None, None, 60 * 10**9), ("0", None, 70 * 10**9), ("GPU-b", None, 60 * 10**9), (None, 50 * 10**9, 50 * 10**9),
+])
+def test_an_fsdp_coordinator_on_cuda_takes_its_budget_from_nvml_without_a_cuda_context(
+    monkeypatch, visible, budget, expected
+):
+    """The process that launches FSDP trial groups trains nothing: it must not pick a GPU (several are visible to
+    it, which a training process refuses) nor make a context on one (about 0.5 GiB a rank's worker would lose)."""
+    import sys
+
+    from autobatch import memory, ranks
+
+    nvml = _FakeNvml([70 * 10**9, 60 * 10**9])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for touches_the_gpu in (torch.cuda.mem_get_info, torch.cuda.set_device):
+        monkeypatch.setattr(torch.cuda, touches_the_gpu.__name__, lambda *a, **k: pytest.fail("a CUDA context"))
+    monkeypatch.setattr(ranks, "select_cuda_device", lambda: pytest.fail("the coordinator picked a GPU"))
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    backend = memory.make_backend("cuda", budget, coordinator=True)
+    assert (backend.device, backend.budget_bytes, nvml.open) == ("cuda", expected, 0)
+
+
+def test_an_fsdp_coordinator_on_cuda_without_nvml_asks_for_a_budget(monkeypatch):
+    import sys
+
+    from autobatch import memory
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="pass memory_budget"):
+        memory.make_backend("cuda", None, coordinator=True)

@@ -5,7 +5,7 @@ import sys
 import pytest
 from helpers import MiB, plan_at
 
-from autobatch import plots, sweep
+from autobatch import ladder, plots
 from autobatch.errors import AutobatchError
 from autobatch.planner import Trial
 
@@ -62,7 +62,7 @@ def test_loss_noise_and_time_plots_draw_their_data(tmp_path, drawn):
               "B=16": [{"tokens": 100, "loss": 3.2}, {"tokens": None, "loss": 9.0}, {"tokens": 200, "loss": 2.4}]}
     noise = {"history": [{"step": 1, "b_simple_ema": 10.0}, {"step": 2, "b_simple_ema": None},
                          {"step": 3, "b_simple_ema": 12.0}], "low": 8.0, "high": 15.0, "b_simple": 11.0}
-    rungs = sweep.make_rungs([plan_at(8, 4), plan_at(16, 4)], 100, base_lr=1e-4, base_batch=8, lr_rule="sqrt",
+    rungs = ladder.make_rungs([plan_at(8, 4), plan_at(16, 4)], 100, base_lr=1e-4, base_batch=8, lr_rule="sqrt",
                              b_noise=12)
     written = [plots.plot_loss_curves(curves, directory), plots.plot_noise_scale(noise, directory),
                plots.plot_time_to_target(rungs, 8, directory)]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,22 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import MiB
+from helpers import AUTOBATCH, TORCHRUN, MiB
 
 from autobatch import ranks
 from autobatch.config import build_config
 from autobatch.errors import ConfigError
 from autobatch.sharding import check_shardable
 
-
-def _script(name: str) -> str | None:
-    """A console script of this interpreter's environment (CI runs `venv/bin/python -m pytest`, bin not on PATH)."""
-    beside = Path(sys.executable).parent / name
-    return str(beside) if beside.exists() else shutil.which(name)
-
-
-TORCHRUN = _script("torchrun")
-AUTOBATCH = _script("autobatch")
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None or AUTOBATCH is None, reason="torchrun/autobatch not found")
 
 

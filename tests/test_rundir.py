@@ -217,3 +217,28 @@ def test_overwrite_output_dir_removes_only_the_earlier_checkpoints(tmp_path):
     assert len(list(out.iterdir())) == 5, "the check itself changes nothing"
     train._remove_earlier_checkpoints(str(out))
     assert sorted(p.name for p in out.iterdir()) == [".autobatch-run", "checkpoint-notes.txt", "plan.json"]
+
+
+def test_a_run_without_training_data_names_the_flag_at_the_command_line_and_the_key_in_python(
+    tiny_model_dir, tmp_path, capsys
+):
+    import autobatch
+    from autobatch.errors import ConfigError
+
+    args = ["run", "--model", str(tiny_model_dir("llama")), "--device", "cpu", "--output-dir", str(tmp_path / "out")]
+    assert main(args) == 2
+    said = "autobatch: error: run needs training data: pass --dataset (a hub name or a local json/jsonl/csv file)"
+    assert error_lines(capsys.readouterr().err) == [said]
+    with pytest.raises(ConfigError, match=r"pass dataset_name \(a hub name"):
+        autobatch.run(model_name_or_path=str(tiny_model_dir("llama")), device="cpu", output_dir=str(tmp_path / "py"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "py").exists()
+
+
+def test_an_output_dir_under_a_file_is_refused_with_the_flag_typed(tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    assert main(["run", "--device", "cpu", "--output-dir", str(blocker / "out")]) == 2
+    said = (f"autobatch: error: --output-dir {blocker / 'out'}: {blocker} is not a writable directory; "
+            "pass --output-dir with one")
+    assert error_lines(capsys.readouterr().err) == [said]
+    assert blocker.read_text() == "a file, not a folder"

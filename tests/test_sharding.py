@@ -29,8 +29,9 @@ def _config(model, **overrides):
 
 def test_estimate_needs_a_world_of_several(tiny_model_dir):
     config = _config(tiny_model_dir("llama"), device="estimate", memory_budget="1GiB", per_device_train_batch_size=1)
-    with pytest.raises(ConfigError, match=r"--world-size N \(or --nproc-per-node N\)"):
+    with pytest.raises(ConfigError, match=r"pass world_size N \(or nproc_per_node N\)") as refused:
         make_plan(config)
+    assert {"world_size", "nproc_per_node"} <= set(refused.value.keys)  # the CLI says them as the flags typed
 
 
 def test_nproc_per_node_sets_the_world_size_and_must_agree_with_it():
@@ -191,7 +192,7 @@ _SMALLER_RANK = textwrap.dedent("""
 
 
 def _torchrun_run(plan, out_dir, script=None):
-    from tests.test_ranks import AUTOBATCH, TORCHRUN
+    from helpers import AUTOBATCH, TORCHRUN
 
     return subprocess.run(
         [TORCHRUN, "--nproc_per_node", "2", "--standalone", str(script or AUTOBATCH), "run", "--plan", str(plan),
@@ -226,6 +227,34 @@ def test_plan_yaml_carries_fsdp_and_torchrun_trains_it_then_a_mid_run_oom_stops_
     assert errors.count(oom) == 1 and set(errors) <= {oom, peer}, errors
 
 
+@pytest.mark.slow
+def test_under_torchrun_rank_0_plans_as_a_shell_would_and_every_rank_gets_the_plan(
+    tiny_model_dir, tiny_dataset_file, capsys
+):
+    """`torchrun --nproc_per_node 2 autobatch plan` with fsdp: rank 0 launches the trial groups (the launcher's ranks
+    cannot share one group's trials), the other rank waits, and the plan is the one `--nproc-per-node 2` makes."""
+    from helpers import AUTOBATCH, TORCHRUN, error_lines, plan_json
+
+    flags = ["--model", str(tiny_model_dir("llama")), "--dataset", str(tiny_dataset_file), "--device", "cpu",
+             "--memory-budget", "24MiB", "--headroom", "0", "--max-length", "64", "--fsdp", "full_shard auto_wrap",
+             "--fsdp-config", "{fsdp_version: 2}", "--gradient-checkpointing", "false", "--effective-batch-size", "8",
+             "--no-cache"]
+    launched = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--standalone", str(AUTOBATCH), "plan", *flags, "--json"],
+                              check=False, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    under_launcher = json.loads(launched.stdout)  # rank 0 alone prints
+    from_shell = plan_json(["--nproc-per-node", "2", *flags], capsys)
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "rank_peak_bytes")
+    assert [under_launcher[k] for k in keys] == [from_shell[k] for k in keys]
+    small = [f if f != "24MiB" else "4MiB" for f in flags]  # micro-batch 1 does not fit: rank 0's refusal is every rank's
+    refused = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--standalone", str(AUTOBATCH), "plan", *small],
+                             check=False, capture_output=True, text=True, timeout=900,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    lines = error_lines(refused.stderr)
+    assert refused.returncode != 0 and len(lines) == 1 and "micro-batch 1 needs" in lines[0], refused.stderr[-2000:]
+
+
 def test_environment_kept_undoes_what_a_trainer_writes_for_accelerate(monkeypatch):
     """TrainingArguments with `fsdp` sets ACCELERATE_USE_FSDP: left behind, the next plan in the process would
     be refused as an FSDP1 job (seen: 17 tests after one in-process FSDP estimate)."""
@@ -237,3 +266,19 @@ def test_environment_kept_undoes_what_a_trainer_writes_for_accelerate(monkeypatc
         assert sharding.fsdp_requested({})
     assert "ACCELERATE_USE_FSDP" not in os.environ and not sharding.fsdp_requested({})
     assert os.environ["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+
+
+def test_a_sweep_of_an_fsdp_job_is_refused_with_one_line(tiny_model_dir, tiny_dataset_file, tmp_path, capsys):
+    from helpers import error_lines
+
+    from autobatch.cli import main
+
+    code = main(["sweep", "--model", str(tiny_model_dir("llama")), "--dataset", str(tiny_dataset_file), "--device",
+                 "cpu", "--memory-budget", "24MiB", "--fsdp", "full_shard auto_wrap", "--fsdp-config",
+                 "{fsdp_version: 2}", "--nproc-per-node", "2", "--effective-batch-sizes", "4,8", "--no-cache",
+                 "--output-dir", str(tmp_path / "sweep")])
+    lines = error_lines(capsys.readouterr().err)
+    said = ("autobatch: error: sweep does not plan FSDP jobs yet: plan each effective batch with autobatch plan "
+            "--nproc-per-node N --effective-batch-size B with the same --fsdp settings")
+    assert code == 2 and lines == [said]
+    assert not (tmp_path / "sweep").exists()

@@ -2,12 +2,11 @@
 step times planted through the trial timer's clock (no wall-clock asserts)."""
 
 import pytest
+from helpers import tiny_config
 
 from autobatch import trial
-from autobatch.config import build_config
 from autobatch.planner import steady_seconds
 from autobatch.probe import make_plan
-from autobatch.trial import Prober
 
 
 @pytest.mark.parametrize("steps, expected", [
@@ -18,54 +17,6 @@ from autobatch.trial import Prober
 ])
 def test_steady_seconds_is_the_median_after_warm_up(steps, expected):
     assert steady_seconds(steps) == pytest.approx(expected)
-
-
-class PlantedClock:
-    """A clock whose optimizer steps take `step_seconds(micro, checkpointing, index) × micro-batches` seconds."""
-
-    def __init__(self, step_seconds):
-        self.step_seconds = step_seconds
-        self.now, self.begun, self.key, self.index = 0.0, False, None, 0
-        self.trials: list[tuple] = []
-
-    def __call__(self) -> float:
-        if self.begun:  # on_step_end: the planted step has passed
-            micro, checkpointing, micro_steps = self.key
-            self.now += self.step_seconds(micro, checkpointing, self.index) * micro_steps
-            self.index += 1
-        self.begun = not self.begun
-        return self.now
-
-
-def install_planted(monkeypatch):
-    """`install(step_seconds)` puts a PlantedClock in the trial timer and returns it; trials use it from then on."""
-
-    def install(step_seconds):
-        clock = PlantedClock(step_seconds)
-        prepare = Prober._prepare
-
-        def timed_prepare(self, micro_batch_size, micro_steps, eval_batch_size):
-            prepare(self, micro_batch_size, micro_steps, eval_batch_size)
-            clock.key, clock.index = (micro_batch_size, bool(self.trainer.args.activation_checkpointing), micro_steps), 0
-            clock.trials.append(clock.key)
-
-        monkeypatch.setattr(Prober, "_prepare", timed_prepare)
-        monkeypatch.setattr(trial._StepTimer, "clock", staticmethod(clock))
-        return clock
-
-    return install
-
-
-@pytest.fixture
-def planted(monkeypatch):
-    return install_planted(monkeypatch)
-
-
-def tiny_config(model_dir, **overrides):
-    values = {"model_name_or_path": str(model_dir), "device": "cpu", "headroom": 0, "max_length": 32,
-              "memory_budget": "8GiB", "no_cache": True, "gradient_checkpointing": False}
-    values.update(overrides)
-    return build_config(overrides={k: v for k, v in values.items() if v is not None})
 
 
 def test_the_ranking_follows_steady_step_times_not_warm_up(tiny_model_dir, planted):

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from helpers import MiB, plan_at
 
+from autobatch import ladder
 from autobatch import probe as probe_module
-from autobatch import sweep
 from autobatch.cli import main
 from autobatch.config import build_config
 from autobatch.errors import ConfigError
@@ -58,10 +58,10 @@ def ladder_config(model_dir, **overrides):
 @pytest.mark.parametrize("world", [1, 2])
 def test_a_ladder_probes_once_and_every_plan_is_exact(fake_prober, tiny_model_dir, world):
     sizes = [8 * world, 24 * world, 40 * world, 96 * world]
-    ladder = probe_module.plan_ladder(ladder_config(tiny_model_dir(), world_size=world), sizes)
-    plans, trials = ladder.plans, ladder.trials
+    planned = probe_module.plan_ladder(ladder_config(tiny_model_dir(), world_size=world), sizes)
+    plans, trials = planned.plans, planned.trials
     (prober,) = fake_prober  # one probe
-    assert ladder.examples == 300 and ladder.tokens_per_example == 50
+    assert planned.examples == 300 and planned.tokens_per_example == 50
     assert prober.per_device == 96  # trials carry the ladder's largest accumulation
     assert [t.micro_batch_size for t in trials] == prober.sizes  # one trials list, every trial in it
     assert len(set(prober.sizes)) == len(prober.sizes)  # no size measured twice
@@ -72,7 +72,7 @@ def test_a_ladder_probes_once_and_every_plan_is_exact(fake_prober, tiny_model_di
     assert [(p.per_device_train_batch_size, p.gradient_accumulation_steps) for p in plans] == [
         (8, 1), (8, 3), (10, 4), (8, 12)]
     for plan in plans:
-        assert plan.max_micro_batch_size == 10 and plan.world_size == world
+        assert plan.max_fitting_micro_batch_size == 10 and plan.world_size == world
         assert plan.fits and plan.memory_budget_bytes == 40 * MiB
     assert 11 in prober.sizes and not next(t for t in trials if t.micro_batch_size == 11).fits
 
@@ -96,7 +96,7 @@ def test_unreachable_rungs_are_refused_before_probing(fake_prober, tiny_model_di
 
 def test_rung_cost_and_predictions_follow_mccandlish():
     plans = [plan_at(8, 8, 0.1), plan_at(32, 8, 0.1), plan_at(128, 8, 0.1)]
-    rungs = sweep.make_rungs(plans, 1000, base_lr=1e-4, base_batch=8, lr_rule="sqrt", b_noise=32)
+    rungs = ladder.make_rungs(plans, 1000, base_lr=1e-4, base_batch=8, lr_rule="sqrt", b_noise=32)
     assert [r.tokens_per_s for r in rungs] == pytest.approx([8000] * 3)
     assert [r.seconds_per_optimizer_step for r in rungs] == pytest.approx([0.1, 0.4, 1.6])
     assert [r.steps_per_epoch for r in rungs] == [125, 32, 8]
@@ -105,38 +105,41 @@ def test_rung_cost_and_predictions_follow_mccandlish():
     assert [r.time_to_target_s for r in rungs] == pytest.approx([0.5, 0.8, 2.0])
     # sqrt rule from 1e-4 at 8, capped at B_noise 32: 1e-4, 2e-4, 2e-4
     assert [r.learning_rate for r in rungs] == pytest.approx([1e-4, 2e-4, 2e-4])
-    best, reason = sweep.recommend(rungs, 32)
+    best, reason = ladder.recommend(rungs, 32)
     assert best == 8 and "B <= B_noise 32" in reason
 
 
 def test_validation_runs_accumulate_so_the_noise_scale_has_a_pair():
-    assert sweep.gns_split(16, 1) == (8, 2)
-    assert sweep.gns_split(4, 3) == (4, 3)
-    assert sweep.gns_split(3, 1) == (3, 1)  # odd: left alone (the report then says why there is no estimate)
+    assert ladder.gns_split(16, 1) == (8, 2)
+    assert ladder.gns_split(4, 3) == (4, 3)
+    assert ladder.gns_split(3, 1) == (3, 1)  # odd: left alone (the report then says why there is no estimate)
 
 
 def test_validation_runs_share_one_example_count_every_rung_divides():
     # the default ladder (powers of two times m): the nearest multiple of the largest B, above or below
-    assert sweep.common_examples(20000, [16, 64], 250) == 64  # 80 asked: 64, not 80 at 16 and 64 at 64
-    assert sweep.common_examples(8000, [8, 16, 32], 163.8) == 64  # 49 asked: 64 is nearer than 32
-    assert sweep.common_examples(600, [2, 4, 8], 10) == 64
-    assert sweep.common_examples(300, [4], 50) == 8  # 6 asked: round half to even gives 2 steps
-    assert sweep.common_examples(2000, [8, 24, 40, 96], 50) is None  # 40 asked, every B divides only 480
-    assert sweep.common_examples(24000, [8, 24, 40, 96], 50) == 480
-    rung = sweep.make_rungs([plan_at(8, 8), plan_at(24, 8)], 100, base_lr=1e-4, base_batch=8, lr_rule="none")
-    assert [sweep.validation_steps(48, r) for r in rung] == [6, 2]
-    assert [sweep.validation_steps(40.0, r) for r in rung] == [5, 2]  # the fallback: each rounds on its own
+    assert ladder.common_examples(20000, [16, 64], 250) == 64  # 80 asked: 64, not 80 at 16 and 64 at 64
+    assert ladder.common_examples(8000, [8, 16, 32], 163.8) == 64  # 49 asked: 64 is nearer than 32
+    assert ladder.common_examples(600, [2, 4, 8], 10) == 64
+    assert ladder.common_examples(300, [4], 50) == 8  # 6 asked: round half to even gives 2 steps
+    assert ladder.common_examples(2000, [8, 24, 40, 96], 50) is None  # 40 asked, every B divides only 480
+    assert ladder.common_examples(24000, [8, 24, 40, 96], 50) == 480
+    rung = ladder.make_rungs([plan_at(8, 8), plan_at(24, 8)], 100, base_lr=1e-4, base_batch=8, lr_rule="none")
+    assert [ladder.validation_steps(48, r) for r in rung] == [6, 2]
+    assert [ladder.validation_steps(40.0, r) for r in rung] == [5, 2]  # the fallback: each rounds on its own
 
 
-def test_the_sweep_says_whether_validation_runs_see_equal_tokens(capsys):
-    from autobatch.cli import _validation_examples
+def test_the_sweep_says_whether_validation_runs_see_equal_tokens():
+    from autobatch.report import examples_text
 
-    assert _validation_examples(20000, [16, 64], 250) == 64
-    assert capsys.readouterr().err == ("validation: every run trains on the same 64 examples in the same order "
-                                       "(about 16000 tokens, a multiple of every B), so eval losses compare at "
-                                       "equal tokens\n")
-    assert _validation_examples(2000, [8, 24, 40, 96], 50) == 40.0
-    assert "whole steps on 40 to 96 examples: the rung that sees more is favoured" in capsys.readouterr().err
+    examples = ladder.validation_examples(20000, [16, 64], 250)
+    assert examples == 64 and isinstance(examples, int)
+    assert examples_text(examples, [16, 64], 250) == (
+        "validation: every run trains on the same 64 examples in the same order (about 16000 tokens, a multiple of "
+        "every B), so eval losses compare at equal tokens")
+    examples = ladder.validation_examples(2000, [8, 24, 40, 96], 50)
+    assert examples == 40.0 and isinstance(examples, float)
+    assert "whole steps on 40 to 96 examples: the rung that sees more is favoured" in examples_text(
+        examples, [8, 24, 40, 96], 50)
 
 
 def test_the_noise_scale_kept_from_validation_runs():
@@ -145,34 +148,35 @@ def test_the_noise_scale_kept_from_validation_runs():
     bounded = {"resolved": False, "low": 2.0, "steps": 4}
     wide = {"resolved": True, "low": 1.0, "high": 9.0, "b_simple": 4.0, "steps": 9}
     narrow = {"resolved": True, "low": 3.0, "high": 5.0, "b_simple": 4.0, "steps": 9}
-    assert sweep.best_noise_scale([none, few]) is few
-    assert sweep.best_noise_scale([few, bounded, none]) is bounded
-    assert sweep.best_noise_scale([bounded, wide, narrow]) is narrow
-    assert sweep.best_noise_scale([]) is None
+    assert ladder.best_noise_scale([none, few]) is few
+    assert ladder.best_noise_scale([few, bounded, none]) is bounded
+    assert ladder.best_noise_scale([bounded, wide, narrow]) is narrow
+    assert ladder.best_noise_scale([]) is None
 
 
 def test_learning_rate_rules():
-    assert sweep.scaled_learning_rate(1e-3, 16, 64, "linear") == pytest.approx(4e-3)
-    assert sweep.scaled_learning_rate(1e-3, 16, 64, "sqrt") == pytest.approx(2e-3)
-    assert sweep.scaled_learning_rate(1e-3, 16, 4, "sqrt") == pytest.approx(5e-4)
-    assert sweep.scaled_learning_rate(1e-3, 16, 64, "none") == 1e-3
-    assert sweep.scaled_learning_rate(1e-3, 16, 64, "linear", b_noise=32) == pytest.approx(2e-3)
-    assert sweep.default_lr_rule("adamw_torch") == "sqrt" and sweep.default_lr_rule("sgd") == "linear"
+    assert ladder.scaled_learning_rate(1e-3, 16, 64, "linear") == pytest.approx(4e-3)
+    assert ladder.scaled_learning_rate(1e-3, 16, 64, "sqrt") == pytest.approx(2e-3)
+    assert ladder.scaled_learning_rate(1e-3, 16, 4, "sqrt") == pytest.approx(5e-4)
+    assert ladder.scaled_learning_rate(1e-3, 16, 64, "none") == 1e-3
+    assert ladder.scaled_learning_rate(1e-3, 16, 64, "linear", b_noise=32) == pytest.approx(2e-3)
+    assert ladder.default_lr_rule("adamw_torch") == "sqrt" and ladder.default_lr_rule("sgd") == "linear"
 
 
 def test_lora_recommendation_stays_at_or_below_32():
     plans = [plan_at(16, 16, 0.1), plan_at(64, 16, 0.1)]
-    rungs = sweep.make_rungs(plans, 100, base_lr=1e-4, base_batch=16, lr_rule="sqrt")
+    rungs = ladder.make_rungs(plans, 100, base_lr=1e-4, base_batch=16, lr_rule="sqrt")
     rungs[1].tokens_per_s = 10**9
-    assert sweep.recommend(rungs, None, lora=True)[0] == 16
-    assert sweep.recommend(rungs, None, lora=False)[0] == 64
-    assert "LoRA" in sweep.notes(rungs, lora=True)[0]
+    assert ladder.recommend(rungs, None, lora=True)[0] == 16
+    assert ladder.recommend(rungs, None, lora=False)[0] == 64
+    assert "LoRA" in ladder.notes(rungs, lora=True)[0]
 
 
 @pytest.mark.parametrize("text", ["8,x", "0,8", ""])
-def test_bad_sizes_name_the_flag(text):
-    with pytest.raises(ConfigError, match="--effective-batch-sizes"):
-        sweep.parse_sizes(text)
+def test_bad_sizes_name_the_key(text):
+    with pytest.raises(ConfigError, match="^effective_batch_sizes .*: write positive integers") as caught:
+        ladder.parse_sizes(text)
+    assert caught.value.keys == ("effective_batch_sizes",)  # the CLI says --effective-batch-sizes (test_cli)
 
 
 def test_sweep_cli_plans_every_rung_and_writes_the_recommended_one(tiny_model_dir, tmp_path, capsys):
@@ -261,13 +265,13 @@ def _trial_states(db: Path) -> list[tuple[str, int]]:
 
 
 @pytest.mark.slow
-def verdict_of(done: list, report: dict) -> sweep.Verdict:
+def verdict_of(done: list, report: dict) -> ladder.Verdict:
     """The verdict the stored per-example eval losses give: the lowest loss when beyond the noise, else the
     fastest of the rungs tied with it (issue 24)."""
-    results = [sweep.EvalResult(t.params["effective_batch_size"], t.params["learning_rate"], t.user_attrs["eval_losses"])
+    results = [ladder.EvalResult(t.params["effective_batch_size"], t.params["learning_rate"], t.user_attrs["eval_losses"])
                for t in done]
     speed = {p["effective_batch_size"]: p["prediction"]["tokens_per_s"] for p in report["plans"]}
-    return sweep.judge(results, speed)
+    return ladder.judge(results, speed)
 
 
 def test_a_sweep_killed_mid_trial_resumes_and_ends_with_every_rung_done_once(tiny_model_dir, tiny_dataset_file,
@@ -339,17 +343,17 @@ def test_an_oom_in_a_validation_run_is_a_failed_trial_flagged_as_a_probe_miss(tm
     import optuna
     import torch
 
-    study = sweep.open_study(f"sqlite:///{tmp_path / 'sweep.db'}", "s", resume=False)
-    rungs = sweep.make_rungs([plan_at(8, 4), plan_at(16, 4)], 1000, base_lr=1e-4, base_batch=8, lr_rule="none",
+    study = ladder.open_study(f"sqlite:///{tmp_path / 'sweep.db'}", "s", resume=False)
+    rungs = ladder.make_rungs([plan_at(8, 4), plan_at(16, 4)], 1000, base_lr=1e-4, base_batch=8, lr_rule="none",
                              b_noise=None)
-    points = [sweep.Point(r, r.learning_rate) for r in rungs]
+    points = [ladder.Point(r, r.learning_rate) for r in rungs]
 
     def validate(point, trial):
         if point.rung.effective_batch_size == 16:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return 1.5, {"tokens_seen": 100}
 
-    sweep.run_validation_study(study, points, validate, None, None)
+    ladder.run_validation_study(study, points, validate, None, None)
     by_batch = {t.params["effective_batch_size"]: t for t in study.trials}
     assert by_batch[8].state == optuna.trial.TrialState.COMPLETE and by_batch[8].value == 1.5
     assert by_batch[16].state == optuna.trial.TrialState.FAIL
@@ -365,29 +369,29 @@ def test_a_sweep_resumed_at_once_after_a_kill_completes_every_point_exactly_once
     import optuna
 
     url = f"sqlite:///{tmp_path / 'sweep.db'}"
-    rungs = sweep.make_rungs([plan_at(8, 4), plan_at(16, 4), plan_at(32, 4)], 1000, base_lr=1e-4, base_batch=8,
+    rungs = ladder.make_rungs([plan_at(8, 4), plan_at(16, 4), plan_at(32, 4)], 1000, base_lr=1e-4, base_batch=8,
                              lr_rule="none", b_noise=None)
-    points = [sweep.Point(r, r.learning_rate) for r in rungs]
+    points = [ladder.Point(r, r.learning_rate) for r in rungs]
     calls: list[int] = []
 
     def validate(point, trial):
         calls.append(point.rung.effective_batch_size)
         if len(calls) == 2:  # the first run of the resumed sweep outlives the dead trial's grace period
-            time.sleep(sweep.HEARTBEAT_S * 3 + 0.5)
+            time.sleep(ladder.HEARTBEAT_S * 3 + 0.5)
         return 1.0, {"tokens_seen": 100}
 
-    killed = sweep.open_study(url, "s", resume=False)
-    sweep.run_validation_study(killed, points[:1], validate, None, None)
+    killed = ladder.open_study(url, "s", resume=False)
+    ladder.run_validation_study(killed, points[:1], validate, None, None)
     killed.enqueue_trial(points[1].params())
     dead = killed.ask()  # the killed process's trial: RUNNING, heartbeat fresh, never told
-    for name in sweep.PARAMS:
+    for name in ladder.PARAMS:
         value = points[1].params()[name]
         dead.suggest_float(name, 0.0, 10.0) if name == "learning_rate" else dead.suggest_int(name, 1, 2**24)
         assert dead.params[name] == value
     killed._storage.record_heartbeat(dead._trial_id)
 
     for _ in range(2):  # resumed at once, then once more: nothing is left to run
-        sweep.run_validation_study(sweep.open_study(url, "s", resume=True), points, validate, None, None)
+        ladder.run_validation_study(ladder.open_study(url, "s", resume=True), points, validate, None, None)
     study = optuna.load_study(study_name="s", storage=url)
     done = sorted(t.params["effective_batch_size"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
     assert done == [8, 16, 32] and sorted(calls) == [8, 16, 32]
@@ -400,16 +404,16 @@ def test_resuming_a_validation_study_with_another_budget_is_refused():
     import optuna
 
     study = optuna.create_study()
-    sweep.check_validation_budget(study, 600, None)  # a new study: nothing recorded yet
-    sweep.check_validation_budget(study, 600, 248)
+    ladder.check_validation_budget(study, 600, None)  # a new study: nothing recorded yet
+    ladder.check_validation_budget(study, 600, 248)
     assert study.user_attrs == {"validate_tokens": 600, "validate_examples": 248}
-    sweep.check_validation_budget(study, 600, None)
-    sweep.check_validation_budget(study, 600, 248)
-    with pytest.raises(ConfigError, match="trained with --validate-tokens 600 .248 examples each.; resume with "
-                                          "--validate-tokens 600"):
-        sweep.check_validation_budget(study, 200, None)
-    with pytest.raises(ConfigError, match="--validate-tokens 600"):
-        sweep.check_validation_budget(study, 600, 64)  # the same tokens over another ladder: other examples
+    ladder.check_validation_budget(study, 600, None)
+    ladder.check_validation_budget(study, 600, 248)
+    with pytest.raises(ConfigError, match="trained with validate_tokens 600 .248 examples each.; resume with "
+                                          "validate_tokens 600"):
+        ladder.check_validation_budget(study, 200, None)
+    with pytest.raises(ConfigError, match="validate_tokens 600"):
+        ladder.check_validation_budget(study, 600, 64)  # the same tokens over another ladder: other examples
     assert study.user_attrs == {"validate_tokens": 600, "validate_examples": 248}
 
 

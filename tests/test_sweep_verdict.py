@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from autobatch import ladder
 from autobatch import probe as probe_module
-from autobatch import sweep
 from autobatch.cli import main
 from autobatch.config import build_config
 
@@ -63,62 +63,62 @@ def synthetic_losses(offset: float, seed: int, n: int = 40, noise: float = 0.01)
 
 
 def test_standard_error_and_the_paired_difference():
-    assert sweep.standard_error([1.0, 3.0]) == pytest.approx(1.0)  # sd √2 / √2
-    assert sweep.standard_error([2.0]) == math.inf
+    assert ladder.standard_error([1.0, 3.0]) == pytest.approx(1.0)  # sd √2 / √2
+    assert ladder.standard_error([2.0]) == math.inf
     a, b = synthetic_losses(0, 1), synthetic_losses(0.05, 2)
-    gap, se, paired = sweep.difference(a, b)
+    gap, se, paired = ladder.difference(a, b)
     assert paired and gap == pytest.approx(0.05, abs=0.01)
-    unpaired_se = math.hypot(sweep.standard_error(a), sweep.standard_error(b))
+    unpaired_se = math.hypot(ladder.standard_error(a), ladder.standard_error(b))
     assert se < unpaired_se / 5, "pairing cancels the difficulty the examples share"
-    gap, se, paired = sweep.difference(a, b[:-1])
-    assert not paired and se == pytest.approx(math.hypot(sweep.standard_error(a), sweep.standard_error(b[:-1])))
+    gap, se, paired = ladder.difference(a, b[:-1])
+    assert not paired and se == pytest.approx(math.hypot(ladder.standard_error(a), ladder.standard_error(b[:-1])))
 
 
 def test_rungs_within_their_noise_are_indistinguishable_and_the_fastest_is_recommended():
-    results = [sweep.EvalResult(b, 1e-4, synthetic_losses(offset, seed))
+    results = [ladder.EvalResult(b, 1e-4, synthetic_losses(offset, seed))
                for b, offset, seed in ((8, 0.0001, 1), (16, 0.0, 2), (32, 0.0002, 3))]  # 5.5647 / 5.5648 / 5.5649
-    verdict = sweep.judge(results, speed={8: 100.0, 16: 300.0, 32: 200.0})
+    verdict = ladder.judge(results, speed={8: 100.0, 16: 300.0, 32: 200.0})
     assert not verdict.resolved and verdict.tied == [8, 32] and verdict.best.effective_batch_size == 16
     assert verdict.recommended == 16  # the fastest of the tied rungs
     assert verdict.examples_needed is not None and verdict.examples_needed > 40
-    reason, notes = sweep.verdict_text(verdict, tokens_per_example=50, seen="the same 40 examples")
+    reason, notes = ladder.verdict_text(verdict, tokens_per_example=50, seen="the same 40 examples")
     assert "rungs 16, 8, 32 are indistinguishable at this budget" in reason and "paired" in reason
     assert any(n.startswith(f"to tell them apart: about {verdict.examples_needed} eval examples") for n in notes)
 
 
 def test_a_clear_difference_names_the_winner():
-    results = [sweep.EvalResult(b, 1e-4, synthetic_losses(offset, seed))
+    results = [ladder.EvalResult(b, 1e-4, synthetic_losses(offset, seed))
                for b, offset, seed in ((8, 0.05, 1), (16, 0.0, 2), (32, 0.1, 3))]
-    verdict = sweep.judge(results, speed={8: 100.0, 16: 10.0, 32: 200.0})
+    verdict = ladder.judge(results, speed={8: 100.0, 16: 10.0, 32: 200.0})
     assert verdict.resolved and verdict.recommended == 16, "loss decides, not speed"
-    reason, notes = sweep.verdict_text(verdict, 50, "the same 40 examples")
+    reason, notes = ladder.verdict_text(verdict, 50, "the same 40 examples")
     assert reason.startswith("lowest eval loss after the same 40 examples (measured: 5.5") and "± 0.0" in reason
     assert "more than 2 standard errors worse" in reason and notes == []
 
 
 def test_a_best_learning_rate_at_the_grid_edge_is_said_and_the_rung_unresolved():
-    results = [sweep.EvalResult(16, lr, synthetic_losses(offset, 1)) for lr, offset in
+    results = [ladder.EvalResult(16, lr, synthetic_losses(offset, 1)) for lr, offset in
                ((1e-4, 0.2), (2e-4, 0.1), (4e-4, 0.0))]  # still falling at the highest rate tried
-    results += [sweep.EvalResult(64, lr, synthetic_losses(offset, 2)) for lr, offset in
+    results += [ladder.EvalResult(64, lr, synthetic_losses(offset, 2)) for lr, offset in
                 ((2e-4, 0.1), (4e-4, 0.05), (8e-4, 0.08))]  # a minimum inside the grid
-    verdict = sweep.judge(results)
+    verdict = ladder.judge(results)
     assert verdict.unresolved == {16: "highest"}
     assert verdict.per_rung[16].learning_rate == 4e-4 and verdict.per_rung[64].learning_rate == 4e-4
-    _, notes = sweep.verdict_text(verdict, 50, "the same 40 examples")
+    _, notes = ladder.verdict_text(verdict, 50, "the same 40 examples")
     assert any("B=16: its best learning rate 0.0004 is the highest tried, so B=16 is unresolved" in n
                and "raise --lr-multipliers" in n for n in notes)
 
 
 def test_a_single_validated_rung_claims_no_comparison():
-    verdict = sweep.judge([sweep.EvalResult(8, 1e-4, synthetic_losses(0, 1))])
-    reason, _ = sweep.verdict_text(verdict, 50, "the same 40 examples")
+    verdict = ladder.judge([ladder.EvalResult(8, 1e-4, synthetic_losses(0, 1))])
+    reason, _ = ladder.verdict_text(verdict, 50, "the same 40 examples")
     assert verdict.recommended == 8 and reason.startswith("the only rung validated") and "worse" not in reason
 
 
 def test_a_noise_scale_below_the_smallest_rung_predicts_nothing():
-    assert sweep.noise_scale_below_rungs(0.29, [4, 8, 16])
-    assert not sweep.noise_scale_below_rungs(6.0, [4, 8, 16])
-    assert not sweep.noise_scale_below_rungs(None, [4, 8])
+    assert ladder.noise_scale_below_rungs(0.29, [4, 8, 16])
+    assert not ladder.noise_scale_below_rungs(6.0, [4, 8, 16])
+    assert not ladder.noise_scale_below_rungs(None, [4, 8])
 
 
 # --------------------------------------------- the three verdicts through the CLI (fake probe, fake runs)
@@ -139,7 +139,7 @@ def fake_sweep(monkeypatch):
                       "gradient_noise_scale": {"b_simple": 0.29, "low": 0.2, "high": 0.4, "resolved": True,
                                                "steps": 10}, "eval_losses": losses}
 
-    monkeypatch.setattr(sweep, "validate_point", validate)
+    monkeypatch.setattr(ladder, "validate_point", validate)
     return table
 
 
@@ -189,3 +189,63 @@ def test_sweep_says_when_the_best_learning_rate_is_at_the_grids_edge(fake_sweep,
     out = capsys.readouterr().out
     assert "B=4: its best learning rate" in out and "is the highest tried, so B=4 is unresolved" in out
     assert "B=8: its best" not in out
+
+
+# ---------------------------------------------------------------- autobatch.sweep: the CLI's one code path
+
+def test_autobatch_sweep_from_python_gives_the_verdict_the_cli_prints(fake_sweep, tiny_model_dir, tmp_path, capsys):
+    """`autobatch.sweep(...)` decides what `autobatch sweep` prints: for the same inputs the same rungs, winner,
+    reason, notes and eval losses; from Python the result also holds the chosen rung's plan and config."""
+    import autobatch
+
+    fake_sweep.update({(4, 1.0): synthetic_losses(0.08, 1), (8, 1.0): synthetic_losses(0.0, 2)})
+    assert sweep_cli(tiny_model_dir, tmp_path / "cli", "--json", "--learning-rate", "1e-4") == 0
+    printed = json.loads(capsys.readouterr().out)
+    validated = []
+    result = autobatch.sweep(
+        model_name_or_path=str(tiny_model_dir()), device="cpu", memory_budget="40MiB", headroom=0, no_cache=True,
+        learning_rate=1e-4, output_dir=str(tmp_path / "py"), effective_batch_sizes=[4, 8], validate_tokens=2000,
+        on_validated=lambda point, loss, attrs: validated.append((point.rung.effective_batch_size, loss)))
+    assert capsys.readouterr().out == ""  # the library prints nothing
+    assert [r.effective_batch_size for r in result.rungs] == [p["effective_batch_size"] for p in printed["plans"]]
+    assert [r.effective_batch_size for r in result.rungs] == [4, 8]
+    assert result.recommended == printed["recommended_effective_batch_size"] == 8  # 0.08 lower, beyond the noise
+    assert result.reason == printed["recommendation_reason"]
+    assert result.reason.startswith("lowest eval loss after the same 40 examples")
+    assert result.notes == printed["notes"] and printed["notes"]
+    assert ladder.eval_bars(result.results) == printed["eval_losses"]
+    assert sorted(b for b, _ in validated) == [4, 8]
+    assert [loss for b, loss in sorted(validated)] == pytest.approx([5.58, 5.5], abs=0.01)
+    assert result.to_dict()["study"] == {"storage": f"sqlite:///{tmp_path / 'py' / 'sweep.db'}",
+                                         "name": "autobatch-sweep"}
+    assert result.plan is result.chosen.plan and result.plan.effective_batch_size == 8
+    rung = result.rung_config  # the recommended rung's rate, sqrt-scaled from the smallest rung, and its own dir
+    assert rung.training_args["learning_rate"] == pytest.approx(1e-4 * math.sqrt(8 / 4))
+    assert rung.training_args["output_dir"] == str((tmp_path / "py" / "run-B8").resolve())
+
+
+def test_sweep_arguments_are_checked_before_any_work_and_named_as_the_caller_spelled_them(tmp_path, capsys):
+    """Below the CLI a message names the keyword (`lr_multipliers`); the CLI says the flag (`--lr-multipliers`)."""
+    import autobatch
+    from autobatch.cli import _as_typed
+    from autobatch.errors import ConfigError
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="^lr_multipliers needs validate_tokens N ") as caught:
+        autobatch.sweep(lr_multipliers=[0.5, 1], output_dir=str(out))
+    assert caught.value.keys == ("lr_multipliers", "validate_tokens")
+    with pytest.raises(ConfigError, match="^gns_file .*none.json: cannot read it"):
+        autobatch.sweep(gns_file=tmp_path / "none.json", output_dir=str(out))
+    assert main(["sweep", "--lr-multipliers", "0.5,1", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "autobatch: error: --lr-multipliers needs --validate-tokens N (the rates are compared by training)")
+    assert main(["sweep", "--validate-tokens", "0", "--plot", str(tmp_path / "plots"), "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "autobatch: error: --validate-tokens must be a positive number of tokens, e.g. --validate-tokens 20000")
+    assert not out.exists() and not (tmp_path / "plots").exists()  # refused before anything was written
+    # a key inside a path is not the key: only the words are said as flags
+    exc = ConfigError("storage sqlite:////mnt/storage/resume.db already holds study 's' with 2 trials: pass resume "
+                      "to continue it, or another output_dir / storage", keys=("storage", "resume", "output_dir"))
+    names = {"storage": "--storage", "resume": "--resume", "output_dir": "--output-dir"}
+    assert _as_typed(exc, names) == ("--storage sqlite:////mnt/storage/resume.db already holds study 's' with 2 "
+                                     "trials: pass --resume to continue it, or another --output-dir / --storage")

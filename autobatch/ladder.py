@@ -1,11 +1,14 @@
-"""`autobatch sweep`: a ladder of effective batch sizes, what each costs here, a verdict, and an optuna study.
+"""A sweep's rungs and their cost, the noise-scale model's verdict, the validation verdict, the optuna study.
 
-The cost of a rung is measured (one probe, `probe.plan_ladder`): seconds per micro-batch at the worst-case
+`autobatch.sweep` (in `api`) decides with these: which rungs to validate, at what rate, which one wins. The
+cost of a rung is measured (one probe, `probe.plan_ladder`): seconds per micro-batch at the worst-case
 length, hence tokens/s, seconds per optimizer step and time per epoch. What a rung buys is a model's
 prediction (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"): with the gradient noise
 scale B_noise, reaching a given loss takes S = S_min·(1 + B_noise/B) optimizer steps, so a rung's sample
 efficiency is 1/(1 + B/B_noise) and its time to that loss is S·(seconds per step). Predictions are labelled
-as such; only validation runs (`--validate-tokens`) measure loss.
+as such; only validation runs (`validate_tokens`) measure loss. Messages name the sweep's keyword arguments
+(`validate_tokens`), which the CLI says as its flags (`--validate-tokens`). Past 600 lines as the one home of a
+sweep's numbers and their study; the validation run (`validate_point`) is the part to move out if it grows.
 """
 
 from __future__ import annotations
@@ -47,25 +50,27 @@ class Rung:
         return data
 
 
-def parse_sizes(text: str, flag: str = "--effective-batch-sizes") -> list[int]:
+def parse_sizes(text: str, key: str = "effective_batch_sizes") -> list[int]:
     """`8,16,32` -> [8, 16, 32]; every size a positive integer."""
+    problem = ConfigError(f"{key} {text!r}: write positive integers separated by commas, e.g. 8,16,32", keys=(key,))
     try:
         sizes = [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"{flag} {text!r}: write positive integers separated by commas, e.g. 8,16,32") from None
+        raise problem from None
     if not sizes or min(sizes) < 1:
-        raise ConfigError(f"{flag} {text!r}: write positive integers separated by commas, e.g. 8,16,32")
+        raise problem
     return sizes
 
 
-def parse_floats(text: str, flag: str) -> list[float]:
+def parse_floats(text: str, key: str) -> list[float]:
     """`0.5,1,2` -> [0.5, 1.0, 2.0]; every value positive."""
+    problem = ConfigError(f"{key} {text!r}: write positive numbers separated by commas, e.g. 0.5,1,2", keys=(key,))
     try:
         values = [float(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
-        raise ConfigError(f"{flag} {text!r}: write positive numbers separated by commas, e.g. 0.5,1,2") from None
+        raise problem from None
     if not values or min(values) <= 0:
-        raise ConfigError(f"{flag} {text!r}: write positive numbers separated by commas, e.g. 0.5,1,2")
+        raise problem
     return values
 
 
@@ -222,11 +227,13 @@ def open_study(storage_url: str, name: str, resume: bool):
             storage = RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_S, grace_period=2 * HEARTBEAT_S,
                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
     except (ValueError, ImportError, SQLAlchemyError) as exc:  # a bad URL, an unreachable database
-        raise ConfigError(f"--storage {storage_url}: cannot open it ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(f"storage {storage_url}: cannot open it ({type(exc).__name__}: {exc})",
+                          keys=("storage",)) from None
     study = optuna.create_study(storage=storage, study_name=name, direction="minimize", load_if_exists=True)
     if study.trials and not resume:
-        raise ConfigError(f"--storage {storage_url} already holds study {name!r} with {len(study.trials)} trials: "
-                          "pass --resume to continue it, or another --output-dir / --storage")
+        raise ConfigError(f"storage {storage_url} already holds study {name!r} with {len(study.trials)} trials: "
+                          "pass resume to continue it, or another output_dir / storage",
+                          keys=("storage", "resume", "output_dir"))
     return study
 
 
@@ -316,9 +323,9 @@ def check_validation_budget(study, tokens: int | None, examples: float | None = 
         return
     if stored_tokens not in (None, tokens) or (examples is not None and stored_examples not in (None, examples)):
         raise ConfigError(
-            f"--validate-tokens {tokens}: the study's validation runs trained with --validate-tokens {stored_tokens} "
-            f"({stored_examples} examples each); resume with --validate-tokens {stored_tokens}, or validate the new "
-            "budget into another --output-dir / --storage"
+            f"validate_tokens {tokens}: the study's validation runs trained with validate_tokens {stored_tokens} "
+            f"({stored_examples} examples each); resume with validate_tokens {stored_tokens}, or validate the new "
+            "budget into another output_dir / storage", keys=("validate_tokens", "output_dir", "storage")
         )
     if examples is not None:
         study.set_user_attr("validate_tokens", tokens)
@@ -385,6 +392,13 @@ def common_examples(tokens: int, sizes: list[int], tokens_per_example: float) ->
     step = math.lcm(*sizes)
     examples = step * max(1, round(target / step))
     return examples if abs(examples - target) <= EQUAL_EXAMPLES_SLACK * target else None
+
+
+def validation_examples(tokens: int, sizes: list[int], tokens_per_example: float) -> float:
+    """The examples each validation run trains on: `common_examples` when there is one (an int: the same examples
+    for every rung), else the budget's (a float: each rung rounds to its own whole steps)."""
+    examples = common_examples(tokens, sizes, tokens_per_example)
+    return examples if examples is not None else tokens / tokens_per_example
 
 
 def validation_steps(examples: float, rung: Rung) -> int:
