@@ -82,7 +82,8 @@ class LiveBytesMode(TorchDispatchMode):
 
     A storage is counted once (views share it) and released by a weakref finalizer when torch frees
     it. Storages alive when the mode starts (weights, gradients, optimizer state) are counted from
-    the start, so the peak is the quantity `torch.cuda.max_memory_allocated` reports.
+    the start, so the peak is the quantity `torch.cuda.max_memory_allocated` reports; with `fake`, only
+    fake tensors are (real ones in this process are not on the device being traced).
     """
 
     def __init__(self, budget_bytes: int | None, fake: bool = False) -> None:
@@ -95,8 +96,11 @@ class LiveBytesMode(TorchDispatchMode):
         self._active = True
         with warnings.catch_warnings():  # isinstance() on some module proxies warns of deprecation
             warnings.simplefilter("ignore")
+            from torch._subclasses.fake_tensor import FakeTensor
+
+            kind = FakeTensor if fake else torch.Tensor
             for obj in gc.get_objects():
-                if isinstance(obj, torch.Tensor):
+                if isinstance(obj, kind):
                     self._track(obj)
         self.peak_bytes = self.held_peak_bytes = self.live_bytes
 
