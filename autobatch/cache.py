@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autobatch import __version__
+from autobatch.config import NOT_MEMORY_KEYS
 from autobatch.planner import Trial
 
 logger = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ def workload_key(description: dict[str, Any]) -> str:
 def memory_args(args) -> dict[str, Any]:
     """Every SFTConfig field of `args` except those `NOT_MEMORY_KEYS` names with a reason: keyed by
     construction, so a field nobody thought of (pad_to_multiple_of) still keys the cache."""
-    from autobatch.config import NOT_MEMORY_KEYS
-
     values = args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
     return {key: value for key, value in sorted(values.items()) if key not in NOT_MEMORY_KEYS}
 
@@ -75,8 +75,6 @@ def workload_description(memory_fingerprint: dict[str, Any], model, args, exampl
     the SFTConfig values in force, the worst-case example length, the device, and the library versions.
     """
     from importlib.metadata import PackageNotFoundError, version
-
-    from autobatch import __version__
 
     model_config = getattr(model, "config", None)
     shape = model_config.to_dict() if hasattr(model_config, "to_dict") else {}
@@ -178,6 +176,7 @@ class ProbeCache:
         self.budget_bytes = budget_bytes
         self.fresh_process = description.get("trial_process") == "fresh"  # its trials ran in worker processes
         self.broken: str | None = None
+        self.hits = 0  # answers given (each marked `Trial.cached`)
         self._connection: sqlite3.Connection | None = None
         self._guard(self._open)
 
@@ -222,30 +221,30 @@ class ProbeCache:
         if oom:  # it ran out of `budget`: that says nothing about a larger one
             if self.budget_bytes > budget:
                 return None
-            return Trial(size, peak, fits=False, seconds=0.0, oom=True, fresh_process=self.fresh_process)
-        return Trial(size, peak, fits=peak <= usable_bytes, seconds=seconds, oom=False,
-                     fresh_process=self.fresh_process)
+            return Trial(size, peak, fits=False, seconds_per_micro_batch=0.0, oom=True, fresh_process=self.fresh_process,
+                         cached=True)
+        return Trial(size, peak, fits=peak <= usable_bytes, seconds_per_micro_batch=seconds, oom=False,
+                     fresh_process=self.fresh_process, cached=True)
 
     def store(self, micro_batch_size: int, accumulation: int, eval_batch_size: int | None, trial: Trial) -> None:
         def write():
             self._connection.execute(
                 "INSERT OR REPLACE INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (self.fingerprint, micro_batch_size, accumulation, eval_batch_size or 0,
-                 trial.peak_memory_bytes, int(trial.oom), trial.seconds, self.budget_bytes, time.time()),
+                 trial.peak_memory_bytes, int(trial.oom), trial.seconds_per_micro_batch, self.budget_bytes, time.time()),
             )
 
         self._guard(write)
 
-    def wrap(self, run_trial: RunTrial, accumulation: Callable[[int], int], usable_bytes: int,
-             cached: list[Trial]) -> RunTrial:
-        """`run_trial` that answers from the cache when it can (appending those answers to `cached`)."""
+    def wrap(self, run_trial: RunTrial, accumulation: Callable[[int], int], usable_bytes: int) -> RunTrial:
+        """`run_trial` that answers from the cache when it can (those answers marked `Trial.cached`)."""
 
         def cached_run_trial(micro_batch_size: int, eval_batch_size: int | None = None) -> Trial:
             steps = accumulation(micro_batch_size)
             hit = self.lookup(micro_batch_size, steps, eval_batch_size, usable_bytes)
             if hit is not None:
                 logger.info("micro=%d answered from the probe cache", hit.micro_batch_size)
-                cached.append(hit)
+                self.hits += 1
                 return hit
             trial = run_trial(micro_batch_size, eval_batch_size=eval_batch_size)
             self.store(micro_batch_size, steps, eval_batch_size, trial)

@@ -12,20 +12,18 @@ import json
 import os
 from pathlib import Path
 
+from autobatch import sharding
 from autobatch.config import Config
-from autobatch.launch import worker_main
+from autobatch.launch import free_port, worker_main
 
 
 def run(spec: dict) -> dict:
-    import torch
+    import torch  # the torch boundary: memory and trial import torch
 
-    from autobatch import sharding
     from autobatch.memory import make_backend
     from autobatch.trial import Prober
 
     if "WORLD_SIZE" not in os.environ:  # a group of one (launch sets these for two or more): FSDP still needs them
-        from autobatch.launch import free_port
-
         os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     rank = int(os.environ.get("RANK", "0"))

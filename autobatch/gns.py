@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from autobatch.config import write_atomic
+
 logger = logging.getLogger(__name__)
 
 GNS_FILE = "gns.json"
@@ -153,8 +155,6 @@ def expected_overhead(measured_cost: float, idle_cost: float, chance: float) -> 
 
 def write_report(output_dir: str | os.PathLike, report: dict) -> Path:
     """gns.json in `output_dir`, written atomically (`config.write_atomic`): never half-written."""
-    from autobatch.config import write_atomic
-
     return write_atomic(Path(output_dir) / GNS_FILE, json.dumps(report, indent=2))
 
 

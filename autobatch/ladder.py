@@ -106,12 +106,12 @@ def make_rungs(
     rungs = []
     for plan in plans:
         batch = plan.effective_batch_size
-        step = plan.seconds_per_step * plan.gradient_accumulation_steps
+        step = plan.seconds_per_micro_batch * plan.gradient_accumulation_steps
         tokens = plan.per_device_train_batch_size * plan.world_size * plan.max_length
         steps = math.ceil(examples / batch) if examples else 0
         rung = Rung(
             plan=plan,
-            tokens_per_s=tokens / plan.seconds_per_step if plan.seconds_per_step > 0 else 0.0,
+            tokens_per_s=tokens / plan.seconds_per_micro_batch if plan.seconds_per_micro_batch > 0 else 0.0,
             seconds_per_optimizer_step=step,
             steps_per_epoch=steps,
             epoch_seconds=steps * step,

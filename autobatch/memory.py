@@ -32,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
-from autobatch import sharding
+from autobatch import estimate, ranks, sharding
 from autobatch.errors import ConfigError
 from autobatch.units import format_bytes
 
@@ -256,18 +256,14 @@ class EstimateBackend(CpuBackend):
 
     @contextlib.contextmanager
     def tensor_mode(self) -> Iterator[None]:
-        from autobatch.estimate import cuda_step
-
-        with self._fake_mode, cuda_step():
+        with self._fake_mode, estimate.cuda_step():  # looked up on the module: tests plant another
             yield
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[Measurement]:
         """Peak reserved bytes of the emulated caching allocator (allocated: its blocks' bytes)."""
-        from autobatch.estimate import AllocatorMode
-
         result = Measurement()
-        mode = AllocatorMode()
+        mode = estimate.AllocatorMode()
         try:
             with mode:
                 yield result
@@ -525,9 +521,7 @@ def make_backend(device: str | None, memory_budget_bytes: int | None, coordinato
             raise ConfigError("device cuda: no GPU is available; use device cpu or device estimate", keys=("device",))
         if coordinator:
             return _coordinator_backend(memory_budget_bytes)
-        from autobatch.ranks import select_cuda_device
-
-        index = select_cuda_device()  # LOCAL_RANK's GPU, current before any other CUDA call
+        index = ranks.select_cuda_device()  # LOCAL_RANK's GPU, current before any other CUDA call
         capacity = cuda_capacity_bytes(index)
         total = torch.cuda.mem_get_info(index)[1]
         backend: MemoryBackend = CudaBackend(min(capacity, memory_budget_bytes or capacity), index, total)

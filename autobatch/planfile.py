@@ -103,13 +103,13 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         (f"# device {plan.device}; memory budget {format_bytes(budget)} ({budget} bytes), headroom "
          f"{plan.headroom:g}, usable {format_bytes(usable)} ({usable} bytes)"),
         (f"# peak at micro-batch {plan.per_device_train_batch_size}: {format_bytes(peak)} ({peak} bytes); "
-         f"largest micro-batch that fits: {plan.max_micro_batch_size}{capped}; max_length {plan.max_length}; "
+         f"largest micro-batch that fits: {plan.max_fitting_micro_batch_size}{capped}; max_length {plan.max_length}; "
          f"{len(plan.trials)} trials"),
     ]
     meta = {
         "device": plan.device, "memory_budget_bytes": budget, "usable_memory_bytes": usable, "headroom": plan.headroom,
-        "peak_memory_bytes": peak, "max_micro_batch_size": plan.max_micro_batch_size, "max_length": plan.max_length,
-        "effective_batch_size": plan.effective_batch_size, "world_size": world, "seconds_per_step": plan.seconds_per_step,
+        "peak_memory_bytes": peak, "max_micro_batch_size": plan.max_fitting_micro_batch_size, "max_length": plan.max_length,
+        "effective_batch_size": plan.effective_batch_size, "world_size": world, "seconds_per_step": plan.seconds_per_micro_batch,
         "memory_fingerprint": memory_fingerprint(written, str(model_path) if model_path else None),
         "per_device_train_batch_size": plan.per_device_train_batch_size,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps,
@@ -270,7 +270,7 @@ def load_plan(path: str, config: Config) -> Plan:
         gradient_accumulation_steps=accumulation,
         effective_batch_size=micro * accumulation * saved.world_size,
         world_size=saved.world_size,
-        max_micro_batch_size=meta["max_micro_batch_size"],
+        max_fitting_micro_batch_size=meta["max_micro_batch_size"],
         memory_budget_bytes=meta["memory_budget_bytes"],
         usable_memory_bytes=meta["usable_memory_bytes"],
         headroom=meta["headroom"],
@@ -278,7 +278,7 @@ def load_plan(path: str, config: Config) -> Plan:
         device=meta["device"],
         max_length=meta["max_length"],
         trials=[],
-        seconds_per_step=meta.get("seconds_per_step", 0.0),
+        seconds_per_micro_batch=meta.get("seconds_per_step", 0.0),
         notes=[f"reused {path}: no probing"],
         memory_fingerprint=fingerprint(config),
         per_device_eval_batch_size=saved.training_args.get("per_device_eval_batch_size"),
@@ -456,7 +456,7 @@ def plan_from_checkpoint(config: Config, checkpoint: Path) -> Plan:
         gradient_accumulation_steps=accumulation,
         effective_batch_size=micro * accumulation * world,
         world_size=world,
-        max_micro_batch_size=micro,
+        max_fitting_micro_batch_size=micro,
         memory_budget_bytes=config.memory_budget_bytes or 0,
         usable_memory_bytes=0,
         headroom=config.headroom or 0.0,

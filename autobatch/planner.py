@@ -31,14 +31,30 @@ class Trial:
     micro_batch_size: int
     peak_memory_bytes: int
     fits: bool
-    seconds: float  # per training step, steady state
+    seconds_per_micro_batch: float  # steady state; `--json` key "seconds"
     oom: bool = False  # the trial raised out-of-memory (its peak is where it stopped)
     peak_allocated_bytes: int | None = None  # tensors alone; peak_memory_bytes (reserved on cuda) decides
     fresh_process: bool = False  # measured in a worker process of its own (no allocator history before it)
     rank_peak_bytes: list[int] | None = None  # FSDP group trials: each rank's peak, rank order (None: one rank)
+    cached: bool = False  # answered by the probe cache, not run (a plan keeps these apart, in `cached_trials`)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The `--json` form (its key for the step time is "seconds"); `cached` is left out: the plan's
+        `trials` and `cached_trials` lists say it."""
+        data = {("seconds" if k == "seconds_per_micro_batch" else k): v for k, v in asdict(self).items()}
+        del data["cached"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, **changes) -> Trial:
+        """The inverse of `to_dict` (either name for the step time), with `changes` applied."""
+        values = {("seconds_per_micro_batch" if k == "seconds" else k): v for k, v in data.items()}
+        return cls(**{**values, **changes})
+
+    @property
+    def seconds(self) -> float:
+        """`seconds_per_micro_batch` by its `--json` name, for callers that read it so."""
+        return self.seconds_per_micro_batch
 
 
 Probe = Callable[[int], Trial]
@@ -251,7 +267,7 @@ def check_effective_batch(effective_batch_size: int, world_size: int, name: str 
 
 def _seconds_at(size: int, trials: list[Trial]) -> tuple[float, bool]:
     """Step time at `size`: measured if a trial ran it, else linear interpolation of measured fits."""
-    timed = sorted((t.micro_batch_size, t.seconds) for t in trials if t.fits)
+    timed = sorted((t.micro_batch_size, t.seconds_per_micro_batch) for t in trials if t.fits)
     for b, s in timed:
         if b == size:
             return s, True
@@ -385,24 +401,28 @@ def choose_checkpointing(
         return CheckpointingChoice(bool(user_value), "user", "set in the config: kept")
     without = trial(False)  # first: a probe may time the setting with it again right after, back to back
     with_it = trial(True)
-    on_s = with_it.seconds if with_it.fits else None
-    off_s = without.seconds if without.fits else None
+    on_s = with_it.seconds_per_micro_batch if with_it.fits else None
+    off_s = without.seconds_per_micro_batch if without.fits else None
     if not without.fits:
         reason = (f"micro-batch {micro_batch_size} fits only with it (without: peak "
                   f"{without.peak_memory_bytes / 2**20:.1f}MiB, over the budget)")
         return CheckpointingChoice(True, "measured", reason, on_s, None)
-    if not with_it.fits or without.seconds <= with_it.seconds * (1 + CHECKPOINTING_TIE):
-        if not (with_it.fits and without.seconds > 0):
+    if not with_it.fits or without.seconds_per_micro_batch <= with_it.seconds_per_micro_batch * (1 + CHECKPOINTING_TIE):
+        if not (with_it.fits and without.seconds_per_micro_batch > 0):
             faster = "no recompute in the backward"
         else:
-            speed = (f"{with_it.seconds / without.seconds:.2f}× faster a step" if without.seconds <= with_it.seconds
+            speed = (f"{with_it.seconds_per_micro_batch / without.seconds_per_micro_batch:.2f}× faster a step" if without.seconds_per_micro_batch <= with_it.seconds_per_micro_batch
                      else "as fast within timing noise")
-            faster = f"{speed} ({without.seconds:.3f} vs {with_it.seconds:.3f} s/micro-batch)"
+            faster = f"{speed} ({without.seconds_per_micro_batch:.3f} vs {with_it.seconds_per_micro_batch:.3f} s/micro-batch)"
         return CheckpointingChoice(False, "measured", f"micro-batch {micro_batch_size} fits without it: {faster}",
                                    on_s, off_s)
-    reason = (f"micro-batch {micro_batch_size} fits without it but was measured slower ({without.seconds:.3f} vs "
-              f"{with_it.seconds:.3f} s/micro-batch)")
+    reason = (f"micro-batch {micro_batch_size} fits without it but was measured slower ({without.seconds_per_micro_batch:.3f} vs "
+              f"{with_it.seconds_per_micro_batch:.3f} s/micro-batch)")
     return CheckpointingChoice(True, "measured", reason, on_s, off_s)
+
+
+#: Plan fields whose `--json` (and plan.json) key is the older name: `to_dict` writes it, `from_dict` reads both.
+_JSON_KEYS = {"max_fitting_micro_batch_size": "max_micro_batch_size", "seconds_per_micro_batch": "seconds_per_step"}
 
 
 @dataclass
@@ -413,7 +433,7 @@ class Plan:
     gradient_accumulation_steps: int
     effective_batch_size: int
     world_size: int
-    max_micro_batch_size: int
+    max_fitting_micro_batch_size: int  # the search's answer (`--json` key "max_micro_batch_size"; not the cap)
     memory_budget_bytes: int
     usable_memory_bytes: int
     headroom: float
@@ -423,7 +443,7 @@ class Plan:
     trials: list[Trial]
     fits: bool = True
     capped: bool = False
-    seconds_per_step: float = 0.0
+    seconds_per_micro_batch: float = 0.0  # at the planned micro-batch (`--json` key "seconds_per_step")
     options: list[Option] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     memory_fingerprint: dict = field(default_factory=dict)
@@ -434,7 +454,7 @@ class Plan:
     precision: str | None = None  # what the trials measured: "bf16", "fp16" or "fp32"; plan.yaml says the same
     cached_trials: list[Trial] = field(default_factory=list)  # answers the probe cache gave; not in `trials`
     cache_path: str | None = None  # the probe cache file used, None with --no-cache
-    stopped_at_need: bool = False  # max_micro_batch_size is what the target needs; the true max may be larger
+    stopped_at_need: bool = False  # max_fitting_micro_batch_size is what the target needs; the true max may be larger
     checkpointing: CheckpointingChoice | None = None  # what the run trains with; None: the config's, unmeasured
     assumed: dict | None = None  # estimate backend: the device, precision, optimizer, attention, allocator emulated
     trial_process: str = "same"  # "fresh": the edge and the planned size were measured in fresh worker processes
@@ -442,11 +462,23 @@ class Plan:
     rank_peak_bytes: list[int] | None = None  # FSDP group trials: each rank's peak at the planned micro-batch
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = {_JSON_KEYS.get(k, k): v for k, v in asdict(self).items()}
+        for name in ("trials", "eval_trials", "cached_trials"):
+            data[name] = [t.to_dict() for t in getattr(self, name)]
         data["options"] = [o.to_dict() for o in self.options]
         if self.checkpointing is not None:
             data["checkpointing"]["speedup"] = self.checkpointing.speedup
         return data
+
+    @property
+    def max_micro_batch_size(self) -> int:
+        """`max_fitting_micro_batch_size` by its `--json` name, for callers that read it so."""
+        return self.max_fitting_micro_batch_size
+
+    @property
+    def seconds_per_step(self) -> float:
+        """`seconds_per_micro_batch` by its `--json` name, for callers that read it so."""
+        return self.seconds_per_micro_batch
 
     # apply/save are the public `autobatch.apply_plan`/`autobatch.save_plan`, looked up on the package at call
     # time: they build on config, train and workload, which all import this module, so importing them here
@@ -467,10 +499,11 @@ class Plan:
     def from_dict(cls, data: dict) -> Plan:
         """The inverse of `to_dict` (plan.json back to a Plan); unknown keys are ignored."""
         names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        values["trials"] = [Trial(**t) for t in data.get("trials", [])]
-        values["eval_trials"] = [Trial(**t) for t in data.get("eval_trials", [])]
-        values["cached_trials"] = [Trial(**t) for t in data.get("cached_trials", [])]
+        fields_of = {json: name for name, json in _JSON_KEYS.items()}
+        values = {fields_of.get(k, k): v for k, v in data.items() if fields_of.get(k, k) in names}
+        values["trials"] = [Trial.from_dict(t) for t in data.get("trials", [])]
+        values["eval_trials"] = [Trial.from_dict(t) for t in data.get("eval_trials", [])]
+        values["cached_trials"] = [Trial.from_dict(t, cached=True) for t in data.get("cached_trials", [])]
         values["options"] = [
             Option(**{k: v for k, v in o.items() if k != "samples_per_s"}) for o in data.get("options", [])
         ]

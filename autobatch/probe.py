@@ -3,6 +3,10 @@
 A planning session (`_Session`) owns the backend and its usable budget, the process group, one prober
 (autobatch.trial) and the probe cache in front of its trials; the search, the checkpointing and evaluation
 choices and the sweep's ladder of effective batch sizes ask it for answers and build the plans from them.
+
+One module over ~600 lines on purpose: `make_plan` and `plan_ladder` are two uses of one `_Session` and its
+private helpers (the choice of a split, checkpointing, the eval batch, the probe cache); one trial is
+autobatch.trial's, the search and arithmetic autobatch.planner's.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from autobatch import ranks, sharding
+from autobatch.cache import ProbeCache, cache_path, workload_description
 from autobatch.config import Config, eval_strategy, modern_names
 from autobatch.errors import AutobatchError, BudgetTooSmallError, ConfigError
+from autobatch.estimate import assumptions
 from autobatch.memory import MemoryBackend, alloc_conf, check_cpu_budget, default_device, make_backend
 from autobatch.planner import (
     CheckpointingChoice,
@@ -77,7 +83,8 @@ def _budget_error(trial: Trial, usable_bytes: int, config: Config) -> BudgetTooS
 class _Session:
     """One probe, as `make_plan` and `plan_ladder` share it: the backend and its usable budget (the cuda
     allocator capped there), the process group, the Prober, the probe cache in front of its trials, and
-    the one list every answer the search used goes into, run or given by the cache."""
+    the one list every answer the search used goes into, run or given by the cache. After `close`, `build`
+    makes each plan, once, with all its facts."""
 
     def __init__(self, config: Config, per_device: int | None, on_trial: Callable[[Trial], None] | None,
                  trainer=None) -> None:
@@ -120,7 +127,6 @@ class _Session:
         self.trial_process = "same" if group else trial_process(config, self.backend.device, trainer)
         self.fresh = False  # set by go_fresh: every probe from then on runs in a worker process
         self.trials: list[Trial] = []
-        self.cached: list[Trial] = []  # the answers the cache gave
         self.caches = []  # the probe caches opened, in-process trials' and fresh trials' (separate workloads)
         try:  # a caller's own trainer (collator, loss, callbacks) has no fingerprint the cache could trust
             self.cache = _open_cache(config, self.prober, self.backend) if trainer is None and not group else None
@@ -134,7 +140,7 @@ class _Session:
         if self.cache is None:
             return run_trial
         self.caches.append(self.cache)
-        return self.cache.wrap(run_trial, self.prober._accumulation, self.usable, self.cached)
+        return self.cache.wrap(run_trial, self.prober._accumulation, self.usable)
 
     def go_fresh(self) -> None:
         """From here on every probe is a trial in a fresh worker process (`trial_process` fresh).
@@ -169,13 +175,9 @@ class _Session:
 
     def probe(self, size: int) -> Trial:
         """One answer at `size`, from the cache or a trial, agreed by every rank (one rank's OOM is everyone's)."""
-        raw = self.run_trial(size)
-        hit = bool(self.cached) and self.cached[-1] is raw
-        trial = ranks.agree(raw)  # one search path on every rank
-        if hit:
-            self.cached[-1] = trial  # the agreed answer is the one the search used
+        trial = ranks.agree(self.run_trial(size))  # one search path on every rank; a cache answer stays marked
         self.trials.append(trial)
-        if self.on_trial and not hit:
+        if self.on_trial and not trial.cached:
             self.on_trial(trial)
         return trial
 
@@ -195,43 +197,71 @@ class _Session:
         for cache in self.caches:
             cache.close()
         if self.cache:
-            given = {id(t) for t in self.cached}
-            self.run = [t for t in self.trials if id(t) not in given]
-            self.from_cache = [t for t in self.trials if id(t) in given]
+            self.run = [t for t in self.trials if not t.cached]
+            self.from_cache = [t for t in self.trials if t.cached]
 
-    def finish(self, plan: Plan, capped: bool, started: float) -> None:
-        """What every plan of this probe says about its budget, device, cache and search."""
-        backend, config = self.backend, self.config
-        if self.cache is not None:
-            plan.trials, plan.cached_trials = self.run, self.from_cache
-            plan.cache_path = str(self.cache.path)
-            if self.cache.broken:
-                plan.notes.append(f"probe cache {self.cache.path} ignored ({self.cache.broken}); every trial ran")
-            elif self.cached:
-                run = "no trial run" if not plan.trials else f"{len(plan.trials)} trial(s) run"
-                plan.notes.append(f"{len(self.cached)} answer(s) from the probe cache {self.cache.path}, {run} "
-                                  "(--no-cache measures again)")
-        plan.memory_budget_bytes, plan.usable_memory_bytes, plan.headroom = (
-            backend.budget_bytes, self.usable, self.headroom)
-        plan.device, plan.capped, plan.precision = backend.device, capped, self.prober.precision
-        plan.notes = self.prober.notes + plan.notes
+    def build(self, choice: _Choice, *, capped: bool, started: float, stopped_at_need: bool = False,
+              checkpointing: CheckpointingChoice | None = None, evaluation: dict | None = None) -> Plan:
+        """The plan of `choice`, built once after `close` with every fact this probe knows: its budget, device,
+        cache and search. `evaluation`: the eval batch's fields (`_plan_eval`), when the run evaluates."""
+        backend, config, prober = self.backend, self.config, self.prober
+        option, trial = choice.options[0], choice.trial
+        assumed = None
+        if backend.device == "estimate":
+            assumed = assumptions(prober.args, backend.budget_bytes, prober.precision)
+        return Plan(
+            per_device_train_batch_size=option.micro_batch_size,
+            gradient_accumulation_steps=option.gradient_accumulation_steps,
+            effective_batch_size=option.micro_batch_size * option.gradient_accumulation_steps * config.world_size,
+            world_size=config.world_size,
+            max_fitting_micro_batch_size=choice.max_micro,
+            memory_budget_bytes=backend.budget_bytes,
+            usable_memory_bytes=self.usable,
+            headroom=self.headroom,
+            peak_memory_bytes=trial.peak_memory_bytes,
+            device=backend.device,
+            max_length=prober.max_length,
+            trials=self.run,
+            fits=trial.fits,
+            capped=capped,
+            seconds_per_micro_batch=trial.seconds_per_micro_batch,
+            options=choice.options,
+            notes=self._notes(choice.notes, capped),
+            memory_fingerprint=fingerprint(config),
+            search_seconds=time.perf_counter() - started,
+            precision=prober.precision,
+            cached_trials=self.from_cache,
+            cache_path=None if self.cache is None else str(self.cache.path),
+            stopped_at_need=stopped_at_need,  # the report's limit row says "≥ N (not searched past ...)"
+            checkpointing=checkpointing,
+            assumed=assumed,
+            trial_process="fresh" if self.fresh else "same",
+            # in the probe cache's key already; `run --plan` compares it
+            pytorch_cuda_alloc_conf=alloc_conf() if backend.device == "cuda" else None,
+            rank_peak_bytes=trial.rank_peak_bytes,
+            **(evaluation or {}),
+        )
+
+    def _notes(self, own: list[str], capped: bool) -> list[str]:
+        """The prober's notes, the choice's own, then what the cache, budget, cap and backend add."""
+        backend, cache = self.backend, self.cache
+        notes = [*self.prober.notes, *own]
+        if cache is not None and cache.broken:
+            notes.append(f"probe cache {cache.path} ignored ({cache.broken}); every trial ran")
+        elif cache is not None and (hits := sum(c.hits for c in self.caches)):
+            run = "no trial run" if not self.run else f"{len(self.run)} trial(s) run"
+            notes.append(f"{hits} answer(s) from the probe cache {cache.path}, {run} "
+                         "(--no-cache measures again)")
         if backend.budget_source:
-            plan.notes.append(f"budget: {format_bytes(backend.budget_bytes)} from {backend.budget_source}")
+            notes.append(f"budget: {format_bytes(backend.budget_bytes)} from {backend.budget_source}")
         if capped:
-            plan.notes.append(
-                f"stopped at --max-micro-batch-size {config.max_micro_batch_size}: a larger micro-batch may fit"
+            notes.append(
+                f"stopped at --max-micro-batch-size {self.config.max_micro_batch_size}: a larger micro-batch may fit"
             )
         if backend.device == "estimate":
-            from autobatch.estimate import assumptions
-
-            plan.assumed = assumptions(self.prober.args, backend.budget_bytes, self.prober.precision)
-            plan.notes.append("estimate backend: the cuda step emulated under fake tensors, reserved bytes of an "
-                              "emulated caching allocator (see `assumed`)")
-        plan.memory_fingerprint = fingerprint(config)
-        plan.search_seconds = time.perf_counter() - started
-        plan.trial_process = "fresh" if self.fresh else "same"
-        if backend.device == "cuda":  # in the probe cache's key already; `run --plan` compares it
-            plan.pytorch_cuda_alloc_conf = alloc_conf()
+            notes.append("estimate backend: the cuda step emulated under fake tensors, reserved bytes of an "
+                         "emulated caching allocator (see `assumed`)")
+        return notes
 
 
 def make_plan(
@@ -271,6 +301,7 @@ def _make_plan(config: Config, on_trial, on_start, on_eval_trial, trainer) -> Pl
     session = _Session(config, per_device, on_trial, trainer)
     session.prober.on_start, session.prober.on_eval_trial = on_start, on_eval_trial
     stopped_at_need = False
+    checkpointing, evaluation = None, None
     closing = contextlib.ExitStack()  # the probe cache of the other checkpointing setting, if opened
     try:
         if isinstance(config.per_device_train_batch_size, int):
@@ -288,31 +319,30 @@ def _make_plan(config: Config, on_trial, on_start, on_eval_trial, trainer) -> Pl
                 max_micro = session.confirm(max_micro, bound)
                 capped = max_micro == config.max_micro_batch_size
                 stopped_at_need = stopped_at_need and max_micro == bound
-        plan = _choose(config, session.prober, per_device, max_micro, session.trials, session.probe)
-        while session.fresh and not _last_trial(session.trials, plan.per_device_train_batch_size).fresh_process:
+        choice = _choose(config, per_device, max_micro, session.trials, session.probe)
+        while session.fresh and not _last_trial(session.trials, choice.micro_batch_size).fresh_process:
             # a smaller split was chosen from in-process trials: its peak, too, is the fresh process's
-            micro = plan.per_device_train_batch_size
+            micro = choice.micro_batch_size
             if not session.probe(micro).fits:
                 max_micro = micro - 1
                 if max_micro < 1:
                     raise _budget_error(session.trials[-1], session.usable, config)
-            plan = _choose(config, session.prober, per_device, max_micro, session.trials, session.probe)
+            choice = _choose(config, per_device, max_micro, session.trials, session.probe)
         run_trial = session.run_trial
         # a caller's trainer keeps its own args; FSDP trial groups train the config's setting (their ranks are
         # launched from the config, with no trainer here to switch)
-        if plan.fits and trainer is None and not isinstance(session.prober, GroupProber):
-            plan.checkpointing, run_trial = _choose_checkpointing(session, config, plan, closing)
-        if plan.fits and evaluates(config):
-            plan.per_device_eval_batch_size, plan.eval_trials = _plan_eval(
-                config, session.prober, plan, session.search_usable, run_trial)
-            chosen = [t for t in plan.eval_trials if t.micro_batch_size == plan.per_device_eval_batch_size]
-            plan.eval_peak_memory_bytes = chosen[-1].peak_memory_bytes
+        if choice.trial.fits and trainer is None and not isinstance(session.prober, GroupProber):
+            checkpointing, run_trial, without = _choose_checkpointing(session, config, choice.micro_batch_size,
+                                                                      closing)
+            if without is not None:  # trained without it: the plan's peak and speed are those measured so
+                choice = dataclasses.replace(choice, trial=without)
+        if choice.trial.fits and evaluates(config):
+            evaluation = _plan_eval(config, session.prober, choice.micro_batch_size, session.search_usable, run_trial)
     finally:
         closing.close()
         session.close()
-    plan.stopped_at_need = stopped_at_need  # the report's limit row says "≥ N (not searched past ...)"
-    session.finish(plan, capped, started)
-    return plan
+    return session.build(choice, capped=capped, started=started, stopped_at_need=stopped_at_need,
+                         checkpointing=checkpointing, evaluation=evaluation)
 
 
 def _set_checkpointing(trainer, on: bool) -> None:
@@ -325,16 +355,17 @@ def _set_checkpointing(trainer, on: bool) -> None:
 
 
 def _choose_checkpointing(
-    session: _Session, config: Config, plan: Plan, closing: contextlib.ExitStack
-) -> tuple[CheckpointingChoice, Callable[..., Trial]]:
-    """The checkpointing the run trains with (`planner.choose_checkpointing`), and the `run_trial` for what follows.
+    session: _Session, config: Config, micro: int, closing: contextlib.ExitStack
+) -> tuple[CheckpointingChoice, Callable[..., Trial], Trial | None]:
+    """The checkpointing the run trains with (`planner.choose_checkpointing`), the `run_trial` for what follows,
+    and the trial without it when that is what the run trains with (None otherwise).
 
     The search measured checkpointing as the config has it (TRL's default: on); unless the user set it, the
-    planned micro-batch is also run without it (in a fresh worker when the plan's trials are fresh), through
-    the probe cache of that setting, and then with it again, back to back. When off is chosen, the plan's peak
-    and speed are those measured without it, and the evaluation trials run without it too.
+    planned micro-batch `micro` is also run without it (in a fresh worker when the plan's trials are fresh),
+    through the probe cache of that setting, and then with it again, back to back. When off is chosen, the
+    plan's peak and speed are those measured without it, and the evaluation trials run without it too.
     """
-    prober, micro = session.prober, plan.per_device_train_batch_size
+    prober = session.prober
     user = modern_names(config.training_args).get("activation_checkpointing")
     without_config = dataclasses.replace(
         config, training_args={**modern_names(config.training_args), "activation_checkpointing": False})
@@ -344,8 +375,6 @@ def _choose_checkpointing(
             FreshTrials(config, session.backend, prober)
     else:
         run_without = run_with = prober.run_trial
-
-    hits: list[Trial] = []  # the answers the probe cache of that setting gave
 
     def trial(on: bool) -> Trial:
         nonlocal run_without
@@ -357,10 +386,9 @@ def _choose_checkpointing(
             cache = _open_cache(without_config, prober, session.backend, _without_description(prober, without_config,
                                                                                               session.fresh))
             closing.callback(cache.close)
-            run_without = cache.wrap(run_without, prober._accumulation, session.usable, hits)
-        raw = run_without(micro)
-        measured[on] = ranks.agree(raw)
-        cached = bool(hits) and hits[-1] is raw
+            run_without = cache.wrap(run_without, prober._accumulation, session.usable)
+        measured[on] = ranks.agree(run_without(micro))
+        cached = measured[on].cached
         if session.on_trial and not cached:
             session.on_trial(measured[on])
         # an answer from the cache is compared with the stored time with it: an identical plan runs no trial
@@ -372,18 +400,17 @@ def _choose_checkpointing(
             if not session.fresh:
                 _set_checkpointing(prober.trainer, False)
             if again.fits:
-                measured[True] = dataclasses.replace(measured[True], seconds=again.seconds)
+                measured[True] = dataclasses.replace(measured[True], seconds_per_micro_batch=again.seconds_per_micro_batch)
         return measured[on]
 
     choice = choose_checkpointing(user, micro, trial)
     if choice.chosen_by == "user":
-        return choice, session.run_trial
+        return choice, session.run_trial, None
     if choice.activation_checkpointing:
         if not session.fresh:
             _set_checkpointing(prober.trainer, True)
-        return choice, session.run_trial
-    plan.peak_memory_bytes, plan.seconds_per_step = measured[False].peak_memory_bytes, measured[False].seconds
-    return choice, run_without
+        return choice, session.run_trial, None
+    return choice, run_without, measured[False]
 
 
 def _without_description(prober: Prober, without_config: Config, fresh: bool) -> dict:
@@ -404,8 +431,6 @@ def _open_cache(config: Config, prober: Prober, backend: MemoryBackend, descript
     """
     if config.no_cache:
         return None
-    from autobatch.cache import ProbeCache, cache_path, workload_description
-
     if description is None:
         description = workload_description(
             fingerprint(config), prober.trainer.model, prober.args, prober.max_length, prober.padded,
@@ -425,14 +450,14 @@ def evaluates(config: Config) -> bool:
 
 
 def _plan_eval(
-    config: Config, prober: Prober, plan: Plan, usable: int, run_trial: Callable[..., Trial] | None = None
-) -> tuple[int, list[Trial]]:
-    """Largest eval batch that fits beside training at the planned micro-batch (forward only, no grads).
+    config: Config, prober: Prober, micro: int, usable: int, run_trial: Callable[..., Trial] | None = None
+) -> dict:
+    """Largest eval batch that fits beside training at micro-batch `micro` (forward only, no grads), as the plan's
+    fields: the batch, its trials and its peak (training, then evaluation, optimizer state alive).
 
     `run_trial`: the prober's, or the probe cache's wrapper around it.
     """
     fixed = config.training_args.get("per_device_eval_batch_size")
-    micro = plan.per_device_train_batch_size
     trials: list[Trial] = []
     run_trial = run_trial or prober.run_trial
 
@@ -447,7 +472,7 @@ def _plan_eval(
                 f"per_device_eval_batch_size {fixed} does not fit beside training at micro-batch {micro}: "
                 "lower it or leave it out to have it planned"
             )
-        return fixed, trials
+        return _eval_fields(fixed, trials)
     try:
         result = search_max_micro_batch(probe, usable, config.max_micro_batch_size)
     except BudgetTooSmallError:
@@ -455,22 +480,23 @@ def _plan_eval(
             f"evaluation at batch 1 does not fit beside training at micro-batch {micro}: "
             "set a smaller --effective-batch-size split (--micro-batch-size) or a larger --memory-budget"
         ) from None
-    return result.max_micro_batch_size, trials
+    return _eval_fields(result.max_micro_batch_size, trials)
 
 
-def _plan_ladder_eval(config: Config, session: _Session, plans: list[Plan]) -> None:
-    """The eval batch of every fitting rung, searched once per distinct micro-batch (at the ladder's largest
-    accumulation, the worst case); without it `run --plan` evaluates at TRL's default of 8."""
-    by_micro: dict[int, tuple[int, list[Trial]]] = {}
-    for plan in plans:
-        if not plan.fits:
-            continue
-        micro = plan.per_device_train_batch_size
-        if micro not in by_micro:
-            by_micro[micro] = _plan_eval(config, session.prober, plan, session.search_usable, session.run_trial)
-        plan.per_device_eval_batch_size, plan.eval_trials = by_micro[micro]
-        chosen = [t for t in plan.eval_trials if t.micro_batch_size == plan.per_device_eval_batch_size]
-        plan.eval_peak_memory_bytes = chosen[-1].peak_memory_bytes
+def _eval_fields(size: int, trials: list[Trial]) -> dict:
+    peak = [t for t in trials if t.micro_batch_size == size][-1].peak_memory_bytes
+    return {"per_device_eval_batch_size": size, "eval_trials": trials, "eval_peak_memory_bytes": peak}
+
+
+def _plan_ladder_eval(config: Config, session: _Session, choices: list[_Choice]) -> dict[int, dict]:
+    """The eval batch of every fitting rung by its micro-batch, searched once per distinct micro-batch (at the
+    ladder's largest accumulation, the worst case); without it `run --plan` evaluates at TRL's default of 8."""
+    by_micro: dict[int, dict] = {}
+    for choice in choices:
+        micro = choice.micro_batch_size
+        if choice.trial.fits and micro not in by_micro:
+            by_micro[micro] = _plan_eval(config, session.prober, micro, session.search_usable, session.run_trial)
+    return by_micro
 
 
 def _measured_options(per_device: int, max_micro: int, accumulation, trials: list[Trial], probe) -> list:
@@ -494,8 +520,22 @@ def _measured_options(per_device: int, max_micro: int, accumulation, trials: lis
             max_micro = options[0].micro_batch_size - 1
 
 
-def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: int, trials, probe) -> Plan:
-    """The plan: a fixed micro-batch checked, or the fastest exact split of the per-device samples."""
+@dataclass
+class _Choice:
+    """A split chosen over the trials so far: what the plan trains with, before the probe's facts are added."""
+
+    options: list[Option]  # fastest first: the first is the plan's
+    trial: Trial  # the chosen micro-batch's measurement: the plan's peak, speed and fit
+    max_micro: int  # the largest micro-batch the choice could use
+    notes: list[str]
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.options[0].micro_batch_size
+
+
+def _choose(config: Config, per_device: int | None, max_micro: int, trials, probe) -> _Choice:
+    """A fixed micro-batch checked, or the fastest exact split of the per-device samples."""
     world = config.world_size
     accumulation = config.gradient_accumulation_steps
     if isinstance(config.per_device_train_batch_size, int):
@@ -508,10 +548,11 @@ def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: i
                 f"for effective batch {per_device * world}: pick a divisor of {per_device}"
             )
         trial = next(t for t in trials if t.micro_batch_size == micro)
-        options = [Option(micro, per_device // micro, trial.seconds, measured=True)]
+        options = [Option(micro, per_device // micro, trial.seconds_per_micro_batch, measured=True)]
     elif per_device is None:  # no target: the largest micro-batch that fits, accumulation as given (auto: 1)
         trial = [t for t in trials if t.micro_batch_size == max_micro][-1]
-        options = [Option(max_micro, accumulation if isinstance(accumulation, int) else 1, trial.seconds, True)]
+        steps = accumulation if isinstance(accumulation, int) else 1
+        options = [Option(max_micro, steps, trial.seconds_per_micro_batch, True)]
     else:
         options = _measured_options(per_device, max_micro, accumulation, trials, probe)
     chosen = options[0]
@@ -521,25 +562,7 @@ def _choose(config: Config, prober: Prober, per_device: int | None, max_micro: i
         nearby = nearby_targets(per_device, world, max_micro, trials, chosen)
         note = nearby_note(per_device * world, chosen, nearby)
         notes = [note] if note else []
-    return Plan(
-        per_device_train_batch_size=chosen.micro_batch_size,
-        gradient_accumulation_steps=chosen.gradient_accumulation_steps,
-        effective_batch_size=chosen.micro_batch_size * chosen.gradient_accumulation_steps * world,
-        world_size=world,
-        max_micro_batch_size=max_micro,
-        memory_budget_bytes=0,
-        usable_memory_bytes=0,
-        headroom=0.0,
-        peak_memory_bytes=trial.peak_memory_bytes,
-        rank_peak_bytes=trial.rank_peak_bytes,
-        device="",
-        max_length=prober.max_length,
-        trials=trials,
-        fits=trial.fits,
-        seconds_per_step=trial.seconds,
-        options=options,
-        notes=notes,
-    )
+    return _Choice(options, trial, max_micro, notes)
 
 
 def ladder_rungs(effective_batch_sizes: list[int] | None, max_micro: int, world: int, target: int | None) -> list[int]:
@@ -576,8 +599,6 @@ def plan_ladder(
     the worst case for every rung). Without explicit sizes the ladder is m·W·2^k, k = 0..4, plus the
     config's target; its largest micro-batch m is confirmed again at that accumulation.
     """
-    import dataclasses
-
     if sharding.fsdp_requested(config.training_args):
         raise ConfigError("sweep does not plan FSDP jobs yet: plan each effective batch with autobatch plan "
                           "--nproc-per-node N --effective-batch-size B with the same fsdp settings", keys=("fsdp",))
@@ -592,7 +613,8 @@ def plan_ladder(
     prober = session.prober
     lengths = [len(ids) for ids in prober.trainer.train_dataset["input_ids"]]
     sweep_config = dataclasses.replace(config, per_device_train_batch_size="auto", gradient_accumulation_steps="auto")
-    plans: list[Plan] = []
+    choices: list[_Choice] = []
+    evaluations: dict[int, dict] = {}
     try:
         result = session.search()
         max_micro, capped = result.max_micro_batch_size, result.capped
@@ -608,11 +630,12 @@ def plan_ladder(
                 max_micro -= 1
         for rung in rungs:
             rung_config = dataclasses.replace(sweep_config, effective_batch_size=rung)
-            plans.append(_choose(rung_config, prober, rung // world, max_micro, session.trials, session.probe))
+            choices.append(_choose(rung_config, rung // world, max_micro, session.trials, session.probe))
         if evaluates(config):  # each rung's plan.yaml must evaluate as it trains: one eval plan per micro-batch
-            _plan_ladder_eval(config, session, plans)
+            evaluations = _plan_ladder_eval(config, session, choices)
     finally:
         session.close()
-    for plan in plans:  # every rung holds the same two lists
-        session.finish(plan, capped, started)
+    plans = [session.build(choice, capped=capped, started=started,  # every rung holds the same two lists
+                           evaluation=evaluations.get(choice.micro_batch_size) if choice.trial.fits else None)
+             for choice in choices]
     return Ladder(plans, session.run, len(lengths), sum(lengths) / len(lengths), session.from_cache)

@@ -165,14 +165,15 @@ def agree(trial: Trial) -> Trial:
 
     values = torch.tensor(
         [float(not trial.fits), float(trial.oom), float(trial.peak_memory_bytes),
-         float(trial.peak_allocated_bytes or 0), trial.seconds],
+         float(trial.peak_allocated_bytes or 0), trial.seconds_per_micro_batch],
         dtype=torch.float64,
     )
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     unfit, oom, peak, allocated, seconds = values.tolist()
     return replace(
         trial, fits=not unfit, oom=bool(oom), peak_memory_bytes=int(peak),
-        peak_allocated_bytes=int(allocated) if trial.peak_allocated_bytes is not None else None, seconds=seconds,
+        peak_allocated_bytes=int(allocated) if trial.peak_allocated_bytes is not None else None,
+        seconds_per_micro_batch=seconds,
     )
 
 

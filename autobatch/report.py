@@ -73,10 +73,10 @@ def _memory_rows(config: Config) -> list[tuple[str, Any]]:
 
 
 def trial_line(trial: Trial, budget_bytes: int | None, label: str = "micro") -> str:
-    """`micro=16 fits peak=31.2GiB (78% of budget) 0.42 s/step`: one trial, as it is printed."""
+    """`micro=16 fits peak=31.2GiB (78% of budget) 0.42 s/micro-batch`: one trial, as it is printed."""
     status = "fits" if trial.fits else ("OOM" if trial.oom else "does not fit")
     share = f" ({trial.peak_memory_bytes / budget_bytes:.0%} of budget)" if budget_bytes else ""
-    speed = f" {trial.seconds:.2f} s/step" if trial.fits and label == "micro" else ""
+    speed = f" {trial.seconds_per_micro_batch:.2f} s/micro-batch" if trial.fits and label == "micro" else ""
     fresh = " (fresh process)" if trial.fresh_process else ""
     return (f"{label}={trial.micro_batch_size} {status} peak={format_bytes(trial.peak_memory_bytes)}{share}{speed}{fresh}"
             + rank_peaks(trial.rank_peak_bytes))
@@ -96,7 +96,7 @@ def format_plan(plan: Plan) -> str:
     micro, accumulation = plan.per_device_train_batch_size, plan.gradient_accumulation_steps
     budget, usable, peak = plan.memory_budget_bytes, plan.usable_memory_bytes, plan.peak_memory_bytes
     tried = {t.micro_batch_size: t for t in plan.cached_trials + plan.trials}
-    largest = plan.max_micro_batch_size
+    largest = plan.max_fitting_micro_batch_size
     if plan.capped:
         limit = f"{largest} (capped by --max-micro-batch-size)"
     elif plan.stopped_at_need:

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from autobatch import ranks, sharding
+from autobatch import __version__, ranks, sharding
 from autobatch.builtin import is_builtin_model_path
 from autobatch.config import Config, eval_strategy, write_atomic
 from autobatch.errors import ConfigError
@@ -52,8 +52,6 @@ def is_run_dir(path: Path) -> bool:
 
 def claim_output_dir(path: Path) -> None:
     """Create the output dir and mark it as autobatch's, before anything is written into it."""
-    from autobatch import __version__
-
     path.mkdir(parents=True, exist_ok=True)
     if not is_run_dir(path):
         write_atomic(path / MARKER_FILE, json.dumps({"written_by": "autobatch run", "version": __version__}) + "\n")

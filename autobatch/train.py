@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from autobatch import ranks, sharding
 from autobatch.config import Config
@@ -122,175 +123,180 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def trainer_class(base=None):
-    """`base` (SFTTrainer by default) with the OOM fallback: split micro-batches, same optimizer step, same
-    data position; halved eval batch on an OOM in evaluation; a clear stop on an OOM in clipping, the
-    optimizer step or a save."""
+class OomSafeTrainer:
+    """Mixin for a Trainer class (SFTTrainer, or a caller's own) with the OOM fallback: split micro-batches,
+    same optimizer step, same data position; halved eval batch on an OOM in evaluation; a clear stop on an
+    OOM in clipping, the optimizer step or a save. `trainer_class` puts it in front of the base."""
+
+    splits = 1
+    fallbacks: list[Fallback]
+    eval_fallbacks: list[int]  # the eval batch sizes evaluation went down to
+    on_fallback: Callable[[Fallback], None] | None = None
+
+    def _out_of_memory(self, call: Callable[..., Any], *args, check: Callable[[Exception], None] | None = None,
+                       **kwargs) -> tuple[bool, Any]:
+        """`(False, call(...))`, or `(True, None)` after an OOM, returned outside the except block: its
+        exception and traceback no longer pin the step's tensors when the caller acts on it. Anything but
+        OOM propagates unchanged; `check(exc)` may first raise an error of its own."""
+        try:
+            return False, call(*args, **kwargs)
+        except Exception as exc:
+            if check is not None:
+                check(exc)
+            if not is_oom(exc, self.args.device.type):
+                raise
+        return True, None
+
+    def evaluate(self, *args, **kwargs):
+        while True:
+            failed, metrics = self._out_of_memory(super().evaluate, *args, **kwargs)
+            if not failed:
+                return metrics
+            self._halve_eval_batch()
+
+    def _halve_eval_batch(self) -> None:
+        size = self.args.per_device_eval_batch_size
+        if size <= 1:
+            raise AutobatchError(
+                f"out of memory in evaluation at step {self.state.global_step} even at eval batch 1: "
+                "use a larger budget, a shorter max_length, or --eval-strategy no"
+            )
+        self.args.per_device_eval_batch_size = size // 2
+        if hasattr(self, "_eval_dataloaders"):
+            self._eval_dataloaders.clear()  # cached at the old batch size
+        _free_memory()
+        getattr(self, "eval_fallbacks", []).append(size // 2)
+        logger.warning("OOM in evaluation at step %d: eval batch %d -> %d; evaluating again",
+                       self.state.global_step, size, size // 2)
+
+    def _clip_grad_norm(self, model):
+        failed, norm = self._out_of_memory(super()._clip_grad_norm, model)
+        if not failed:
+            return norm
+        # clipping failed before changing anything: the state is the last step's, intact
+        _free_memory()
+        path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        self._save_checkpoint(model, None)
+        raise AutobatchError(
+            f"out of memory in gradient clipping at step {self.state.global_step + 1} (a smaller "
+            f"micro-batch does not help there): saved the complete checkpoint {path} from before "
+            "the step; use a larger budget, LoRA or --max-grad-norm 0, and continue with --resume"
+        )
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if not getattr(optimizer, "_autobatch_guarded", False):
+            optimizer.step = self._guarded_step(optimizer.step)
+            optimizer._autobatch_guarded = True
+        return optimizer
+
+    def _guarded_step(self, step):
+        def guarded(*args, **kwargs):
+            failed, result = self._out_of_memory(step, *args, **kwargs)
+            if not failed:
+                return result
+            newest = complete_checkpoints(self.args.output_dir)
+            last = (f"the newest complete checkpoint is {newest[0]} (--resume continues from it)"
+                    if newest else "no checkpoint was saved before it (set --save-steps)")
+            raise AutobatchError(
+                f"out of memory in the optimizer step at step {self.state.global_step + 1}: weights, "
+                "gradients and optimizer state do not fit; the update may be partly applied, so this "
+                f"step is not saved and {last}; use a larger budget, LoRA, or a lighter --optim "
+                "(adafactor, adamw_8bit)"
+            )
+        return guarded
+
+    def _save_checkpoint(self, model, trial):
+        path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        return self._saving(path, super()._save_checkpoint, model, trial)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        path = output_dir or self.args.output_dir
+        return self._saving(path, super().save_model, output_dir, _internal_call)
+
+    def _saving(self, path, save, *args):
+        def write_failed(exc: Exception) -> None:
+            if _write_failed(exc):
+                raise AutobatchError(
+                    f"cannot write {path}: {_write_failure(exc)}; free space on that disk or pass another "
+                    "--output-dir, then continue with --resume (it skips this incomplete checkpoint)"
+                ) from exc
+
+        failed, result = self._out_of_memory(save, *args, check=write_failed)
+        if not failed:
+            return result
+        raise AutobatchError(
+            f"out of memory while saving {path}: what it holds is incomplete (--resume skips a "
+            "checkpoint without trainer_state.json); use a larger budget or --save-only-model true"
+        )
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_batches, self._step_position = batches, 0
+        return batches, num_items
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        position = getattr(self, "_step_position", 0)
+        self._step_position = position + 1
+        replay: list[dict] = []
+
+        def step():
+            for earlier in replay:  # their losses were already counted: only the gradients are redone
+                self._split_step(model, earlier, num_items_in_batch)
+            return self._split_step(model, inputs, num_items_in_batch)
+
+        while True:
+            failed, loss = self._out_of_memory(step)
+            if not failed:
+                return loss
+            _stop_if_ranks(self.args.world_size, self.state.global_step, inputs)
+            self._fall_back(model)
+            replay = getattr(self, "_step_batches", [])[:position]
+
+    def _split_step(self, model, inputs, num_items_in_batch):
+        if self.splits == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        scale = self.current_gradient_accumulation_steps
+        self.current_gradient_accumulation_steps = scale * self.splits  # used only without num_items
+        step = super().training_step  # bound here: a bare super() inside the comprehension has no `self`
+        try:
+            losses = [step(model, part, num_items_in_batch) for part in split_batch(inputs, self.splits)]
+        finally:
+            self.current_gradient_accumulation_steps = scale
+        return sum(losses[1:], losses[0])
+
+    def _fall_back(self, model) -> None:
+        model.zero_grad(set_to_none=True)
+        _free_memory()
+        planned = self.args.per_device_train_batch_size
+        before = (planned // self.splits, self.args.gradient_accumulation_steps * self.splits)
+        self.splits = next_split(planned, self.splits)
+        event = Fallback(
+            self.state.global_step, planned // self.splits, self.args.gradient_accumulation_steps * self.splits
+        )
+        self.fallbacks.append(event)
+        logger.warning(
+            "OOM at step %d: micro-batch %d -> %d, accumulation %d -> %d (effective batch unchanged); "
+            "continuing from the same step",
+            event.global_step, before[0], event.per_device_train_batch_size, before[1],
+            event.gradient_accumulation_steps,
+        )
+        if self.on_fallback:
+            self.on_fallback(event)
+
+
+def trainer_class(base=None) -> type:
+    """`base` (SFTTrainer by default) behind the `OomSafeTrainer` mixin: `OomSafeSFTTrainer` for SFTTrainer.
+
+    The base is a parameter because TRL is imported only when a run starts, and `autobatch.apply_plan` puts
+    the fallback in front of a caller's own trainer class. A base that has it already is returned as it is.
+    """
     if base is None:
         from trl import SFTTrainer as base
-
-    class OomSafeSFTTrainer(base):
-        splits = 1
-        fallbacks: list[Fallback]
-        eval_fallbacks: list[int]  # the eval batch sizes evaluation went down to
-        on_fallback: Callable[[Fallback], None] | None = None
-
-        def evaluate(self, *args, **kwargs):
-            while True:
-                failed = False
-                try:
-                    return super().evaluate(*args, **kwargs)
-                except Exception as exc:  # only OOM is handled
-                    if not is_oom(exc, self.args.device.type):
-                        raise
-                    failed = True
-                if failed:  # outside the except block: the traceback no longer pins the batch's tensors
-                    self._halve_eval_batch()
-
-        def _halve_eval_batch(self) -> None:
-            size = self.args.per_device_eval_batch_size
-            if size <= 1:
-                raise AutobatchError(
-                    f"out of memory in evaluation at step {self.state.global_step} even at eval batch 1: "
-                    "use a larger budget, a shorter max_length, or --eval-strategy no"
-                )
-            self.args.per_device_eval_batch_size = size // 2
-            if hasattr(self, "_eval_dataloaders"):
-                self._eval_dataloaders.clear()  # cached at the old batch size
-            _free_memory()
-            getattr(self, "eval_fallbacks", []).append(size // 2)
-            logger.warning("OOM in evaluation at step %d: eval batch %d -> %d; evaluating again",
-                           self.state.global_step, size, size // 2)
-
-        def _clip_grad_norm(self, model):
-            failed = False
-            try:
-                return super()._clip_grad_norm(model)
-            except Exception as exc:
-                if not is_oom(exc, self.args.device.type):
-                    raise
-                failed = True
-            if failed:  # clipping failed before changing anything: the state is the last step's, intact
-                _free_memory()
-                path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-                self._save_checkpoint(model, None)
-                raise AutobatchError(
-                    f"out of memory in gradient clipping at step {self.state.global_step + 1} (a smaller "
-                    f"micro-batch does not help there): saved the complete checkpoint {path} from before "
-                    "the step; use a larger budget, LoRA or --max-grad-norm 0, and continue with --resume"
-                )
-
-        def create_optimizer(self, *args, **kwargs):
-            optimizer = super().create_optimizer(*args, **kwargs)
-            if not getattr(optimizer, "_autobatch_guarded", False):
-                optimizer.step = self._guarded_step(optimizer.step)
-                optimizer._autobatch_guarded = True
-            return optimizer
-
-        def _guarded_step(self, step):
-            def guarded(*args, **kwargs):
-                failed = False
-                try:
-                    return step(*args, **kwargs)
-                except Exception as exc:
-                    if not is_oom(exc, self.args.device.type):
-                        raise
-                    failed = True
-                if failed:
-                    newest = complete_checkpoints(self.args.output_dir)
-                    last = (f"the newest complete checkpoint is {newest[0]} (--resume continues from it)"
-                            if newest else "no checkpoint was saved before it (set --save-steps)")
-                    raise AutobatchError(
-                        f"out of memory in the optimizer step at step {self.state.global_step + 1}: weights, "
-                        "gradients and optimizer state do not fit; the update may be partly applied, so this "
-                        f"step is not saved and {last}; use a larger budget, LoRA, or a lighter --optim "
-                        "(adafactor, adamw_8bit)"
-                    )
-            return guarded
-
-        def _save_checkpoint(self, model, trial):
-            path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-            return self._saving(path, super()._save_checkpoint, model, trial)
-
-        def save_model(self, output_dir=None, _internal_call=False):
-            path = output_dir or self.args.output_dir
-            return self._saving(path, super().save_model, output_dir, _internal_call)
-
-        def _saving(self, path, save, *args):
-            failed = False
-            try:
-                return save(*args)
-            except Exception as exc:
-                if _write_failed(exc):
-                    raise AutobatchError(
-                        f"cannot write {path}: {_write_failure(exc)}; free space on that disk or pass another "
-                        "--output-dir, then continue with --resume (it skips this incomplete checkpoint)"
-                    ) from exc
-                if not is_oom(exc, self.args.device.type):
-                    raise
-                failed = True
-            if failed:
-                raise AutobatchError(
-                    f"out of memory while saving {path}: what it holds is incomplete (--resume skips a "
-                    "checkpoint without trainer_state.json); use a larger budget or --save-only-model true"
-                )
-
-        def get_batch_samples(self, epoch_iterator, num_batches, device):
-            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-            self._step_batches, self._step_position = batches, 0
-            return batches, num_items
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            position = getattr(self, "_step_position", 0)
-            self._step_position = position + 1
-            replay: list[dict] = []
-            while True:
-                failed = False
-                try:
-                    for earlier in replay:  # their losses were already counted: only the gradients are redone
-                        self._split_step(model, earlier, num_items_in_batch)
-                    return self._split_step(model, inputs, num_items_in_batch)
-                except Exception as exc:  # only OOM is handled; anything else propagates unchanged
-                    if not is_oom(exc, self.args.device.type):
-                        raise
-                    failed = True
-                if failed:  # outside the except block, so the OOM's traceback no longer pins tensors
-                    _stop_if_ranks(self.args.world_size, self.state.global_step, inputs)
-                    self._fall_back(model)
-                    replay = getattr(self, "_step_batches", [])[:position]
-
-        def _split_step(self, model, inputs, num_items_in_batch):
-            if self.splits == 1:
-                return super().training_step(model, inputs, num_items_in_batch)
-            scale = self.current_gradient_accumulation_steps
-            self.current_gradient_accumulation_steps = scale * self.splits  # used only without num_items
-            try:
-                losses = [super(OomSafeSFTTrainer, self).training_step(model, part, num_items_in_batch)
-                          for part in split_batch(inputs, self.splits)]
-            finally:
-                self.current_gradient_accumulation_steps = scale
-            return sum(losses[1:], losses[0])
-
-        def _fall_back(self, model) -> None:
-            model.zero_grad(set_to_none=True)
-            _free_memory()
-            planned = self.args.per_device_train_batch_size
-            before = (planned // self.splits, self.args.gradient_accumulation_steps * self.splits)
-            self.splits = next_split(planned, self.splits)
-            event = Fallback(
-                self.state.global_step, planned // self.splits, self.args.gradient_accumulation_steps * self.splits
-            )
-            self.fallbacks.append(event)
-            logger.warning(
-                "OOM at step %d: micro-batch %d -> %d, accumulation %d -> %d (effective batch unchanged); "
-                "continuing from the same step",
-                event.global_step, before[0], event.per_device_train_batch_size, before[1],
-                event.gradient_accumulation_steps,
-            )
-            if self.on_fallback:
-                self.on_fallback(event)
-
-    return OomSafeSFTTrainer
+    if issubclass(base, OomSafeTrainer):
+        return base
+    name = "OomSafeSFTTrainer" if base.__name__ == "SFTTrainer" else f"OomSafe{base.__name__}"
+    return type(name, (OomSafeTrainer, base), {})
 
 
 def _write_failed(exc: BaseException) -> bool:

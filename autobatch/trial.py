@@ -26,6 +26,7 @@ from autobatch.config import Config, modern_names
 from autobatch.errors import ConfigError, WorkerError
 from autobatch.memory import MemoryBackend, is_oom
 from autobatch.planner import Trial, steady_seconds
+from autobatch.snapshot import TrainerSnapshot, ZeroLearningRate, trial_callbacks
 from autobatch.units import format_bytes
 from autobatch.workload import build_trainer, load_train_dataset, sft_config
 
@@ -134,8 +135,6 @@ class Prober:
         Trials use the trainer's own model, collator, `compute_loss`, optimizer settings and callbacks
         (copies), with the args of a two-step trial; see `autobatch.snapshot` for what is saved and restored.
         """
-        from autobatch.snapshot import TrainerSnapshot, ZeroLearningRate, trial_callbacks
-
         prober = cls.__new__(cls)
         prober._setup(backend, usable_bytes, per_device, ddp)
         prober.notes = []
@@ -316,7 +315,8 @@ class Prober:
         seconds = steady_seconds(self.timer.steps) / micro_steps if timed else 0.0
         peak = measured.peak_bytes
         size = eval_batch_size or micro_batch_size
-        trial = Trial(size, peak, fits=not oom and peak <= self.usable_bytes, seconds=seconds, oom=oom,
+        trial = Trial(size, peak, fits=not oom and peak <= self.usable_bytes, seconds_per_micro_batch=seconds,
+                      oom=oom,
                       peak_allocated_bytes=measured.allocated_peak_bytes)
         if eval_batch_size and self.on_eval_trial:
             self.on_eval_trial(trial)
@@ -360,12 +360,12 @@ def trial_args(args, output_dir: str):
 
 
 def describe_trial(trial: Trial, usable_bytes: int) -> str:
-    """One line a trial: `micro=16 fits peak=31.2GiB (78% of budget) 0.42 s/step`."""
+    """One line a trial: `micro=16 fits peak=31.2GiB (78% of budget) 0.42 s/micro-batch`."""
     verdict = "fits" if trial.fits else ("OOM" if trial.oom else "does not fit")
     share = 100 * trial.peak_memory_bytes / usable_bytes
     return (
         f"micro={trial.micro_batch_size} {verdict} peak={format_bytes(trial.peak_memory_bytes)} "
-        f"({share:.0f}% of budget) {trial.seconds:.2f} s/step"
+        f"({share:.0f}% of budget) {trial.seconds_per_micro_batch:.2f} s/micro-batch"
     )
 
 
@@ -398,7 +398,7 @@ class FreshTrials:
         except WorkerError as exc:  # which trial, then what happened to it
             what = f"eval batch {eval_batch_size} after micro-batch" if eval_batch_size else "micro-batch"
             raise WorkerError(f"trial of {what} {micro_batch_size}: {exc}", exc.kind, exc.rank) from None
-        trial = Trial(**{**result["trial"], "fresh_process": True})
+        trial = Trial.from_dict(result["trial"], fresh_process=True)
         if eval_batch_size and prober.on_eval_trial:
             prober.on_eval_trial(trial)
         elif not prober.on_trial_shown:
@@ -478,11 +478,12 @@ class GroupProber:
             self.failures.append(line)
             logger.info(line)
             known = [p for p in peaks if p is not None]
-            return Trial(micro_batch_size, max(known) if known else max(self.budgets) + 1, fits=False, seconds=0.0, oom=True,
+            return Trial(micro_batch_size, max(known) if known else max(self.budgets) + 1, fits=False, seconds_per_micro_batch=0.0,
+                         oom=True,
                          rank_peak_bytes=[p if p is not None else -1 for p in peaks], fresh_process=True)
         trials = [by_rank[r]["trial"] for r in range(self.nproc)]
         return Trial(micro_batch_size, max(peaks), fits=all(t["fits"] for t in trials),
-                     seconds=max(t["seconds"] for t in trials), oom=any(t["oom"] for t in trials),
+                     seconds_per_micro_batch=max(t["seconds"] for t in trials), oom=any(t["oom"] for t in trials),
                      peak_allocated_bytes=max(t["peak_allocated_bytes"] or 0 for t in trials),
                      rank_peak_bytes=peaks, fresh_process=True)
 

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from autobatch import builtin
 from autobatch.config import (
     AUTOBATCH_KEYS,
     LOCAL_DATA_FORMATS,
@@ -40,9 +41,7 @@ def fingerprint(config: Config) -> dict[str, Any]:
 def model_path(config: Config) -> str:
     """The model to load: the config's, or the built-in tiny model saved on first use."""
     if config.model_name_or_path is None:
-        from autobatch.builtin import builtin_model_dir
-
-        return str(builtin_model_dir())
+        return str(builtin.builtin_model_dir())
     name = os.path.expanduser(config.model_name_or_path)
     looks_local = name.startswith((".", "/", "~")) or os.path.exists(name)
     if looks_local and not os.path.exists(name):
@@ -186,12 +185,10 @@ def load_train_dataset(config: Config, split: str | None = None):
 
     name = config.dataset_name
     if name is None:
-        from autobatch.builtin import builtin_dataset_path, is_builtin_model_path
-
-        if config.model_name_or_path is not None and not is_builtin_model_path(config.model_name_or_path):
+        if config.model_name_or_path is not None and not builtin.is_builtin_model_path(config.model_name_or_path):
             return None  # the probe then measures a synthetic example of max_length tokens
 
-        name = str(builtin_dataset_path())  # the built-in model trains on the shipped text sample
+        name = str(builtin.builtin_dataset_path())  # the built-in model trains on the shipped text sample
     path = Path(os.path.expanduser(name))
     try:
         if path.suffix in LOCAL_DATA_FORMATS or path.exists():

@@ -120,7 +120,7 @@ def estimate_max(root: Path) -> dict:
     model, data = workload(root, name, length)
     started = time.perf_counter()
     plan = make_plan(config_for(model, data, length, budget, find_max=True))
-    found = plan.max_micro_batch_size
+    found = plan.max_fitting_micro_batch_size
     return {"workload": name, "max_length": length, "budget": budget, "gpu_max": gpu_max, "estimate_max": found,
             "ratio": found / gpu_max, "trials": [t.micro_batch_size for t in plan.trials],
             "seconds": time.perf_counter() - started, "assumed": plan.assumed}

@@ -65,7 +65,7 @@ def plan_row(label: str, model_dir: str, max_length: int, budget: int, cache_fil
     plan = make_plan(config)
     seconds = time.perf_counter() - started
     answers = {t.micro_batch_size: t for t in plan.cached_trials + plan.trials}
-    best = plan.max_micro_batch_size
+    best = plan.max_fitting_micro_batch_size
     if plan.stopped_at_need:
         check = f"≥ {best} (need fits)"
     elif best + 1 in answers and not answers[best + 1].fits:
@@ -126,7 +126,7 @@ def design_rows(device: str) -> list[dict]:
                 fresh = sum(t.fresh_process for t in plan.trials)
                 row = {"case": f"{device}, {'no target' if target is None else f'target {target}'}",
                        "process": process, "same": len(plan.trials) - fresh, "fresh": fresh, "loads": 1 + fresh,
-                       "seconds": seconds, "max": plan.max_micro_batch_size,
+                       "seconds": seconds, "max": plan.max_fitting_micro_batch_size,
                        "plan": f"{plan.per_device_train_batch_size} × {plan.gradient_accumulation_steps}",
                        "peak": plan.peak_memory_bytes,
                        "sizes": [f"{t.micro_batch_size}{'f' if t.fresh_process else ''}" for t in plan.trials]}
@@ -176,7 +176,7 @@ def main() -> int:
                 row, plan = plan_row(f"{label}, no target", model_dir, max_length, budget, cache_file, no_cache=True)
                 rows.append(row)
                 if options.exhaustive:
-                    truth = exhaustive_max(model_dir, max_length, budget, plan.max_micro_batch_size + 1, None)
+                    truth = exhaustive_max(model_dir, max_length, budget, plan.max_fitting_micro_batch_size + 1, None)
                     row["found"] += f"; exhaustive {truth}"
             rows.append(plan_row(f"{label}, target {target}", model_dir, max_length, budget, cache_file,
                                  effective_batch_size=target)[0])

@@ -79,7 +79,7 @@ def sweep(model_dir: str, up_to: int) -> tuple[dict[int, int], dict[int, float]]
     try:
         for size in range(1, up_to + 1):
             trial = prober.run_trial(size)
-            peaks[size], seconds[size] = trial.peak_memory_bytes, trial.seconds
+            peaks[size], seconds[size] = trial.peak_memory_bytes, trial.seconds_per_micro_batch
             if size % 10 == 0 or size == up_to:
                 log(f"  sweep micro={size} peak={trial.peak_memory_bytes / MiB:.1f}MiB "
                     f"({time.perf_counter() - start:.0f} s)")

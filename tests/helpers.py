@@ -68,7 +68,7 @@ def make_plan(**changes) -> Plan:
               Trial(18, 271 * MiB, False, 0.0, oom=True)]
     plan = Plan(
         per_device_train_batch_size=16, gradient_accumulation_steps=2, effective_batch_size=32, world_size=1,
-        max_micro_batch_size=17, memory_budget_bytes=300 * MiB, usable_memory_bytes=270 * MiB, headroom=0.1,
+        max_fitting_micro_batch_size=17, memory_budget_bytes=300 * MiB, usable_memory_bytes=270 * MiB, headroom=0.1,
         peak_memory_bytes=240 * MiB, device="cpu", max_length=256, trials=trials,
         options=[Option(16, 2, 0.38, True), Option(8, 4, 0.2, False)],
     )
@@ -78,9 +78,9 @@ def make_plan(**changes) -> Plan:
 def plan_at(batch: int, micro: int, seconds: float = 0.1) -> Plan:
     """A sweep rung's plan: `batch` as `micro` × accumulation on one device, `seconds` per micro-batch."""
     return Plan(per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
-                effective_batch_size=batch, world_size=1, max_micro_batch_size=micro, memory_budget_bytes=1,
+                effective_batch_size=batch, world_size=1, max_fitting_micro_batch_size=micro, memory_budget_bytes=1,
                 usable_memory_bytes=1, headroom=0.0, peak_memory_bytes=1, device="cpu", max_length=100,
-                trials=[], seconds_per_step=seconds)
+                trials=[], seconds_per_micro_batch=seconds)
 
 
 class PlantedClock:

@@ -124,7 +124,11 @@ def test_apply_plan_sets_the_batch_and_eval_batch_and_trains_it(user_trainer):
     assert SEEN == [micro]
     assert user_trainer.state.train_batch_size == micro
     assert user_trainer.state.global_step == 1 and callback.steps == 1  # no trial step leaked into the run
-    assert user_trainer.fallbacks == [] and type(user_trainer).__mro__[1].__name__ == "SFTTrainer"
+    from trl import SFTTrainer
+
+    from autobatch.train import OomSafeTrainer
+
+    assert user_trainer.fallbacks == [] and type(user_trainer).__bases__ == (OomSafeTrainer, SFTTrainer)
 
 
 def test_plan_trainer_refuses_the_estimate_device(user_trainer):
@@ -135,7 +139,7 @@ def test_plan_trainer_refuses_the_estimate_device(user_trainer):
 def _plan() -> Plan:
     return Plan(
         per_device_train_batch_size=4, gradient_accumulation_steps=2, effective_batch_size=8, world_size=1,
-        max_micro_batch_size=5, memory_budget_bytes=100, usable_memory_bytes=100, headroom=0.0,
+        max_fitting_micro_batch_size=5, memory_budget_bytes=100, usable_memory_bytes=100, headroom=0.0,
         peak_memory_bytes=80, device="cpu", max_length=64, trials=[Trial(4, 80, True, 0.1)],
         memory_fingerprint={"model_name_or_path": "/models/tiny"},
     )

@@ -28,7 +28,7 @@ def test_a_stored_peak_answers_under_any_budget_and_an_oom_only_under_a_smaller_
     path = tmp_path / "c.sqlite3"
     stored(path, 100 * MiB, {4: Trial(4, 60 * MiB, True, 0.5), 8: Trial(8, 100 * MiB + 1, False, 0.0, oom=True)}).close()
     smaller = cache.ProbeCache(path, DESCRIPTION, 50 * MiB)
-    assert smaller.lookup(4, 1, None, 50 * MiB) == Trial(4, 60 * MiB, False, 0.5)  # measured: now too big
+    assert smaller.lookup(4, 1, None, 50 * MiB) == Trial(4, 60 * MiB, False, 0.5, cached=True)  # now too big
     assert smaller.lookup(8, 1, None, 50 * MiB).oom  # ran out of 100 MiB: out of 50 MiB too
     assert smaller.lookup(4, 2, None, 50 * MiB) is None  # another accumulation is another trial
     larger = cache.ProbeCache(path, DESCRIPTION, 200 * MiB)
@@ -36,6 +36,22 @@ def test_a_stored_peak_answers_under_any_budget_and_an_oom_only_under_a_smaller_
     assert larger.lookup(8, 1, None, 200 * MiB) is None  # out of 100 MiB says nothing about 200 MiB
     other = cache.ProbeCache(path, {**DESCRIPTION, "world_size": 2}, 100 * MiB)
     assert other.lookup(4, 1, None, 100 * MiB) is None
+
+
+def test_a_cache_answer_is_marked_on_the_answer_and_a_trial_run_is_not(tmp_path):
+    runs = []
+
+    def run_trial(micro_batch_size, eval_batch_size=None):
+        runs.append(micro_batch_size)
+        return Trial(micro_batch_size, micro_batch_size * MiB, True, 0.1)
+
+    probes = stored(tmp_path / "c.sqlite3", 100 * MiB, {4: Trial(4, 4 * MiB, True, 0.5)})
+    wrapped = probes.wrap(run_trial, lambda micro: 1, 100 * MiB)
+    answers = [wrapped(4), wrapped(2), wrapped(2)]  # 2 ran once, then the cache answers it too
+    probes.close()
+    assert [(t.micro_batch_size, t.cached) for t in answers] == [(4, True), (2, False), (2, True)]
+    assert runs == [2] and probes.hits == 2
+    assert "cached" not in answers[0].to_dict()  # the --json keys are the plan's two lists, as before
 
 
 def test_the_fingerprint_ignores_key_order():

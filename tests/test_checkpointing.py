@@ -64,7 +64,7 @@ def test_checkpointing_comes_off_where_the_micro_batch_fits_without_it(tiny_mode
     assert (choice.seconds_per_step_on, choice.seconds_per_step_off) == (pytest.approx(1.0), pytest.approx(0.6))
     assert "1.67× faster" in choice.reason and "1.67× faster" in format_plan(plan)
     assert (2, True, 1) in clock.trials and (2, False, 1) in clock.trials
-    assert plan.seconds_per_step == pytest.approx(0.6)
+    assert plan.seconds_per_micro_batch == pytest.approx(0.6)
     # --json, plan.yaml (what `trl sft --config` reads) and the run all say off
     assert json.loads(json.dumps(plan.to_dict()))["checkpointing"]["speedup"] == pytest.approx(1 / 0.6)
     written = plan_yaml_text(config, plan)

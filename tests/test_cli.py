@@ -222,7 +222,7 @@ def test_json_is_the_only_thing_on_stdout(probe, capsys):
 def test_table_and_trial_lines(probe, capsys):
     assert cli.main(["plan", "--memory-budget", "300MiB"]) == 0
     captured = capsys.readouterr()
-    assert "micro=17 fits peak=250.0MiB (83% of budget) 0.40 s/step" in captured.err
+    assert "micro=17 fits peak=250.0MiB (83% of budget) 0.40 s/micro-batch" in captured.err
     assert "micro=18 OOM peak=301.0MiB (100% of budget)" in captured.err
     out = captured.out
     assert "micro-batch 16 × accumulation 2 × world size 1 = effective batch 32" in out

@@ -51,13 +51,13 @@ def test_fresh_edge_matches_the_in_process_trials_to_the_byte(tiny_model_dir):
     plan = make_plan(config)
     same = {t.micro_batch_size: t for t in plan.trials if not t.fresh_process}
     fresh = {t.micro_batch_size: t for t in plan.trials if t.fresh_process}
-    assert plan.trial_process == "fresh" and plan.max_micro_batch_size == 3
+    assert plan.trial_process == "fresh" and plan.max_fitting_micro_batch_size == 3
     assert sorted(fresh) == [3, 4] and fresh[3].fits and not fresh[4].fits  # the edge, judged fresh
     assert fresh[3].peak_memory_bytes == same[3].peak_memory_bytes  # the cpu backend: no allocator history
     assert plan.peak_memory_bytes == fresh[3].peak_memory_bytes
     assert plan.trials[-1].fresh_process and plan.trials[-2].fresh_process  # after the in-process search
     again = make_plan(config)  # every answer from the probe cache, the fresh ones from the fresh workload's
-    assert again.trials == [] and again.max_micro_batch_size == 3
+    assert again.trials == [] and again.max_fitting_micro_batch_size == 3
     assert [(t.micro_batch_size, t.fresh_process) for t in again.cached_trials if t.fresh_process] == [(3, True),
                                                                                                          (4, True)]
     assert again.peak_memory_bytes == plan.peak_memory_bytes
@@ -142,7 +142,7 @@ def test_worker_cuda_error_is_one_line(tiny_model_dir, token, monkeypatch):
 
 def cuda_plan(conf: str | None) -> Plan:
     return Plan(per_device_train_batch_size=4, gradient_accumulation_steps=1, effective_batch_size=4, world_size=1,
-                max_micro_batch_size=4, memory_budget_bytes=2**30, usable_memory_bytes=2**30, headroom=0.0,
+                max_fitting_micro_batch_size=4, memory_budget_bytes=2**30, usable_memory_bytes=2**30, headroom=0.0,
                 peak_memory_bytes=2**29, device="cuda", max_length=64, trials=[Trial(4, 2**29, True, 0.1)],
                 pytorch_cuda_alloc_conf=conf)
 

@@ -42,7 +42,7 @@ def make_probe(curve, limit: int, oom_at: int | None = None):
         tried.append(b)
         peak = curve(b)
         oom = oom_at is not None and peak > oom_at
-        return Trial(b, min(peak, oom_at) if oom else peak, fits=peak <= limit, seconds=0.01 * b + 0.05, oom=oom)
+        return Trial(b, min(peak, oom_at) if oom else peak, fits=peak <= limit, seconds_per_micro_batch=0.01 * b + 0.05, oom=oom)
 
     return probe, tried
 
@@ -293,7 +293,8 @@ def test_checkpointing_without_step_times_comes_off_when_it_fits():
 
 def test_plan_round_trips_its_checkpointing_choice():
     choice = CheckpointingChoice(False, "measured", "fits", 0.4, 0.3)
-    plan = Plan(4, 2, 8, 1, 8, 10, 10, 0.0, 5, "cpu", 64, [Trial(4, 5, True, 0.3)], checkpointing=choice)
+    plan = Plan(4, 2, 8, 1, 8, 10, 10, 0.0, 5, "cpu", 64, [Trial(4, 5, True, 0.3)], checkpointing=choice,
+                cached_trials=[Trial(2, 3, True, 0.2, cached=True)])
     data = plan.to_dict()
     assert data["checkpointing"]["activation_checkpointing"] is False
     assert data["checkpointing"]["speedup"] == pytest.approx(4 / 3)

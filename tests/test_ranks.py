@@ -85,7 +85,7 @@ _LOCKSTEP = textwrap.dedent("""
     def local(size):
         time.sleep(0.2 * me)  # ranks reach each agreement at different times
         oom = 10 * size > usable
-        return Trial(size, min(10 * size, usable + 1), fits=not oom, seconds=0.01 * (me + 1), oom=oom)
+        return Trial(size, min(10 * size, usable + 1), fits=not oom, seconds_per_micro_batch=0.01 * (me + 1), oom=oom)
 
     def probe(size):
         trial = ranks.agree(local(size))

@@ -520,7 +520,7 @@ def fall_back(micro: int, accumulation: int, times: int = 1):
         args=SimpleNamespace(per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation),
     )
     for _ in range(times):
-        train.trainer_class()._fall_back(trainer, torch.nn.Linear(1, 1))
+        train.OomSafeTrainer._fall_back(trainer, torch.nn.Linear(1, 1))
     assert events == trainer.fallbacks
     return events
 

@@ -36,7 +36,7 @@ def config_for(model_dir, data, out, **overrides):
 
 def plan_for(eval_batch: int | None = None) -> Plan:
     return Plan(per_device_train_batch_size=2, gradient_accumulation_steps=2, effective_batch_size=4, world_size=1,
-                max_micro_batch_size=2, memory_budget_bytes=10**12, usable_memory_bytes=10**12, headroom=0.0,
+                max_fitting_micro_batch_size=2, memory_budget_bytes=10**12, usable_memory_bytes=10**12, headroom=0.0,
                 peak_memory_bytes=0, device="cpu", max_length=64, trials=[], per_device_eval_batch_size=eval_batch)
 
 

@@ -72,7 +72,7 @@ def test_a_ladder_probes_once_and_every_plan_is_exact(fake_prober, tiny_model_di
     assert [(p.per_device_train_batch_size, p.gradient_accumulation_steps) for p in plans] == [
         (8, 1), (8, 3), (10, 4), (8, 12)]
     for plan in plans:
-        assert plan.max_micro_batch_size == 10 and plan.world_size == world
+        assert plan.max_fitting_micro_batch_size == 10 and plan.world_size == world
         assert plan.fits and plan.memory_budget_bytes == 40 * MiB
     assert 11 in prober.sizes and not next(t for t in trials if t.micro_batch_size == 11).fits
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import termios
 import time
-import types
 import warnings
 from pathlib import Path
 
@@ -31,7 +30,7 @@ BAR = r"\d+/2 \[\d\d:\d\d"  # tqdm's "2/2 [00:03<00:00, ...]": the Trainer's tra
 def small_plan(**changes) -> Plan:
     trials = [Trial(1, 60 * MiB, True, 0.05), Trial(2, 80 * MiB, True, 0.08), Trial(3, 301 * MiB, False, 0.0, oom=True)]
     plan = Plan(per_device_train_batch_size=2, gradient_accumulation_steps=1, effective_batch_size=2, world_size=1,
-                max_micro_batch_size=2, memory_budget_bytes=300 * MiB, usable_memory_bytes=300 * MiB, headroom=0.0,
+                max_fitting_micro_batch_size=2, memory_budget_bytes=300 * MiB, usable_memory_bytes=300 * MiB, headroom=0.0,
                 peak_memory_bytes=80 * MiB, device="cpu", max_length=32, trials=trials,
                 options=[Option(2, 1, 0.08, True)])
     for key, value in changes.items():
@@ -256,10 +255,10 @@ def test_without_a_target_the_plan_is_the_largest_micro_batch_with_no_accumulati
     # micro 1 is the fastest per sample: a "fastest split of 17 samples" would say 1 × 17
     trials = [Trial(1, 10 * MiB, True, 0.01), Trial(2, 20 * MiB, True, 0.2), Trial(17, 170 * MiB, True, 1.0),
               Trial(18, 181 * MiB, False, 0.0)]
-    plan = _choose(Config(), types.SimpleNamespace(max_length=32), None, 17, trials, probe=None)
-    assert (plan.per_device_train_batch_size, plan.gradient_accumulation_steps, plan.effective_batch_size) == (17, 1, 17)
-    plan = _choose(Config(gradient_accumulation_steps=4), types.SimpleNamespace(max_length=32), None, 17, trials, None)
-    assert (plan.per_device_train_batch_size, plan.gradient_accumulation_steps) == (17, 4)
+    chosen = _choose(Config(), None, 17, trials, probe=None).options[0]
+    assert (chosen.micro_batch_size, chosen.gradient_accumulation_steps) == (17, 1)
+    chosen = _choose(Config(gradient_accumulation_steps=4), None, 17, trials, None).options[0]
+    assert (chosen.micro_batch_size, chosen.gradient_accumulation_steps) == (17, 4)
 
 
 def test_the_old_checkpointing_name_is_mapped_without_a_warning(tmp_path):
