@@ -8,6 +8,7 @@ import gc
 import json
 import shutil
 import sys
+import typing
 from pathlib import Path
 
 from autobatch.planner import Option, Plan, Trial
@@ -129,3 +130,24 @@ def tiny_config(model_dir, **overrides):
               "memory_budget": "8GiB", "no_cache": True, "gradient_checkpointing": False}
     values.update(overrides)
     return build_config(overrides={k: v for k, v in values.items() if v is not None})
+
+
+class FakeProber:
+    """Peak = 10 MiB + 3 MiB per sample; time per micro-batch 0.02 s + 0.01 s per sample."""
+
+    instances: typing.ClassVar[list] = []
+
+    def __init__(self, config, backend, usable_bytes, per_device=None, ddp=False, sharded=False):
+        self.usable_bytes, self.per_device, self.notes, self.max_length = usable_bytes, per_device, [], 128
+        self.precision = "fp32"
+        self.sizes: list[int] = []
+        self.trainer = type("T", (), {"train_dataset": {"input_ids": [[1] * 50] * 300}})()
+        FakeProber.instances.append(self)
+
+    def run_trial(self, micro_batch_size, eval_batch_size=None):
+        self.sizes.append(micro_batch_size)
+        peak = 10 * MiB + 3 * MiB * micro_batch_size
+        return Trial(micro_batch_size, peak, peak <= self.usable_bytes, 0.02 + 0.01 * micro_batch_size)
+
+    def close(self):
+        pass

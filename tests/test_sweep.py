@@ -6,39 +6,17 @@ sequence of trials is known; one test drives the real probe through the CLI on a
 
 import json
 import math
-import typing
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import MiB, plan_at
+from helpers import FakeProber, MiB, plan_at
 
 from autobatch import ladder
 from autobatch import probe as probe_module
 from autobatch.cli import main
 from autobatch.config import build_config
 from autobatch.errors import ConfigError
-
-
-class FakeProber:
-    """Peak = 10 MiB + 3 MiB per sample; time per micro-batch 0.02 s + 0.01 s per sample."""
-
-    instances: typing.ClassVar[list] = []
-
-    def __init__(self, config, backend, usable_bytes, per_device=None, ddp=False, sharded=False):
-        self.usable_bytes, self.per_device, self.notes, self.max_length = usable_bytes, per_device, [], 128
-        self.precision = "fp32"
-        self.sizes: list[int] = []
-        self.trainer = type("T", (), {"train_dataset": {"input_ids": [[1] * 50] * 300}})()
-        FakeProber.instances.append(self)
-
-    def run_trial(self, micro_batch_size, eval_batch_size=None):
-        self.sizes.append(micro_batch_size)
-        peak = 10 * MiB + 3 * MiB * micro_batch_size
-        return probe_module.Trial(micro_batch_size, peak, peak <= self.usable_bytes, 0.02 + 0.01 * micro_batch_size)
-
-    def close(self):
-        pass
 
 
 @pytest.fixture

@@ -125,9 +125,9 @@ def test_a_noise_scale_below_the_smallest_rung_predicts_nothing():
 
 @pytest.fixture
 def fake_sweep(monkeypatch):
-    """The ladder probed by test_sweep's FakeProber; each validation run returns synthetic per-example losses
+    """The ladder probed by helpers.FakeProber; each validation run returns synthetic per-example losses
     from `losses[(B, multiplier)]` (no training)."""
-    from tests.test_sweep import FakeProber
+    from helpers import FakeProber
 
     monkeypatch.setattr(probe_module, "Prober", FakeProber)
     table: dict = {}
