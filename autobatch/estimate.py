@@ -61,7 +61,7 @@ DEVICE_KIND = "cuda (emulated: NVIDIA Hopper, CUDA caching allocator)"
 ATTENTION_KERNEL = "SDPA flash / memory-efficient (O(s) per head, no s × s scores)"
 
 
-class AllocatorMode(TorchDispatchMode):
+class AllocatorMode(sharding.ResizesSeen, TorchDispatchMode):
     """Every new tensor storage is a malloc of the emulated caching allocator, freed when torch frees it.
 
     Storages alive when the mode starts (fake tensors only: the weights, gradients, held batches) are
@@ -116,15 +116,6 @@ class AllocatorMode(TorchDispatchMode):
         if handle is not None:
             self.allocator.free(handle)
         self.live[key] = self.allocator.malloc(storage.nbytes()) if storage.nbytes() else None
-
-    def __enter__(self):
-        self._resizes = sharding.resizes_seen(self._resized)
-        self._resizes.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        self._resizes.__exit__(None, None, None)
-        return super().__exit__(*exc)
 
     def stop(self) -> None:
         self._active = False

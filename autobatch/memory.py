@@ -77,7 +77,7 @@ class Measurement:
     allocated_peak_bytes: int = 0  # tensors alone (cuda: max_memory_allocated; cpu: the same as held)
 
 
-class LiveBytesMode(TorchDispatchMode):
+class LiveBytesMode(sharding.ResizesSeen, TorchDispatchMode):
     """Counts live tensor-storage bytes op by op; raises a CUDA-style OOM past `budget_bytes`.
 
     A storage is counted once (views share it) and released by a weakref finalizer when torch frees
@@ -128,15 +128,6 @@ class LiveBytesMode(TorchDispatchMode):
 
     def stop(self) -> None:
         self._active = False
-
-    def __enter__(self):
-        self._resizes = sharding.resizes_seen(self._resized)
-        self._resizes.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        self._resizes.__exit__(None, None, None)
-        return super().__exit__(*exc)
 
     def _resized(self, storage: torch.UntypedStorage) -> None:
         if not self._active:

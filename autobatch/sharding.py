@@ -97,6 +97,20 @@ def resizes_seen(on_resize: Callable[[Any], None]) -> Iterator[None]:
         torch.UntypedStorage.resize_ = resize  # type: ignore[method-assign]
 
 
+class ResizesSeen:
+    """A dispatch-mode mixin: while the mode is entered, its `_resized(storage)` follows every storage resize
+    (`resizes_seen`), which the mode's own `__torch_dispatch__` never sees."""
+
+    def __enter__(self):
+        self._resizes = resizes_seen(self._resized)
+        self._resizes.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._resizes.__exit__(None, None, None)
+        return super().__exit__(*exc)
+
+
 @contextlib.contextmanager
 def environment_kept() -> Iterator[None]:
     """Inside, trainers may write accelerate's variables; on exit os.environ holds exactly what it held before."""
