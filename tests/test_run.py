@@ -350,7 +350,7 @@ def test_run_help_works(capsys):
     [
         (["--dataset", "{tmp}/missing.jsonl"], 2, "no such file '{tmp}/missing.jsonl'"),
         (["--dataset-text-field", "body"], 2, "its fields are text, label"),
-        (["--output-dir", "{tmp}/a-file/out"], 2, "output_dir {tmp}/a-file/out"),
+        (["--output-dir", "{tmp}/a-file/out"], 2, "--output-dir {tmp}/a-file/out: {tmp}/a-file is not a writable directory; pass --output-dir with one"),
         (["--model", "{tmp}/no/such/model"], 2, "{tmp}/no/such/model: no such directory"),
         (["--model", "nobody/no-such-model"], 1, "could not be downloaded"),
         (["--learning-rat", "1e-5"], 2, "did you mean --learning-rate"),
