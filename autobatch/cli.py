@@ -4,6 +4,9 @@
 parser does not know are read as YAML and handed on under their underscore name, as TRL's own parser
 does (`--gradient-checkpointing false`, `--learning-rate 1e-5`). Only stdlib and autobatch.config/errors
 are imported here at module level so `autobatch --help` is instant; torch comes with the command.
+
+Past 600 lines on purpose: about half is the parser (every flag with its help, the one place a user reads
+them); the rest is each command's parse, call, print, with every decision in `api` and every line in `report`.
 """
 
 from __future__ import annotations
