@@ -245,8 +245,13 @@ def test_under_torchrun_rank_0_plans_as_a_shell_would_and_every_rank_gets_the_pl
     assert launched.returncode == 0, launched.stderr[-3000:]
     under_launcher = json.loads(launched.stdout)  # rank 0 alone prints
     from_shell = plan_json(["--nproc-per-node", "2", *flags], capsys)
-    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "rank_peak_bytes")
-    assert [under_launcher[k] for k in keys] == [from_shell[k] for k in keys]
+    # what the measurements decide (which split is fastest among sizes that fit is timing, and noise on a busy machine)
+    def measured(plan: dict) -> tuple:
+        trials = {t["micro_batch_size"]: (t["fits"], t["rank_peak_bytes"]) for t in plan["trials"]}
+        return plan["world_size"], plan["effective_batch_size"], plan["max_micro_batch_size"], trials
+
+    assert measured(under_launcher) == measured(from_shell)
+    assert under_launcher["max_micro_batch_size"] == 2 and len(under_launcher["rank_peak_bytes"]) == 2
     small = [f if f != "24MiB" else "4MiB" for f in flags]  # micro-batch 1 does not fit: rank 0's refusal is every rank's
     refused = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--standalone", str(AUTOBATCH), "plan", *small],
                              check=False, capture_output=True, text=True, timeout=900,
