@@ -59,18 +59,15 @@ ENVIRONMENT_PREFIXES = ("ACCELERATE_", "FSDP_")
 
 
 def held_parts(tensor) -> list:
-    """The plain tensors a rank holds for `tensor`, whose storages a memory count adds up.
+    """The inner tensors of a wrapper subclass, which a memory count adds up in its place (its callers recurse).
 
     A DTensor (FSDP2's sharded parameters and gradients) is a wrapper whose own storage has the global size
     and holds nothing: what a rank holds is its local tensor(s).
     """
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    import torch
 
-    if not is_traceable_wrapper_subclass(tensor):
-        return [tensor]
     inner, _ = tensor.__tensor_flatten__()
-    parts = (getattr(tensor, name) for name in inner)
-    return [held for part in parts if part is not None and hasattr(part, "untyped_storage") for held in held_parts(part)]
+    return [part for part in (getattr(tensor, name) for name in inner) if isinstance(part, torch.Tensor)]
 
 
 @contextlib.contextmanager
