@@ -336,6 +336,13 @@ class ProbeMiss(Exception):
     """A validation run ran out of memory at a point the probe said fits: a failed trial, flagged, not a crash."""
 
 
+def _queued_key(trial) -> tuple:
+    """A trial's point: its params over the ones it was queued with. A sweep killed between a trial's suggest
+    calls leaves some params set, and its retry copies only those: keyed on them alone, its point looked
+    missing and was queued (and trained) a second time."""
+    return _key({**trial.system_attrs.get("fixed_params", {}), **trial.params})
+
+
 def run_validation_study(study, points: list[Point], validate, max_trials: int | None, timeout_s: float | None):
     """Every point without a complete trial is queued once, then run by `study.optimize` (validate(point,
     trial) -> (eval loss, user attrs)). Trials left running by a killed sweep are failed first (stale
@@ -347,8 +354,8 @@ def run_validation_study(study, points: list[Point], validate, max_trials: int |
     _fail_dead_trials(study, fail_stale_trials)
     by_key = {_key(p.params()): p for p in points}
     # RUNNING left after the wait: a live process is heartbeating it; its point is not queued twice either
-    seen = {_key(t.params or t.system_attrs.get("fixed_params", {}))  # a queued trial's params are still fixed ones
-            for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.WAITING, states.RUNNING))}
+    seen = {_queued_key(t) for t in study.get_trials(deepcopy=False,
+                                                     states=(states.COMPLETE, states.WAITING, states.RUNNING))}
     for key, point in by_key.items():
         if key not in seen:
             study.enqueue_trial(point.params(), skip_if_exists=False)
