@@ -116,7 +116,7 @@ def plan_yaml_text(config: Config, plan: Plan, model_path: str | os.PathLike | N
         "model_content": model_content(model),  # the plan holds for this model, wherever it is saved
     }
     if choice is not None:
-        meta["checkpointing"] = dataclasses.asdict(choice)
+        meta["checkpointing"] = choice.to_dict()
         on_off = "true" if choice.activation_checkpointing else "false"
         lines.append(f"# activation_checkpointing {on_off} ({'measured' if choice.chosen_by == 'measured' else 'yours'}): "
                      f"{choice.reason}")
@@ -282,7 +282,7 @@ def load_plan(path: str, config: Config) -> Plan:
         notes=[f"reused {path}: no probing"],
         memory_fingerprint=fingerprint(config),
         per_device_eval_batch_size=saved.training_args.get("per_device_eval_batch_size"),
-        checkpointing=CheckpointingChoice(**meta["checkpointing"]) if meta.get("checkpointing") else None,
+        checkpointing=CheckpointingChoice.from_dict(meta["checkpointing"]) if meta.get("checkpointing") else None,
         pytorch_cuda_alloc_conf=meta.get("pytorch_cuda_alloc_conf"),
     )
 
@@ -401,8 +401,7 @@ def saved_plan(config: Config) -> Plan | None:
             "resume with the settings it was made for, or train into a new --output-dir"
         )
     note = f"reused {path} to resume: no probing"
-    plan.notes = [*plan.notes, *([] if note in plan.notes else [note])]  # a second resume: said once
-    return plan
+    return dataclasses.replace(plan, notes=[*plan.notes, *([] if note in plan.notes else [note])])  # said once
 
 
 def check_resume_batch(config: Config, plan: Plan, plan_file: str) -> None:

@@ -41,15 +41,14 @@ class Trial:
     def to_dict(self) -> dict:
         """The `--json` form (its key for the step time is "seconds"); `cached` is left out: the plan's
         `trials` and `cached_trials` lists say it."""
-        data = {("seconds" if k == "seconds_per_micro_batch" else k): v for k, v in asdict(self).items()}
+        data = _renamed(asdict(self), _TRIAL_KEYS)
         del data["cached"]
         return data
 
     @classmethod
     def from_dict(cls, data: dict, **changes) -> Trial:
         """The inverse of `to_dict` (either name for the step time), with `changes` applied."""
-        values = {("seconds_per_micro_batch" if k == "seconds" else k): v for k, v in data.items()}
-        return cls(**{**values, **changes})
+        return cls(**{**_fields_of(data, _TRIAL_KEYS, cls), **changes})
 
     @property
     def seconds(self) -> float:
@@ -223,23 +222,51 @@ def confirm_edge(probe: Probe, found: int, limit_bytes: int, bound: int) -> int:
     return lo
 
 
+def _renamed(values: dict, json_keys: dict[str, str]) -> dict:
+    """A dataclass's fields under their `--json` keys (`json_keys`: field -> key, where the key is older)."""
+    return {json_keys.get(k, k): v for k, v in values.items()}
+
+
+def _fields_of(data: dict, json_keys: dict[str, str], cls) -> dict:
+    """The inverse of `_renamed`: either name read, keys that are not `cls`'s fields (derived ones) ignored."""
+    names = {f.name for f in fields(cls)}
+    field_of = {json: name for name, json in json_keys.items()}
+    return {field_of.get(k, k): v for k, v in data.items() if field_of.get(k, k) in names}
+
+
+_TRIAL_KEYS = {"seconds_per_micro_batch": "seconds"}
+_OPTION_KEYS = {"seconds_per_micro_batch": "seconds_per_step"}
+_CHECKPOINTING_KEYS = {"seconds_per_micro_batch_on": "seconds_per_step_on",
+                       "seconds_per_micro_batch_off": "seconds_per_step_off"}
+
+
 @dataclass
 class Option:
     """One way to reach the effective batch: micro × accumulation × world size."""
 
     micro_batch_size: int
     gradient_accumulation_steps: int
-    seconds_per_step: float  # per micro-batch step; measured if `measured`, else interpolated
+    seconds_per_micro_batch: float  # measured if `measured`, else interpolated (`--json` key "seconds_per_step")
     measured: bool
 
     @property
     def samples_per_s(self) -> float:
         """0 when step times are unknown (estimate backend): then every option ties."""
-        return self.micro_batch_size / self.seconds_per_step if self.seconds_per_step > 0 else 0.0
+        return self.micro_batch_size / self.seconds_per_micro_batch if self.seconds_per_micro_batch > 0 else 0.0
+
+    @property
+    def seconds_per_step(self) -> float:
+        """`seconds_per_micro_batch` by its `--json` name, for callers that read it so."""
+        return self.seconds_per_micro_batch
 
     def to_dict(self) -> dict:
-        """The `--json` form: the fields and samples_per_s."""
-        return {**asdict(self), "samples_per_s": self.samples_per_s}
+        """The `--json` form: the fields (the step time under its older key) and samples_per_s."""
+        return {**_renamed(asdict(self), _OPTION_KEYS), "samples_per_s": self.samples_per_s}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Option:
+        """The inverse of `to_dict` (either name for the step time)."""
+        return cls(**_fields_of(data, _OPTION_KEYS, cls))
 
     def __getitem__(self, key: str):
         """`option["micro_batch_size"]`: `Plan.options` read as the `--json` dicts, as the README shows them."""
@@ -371,14 +398,23 @@ class CheckpointingChoice:
     activation_checkpointing: bool
     chosen_by: str
     reason: str
-    seconds_per_step_on: float | None = None
-    seconds_per_step_off: float | None = None
+    seconds_per_micro_batch_on: float | None = None  # `--json` and plan.yaml key "seconds_per_step_on"
+    seconds_per_micro_batch_off: float | None = None  # and "seconds_per_step_off"
 
     @property
     def speedup(self) -> float | None:
         """Step time with checkpointing over step time without (> 1: off is faster); None if unknown."""
-        on, off = self.seconds_per_step_on, self.seconds_per_step_off
+        on, off = self.seconds_per_micro_batch_on, self.seconds_per_micro_batch_off
         return on / off if on and off else None
+
+    def to_dict(self) -> dict:
+        """The `--json` and plan.yaml form: the step times under their older keys, and the speedup."""
+        return {**_renamed(asdict(self), _CHECKPOINTING_KEYS), "speedup": self.speedup}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CheckpointingChoice:
+        """The inverse of `to_dict` (either name for the step times; speedup is derived)."""
+        return cls(**_fields_of(data, _CHECKPOINTING_KEYS, cls))
 
 
 #: Without checkpointing a step does strictly less work (no recompute), so a step time up to this share slower
@@ -462,12 +498,12 @@ class Plan:
     rank_peak_bytes: list[int] | None = None  # FSDP group trials: each rank's peak at the planned micro-batch
 
     def to_dict(self) -> dict:
-        data = {_JSON_KEYS.get(k, k): v for k, v in asdict(self).items()}
+        data = _renamed(asdict(self), _JSON_KEYS)
         for name in ("trials", "eval_trials", "cached_trials"):
             data[name] = [t.to_dict() for t in getattr(self, name)]
         data["options"] = [o.to_dict() for o in self.options]
         if self.checkpointing is not None:
-            data["checkpointing"]["speedup"] = self.checkpointing.speedup
+            data["checkpointing"] = self.checkpointing.to_dict()
         return data
 
     @property
@@ -498,16 +534,11 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
         """The inverse of `to_dict` (plan.json back to a Plan); unknown keys are ignored."""
-        names = {f.name for f in fields(cls)}
-        fields_of = {json: name for name, json in _JSON_KEYS.items()}
-        values = {fields_of.get(k, k): v for k, v in data.items() if fields_of.get(k, k) in names}
+        values = _fields_of(data, _JSON_KEYS, cls)
         values["trials"] = [Trial.from_dict(t) for t in data.get("trials", [])]
         values["eval_trials"] = [Trial.from_dict(t) for t in data.get("eval_trials", [])]
         values["cached_trials"] = [Trial.from_dict(t, cached=True) for t in data.get("cached_trials", [])]
-        values["options"] = [
-            Option(**{k: v for k, v in o.items() if k != "samples_per_s"}) for o in data.get("options", [])
-        ]
+        values["options"] = [Option.from_dict(o) for o in data.get("options", [])]
         if data.get("checkpointing"):
-            values["checkpointing"] = CheckpointingChoice(
-                **{k: v for k, v in data["checkpointing"].items() if k != "speedup"})
+            values["checkpointing"] = CheckpointingChoice.from_dict(data["checkpointing"])
         return cls(**values)

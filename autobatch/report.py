@@ -141,8 +141,8 @@ def format_plan(plan: Plan) -> str:
             rate = option.samples_per_s
             lines.append(
                 f"{mark} {option.micro_batch_size:>5}  {option.gradient_accumulation_steps:>12}  "
-                f"{rate if math.isfinite(rate) else 0:>9.1f}  {option.seconds_per_step:>13.3f}  "
-                f"{option.seconds_per_step * option.gradient_accumulation_steps:>16.3f}   "
+                f"{rate if math.isfinite(rate) else 0:>9.1f}  {option.seconds_per_micro_batch:>13.3f}  "
+                f"{option.seconds_per_micro_batch * option.gradient_accumulation_steps:>16.3f}   "
                 + ("measured" if option.measured else "interpolated")
             )
         if len(plan.options) > 10:

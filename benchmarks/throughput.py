@@ -220,8 +220,8 @@ def main() -> int:
         "model": job["model"], "max_length": job["max_length"], "effective_batch_size": effective,
         "steps": job["steps"], "warmup_steps": WARMUP_STEPS}, "peak_flops": peak_flops,
         "checkpointing_choice": {"activation_checkpointing": choice.activation_checkpointing,
-                                 "reason": choice.reason, "seconds_per_step_on": choice.seconds_per_step_on,
-                                 "seconds_per_step_off": choice.seconds_per_step_off},
+                                 "reason": choice.reason, "seconds_per_step_on": choice.seconds_per_micro_batch_on,
+                                 "seconds_per_step_off": choice.seconds_per_micro_batch_off},
         "rows": rows, "wall_s": time.perf_counter() - started}
     if options.json:
         print(json.dumps(result, indent=2))

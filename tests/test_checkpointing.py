@@ -61,7 +61,7 @@ def test_checkpointing_comes_off_where_the_micro_batch_fits_without_it(tiny_mode
     plan = make_plan(config)
     choice = plan.checkpointing
     assert (choice.activation_checkpointing, choice.chosen_by) == (False, "measured")
-    assert (choice.seconds_per_step_on, choice.seconds_per_step_off) == (pytest.approx(1.0), pytest.approx(0.6))
+    assert (choice.seconds_per_micro_batch_on, choice.seconds_per_micro_batch_off) == (pytest.approx(1.0), pytest.approx(0.6))
     assert "1.67× faster" in choice.reason and "1.67× faster" in format_plan(plan)
     assert (2, True, 1) in clock.trials and (2, False, 1) in clock.trials
     assert plan.seconds_per_micro_batch == pytest.approx(0.6)
@@ -85,7 +85,7 @@ def test_checkpointing_stays_on_where_only_it_makes_the_micro_batch_fit(tiny_mod
                             dataset_name=str(tiny_dataset_file), output_dir=str(tmp_path / "out"))
     plan = make_plan(config)
     assert plan.per_device_train_batch_size == 2 and plan.fits
-    assert plan.checkpointing.activation_checkpointing is True and plan.checkpointing.seconds_per_step_off is None
+    assert plan.checkpointing.activation_checkpointing is True and plan.checkpointing.seconds_per_micro_batch_off is None
     assert "fits only with it" in plan.checkpointing.reason
     assert plan.peak_memory_bytes == with_it
     assert yaml.safe_load(plan_yaml_text(config, plan))["activation_checkpointing"] is True

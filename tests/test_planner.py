@@ -260,7 +260,7 @@ def test_checkpointing_comes_off_when_the_micro_batch_fits_without_it_and_says_h
     choice = choose_checkpointing(None, 8, trial)
     assert asked == [False, True]  # without first: the probe may re-time with it right after
     assert choice.activation_checkpointing is False and choice.chosen_by == "measured"
-    assert (choice.seconds_per_step_on, choice.seconds_per_step_off) == (0.4, 0.3)
+    assert (choice.seconds_per_micro_batch_on, choice.seconds_per_micro_batch_off) == (0.4, 0.3)
     assert choice.speedup == pytest.approx(4 / 3)
     assert "1.33× faster" in choice.reason
 
@@ -268,7 +268,7 @@ def test_checkpointing_comes_off_when_the_micro_batch_fits_without_it_and_says_h
 def test_checkpointing_stays_on_when_only_it_makes_the_micro_batch_fit():
     trial, _ = checkpointing_trials(Trial(8, 300 * MB, True, 0.4), Trial(8, 650 * MB, False, 0.3))
     choice = choose_checkpointing(None, 8, trial)
-    assert choice.activation_checkpointing is True and choice.seconds_per_step_off is None
+    assert choice.activation_checkpointing is True and choice.seconds_per_micro_batch_off is None
     assert "fits only with it" in choice.reason
 
 

@@ -57,3 +57,13 @@ def test_plan_options_read_as_the_json_dicts_and_as_attributes():
         "samples_per_s": 8.0}
     with pytest.raises(KeyError, match="an option has micro_batch_size"):
         option["micro"]
+    assert Option.from_dict(option.to_dict()) == option and option.seconds_per_step == 0.5  # the older name reads too
+
+
+def test_a_checkpointing_choice_keeps_its_json_keys_and_reads_them_back():
+    from autobatch.planner import CheckpointingChoice
+
+    choice = CheckpointingChoice(False, "measured", "fits", 0.4, 0.3)
+    data = choice.to_dict()
+    assert (data["seconds_per_step_on"], data["seconds_per_step_off"], data["speedup"]) == (0.4, 0.3, 0.4 / 0.3)
+    assert CheckpointingChoice.from_dict(data) == choice

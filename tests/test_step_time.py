@@ -30,7 +30,7 @@ def test_the_ranking_follows_steady_step_times_not_warm_up(tiny_model_dir, plant
 
     planted(step_seconds)
     plan = make_plan(tiny_config(tiny_model_dir("llama"), effective_batch_size=8))
-    timed = {o.micro_batch_size: o.seconds_per_step for o in plan.options if o.measured}
+    timed = {o.micro_batch_size: o.seconds_per_micro_batch for o in plan.options if o.measured}
     assert timed == {b: pytest.approx(steady[b]) for b in timed} and 8 in timed
     assert (plan.per_device_train_batch_size, plan.gradient_accumulation_steps) == (2, 4)
     assert plan.seconds_per_micro_batch == pytest.approx(0.5)
