@@ -234,6 +234,7 @@ def _fields_of(data: dict, json_keys: dict[str, str], cls) -> dict:
     return {field_of.get(k, k): v for k, v in data.items() if field_of.get(k, k) in names}
 
 
+#: Fields whose `--json` (and plan file) key is an older name: `to_dict` writes the key, `from_dict` reads both.
 _TRIAL_KEYS = {"seconds_per_micro_batch": "seconds"}
 _OPTION_KEYS = {"seconds_per_micro_batch": "seconds_per_step"}
 _CHECKPOINTING_KEYS = {"seconds_per_micro_batch_on": "seconds_per_step_on",
@@ -458,7 +459,7 @@ def choose_checkpointing(
 
 
 #: Plan fields whose `--json` (and plan.json) key is the older name: `to_dict` writes it, `from_dict` reads both.
-_JSON_KEYS = {"max_fitting_micro_batch_size": "max_micro_batch_size", "seconds_per_micro_batch": "seconds_per_step"}
+_PLAN_KEYS = {"max_fitting_micro_batch_size": "max_micro_batch_size", "seconds_per_micro_batch": "seconds_per_step"}
 
 
 @dataclass
@@ -498,7 +499,7 @@ class Plan:
     rank_peak_bytes: list[int] | None = None  # FSDP group trials: each rank's peak at the planned micro-batch
 
     def to_dict(self) -> dict:
-        data = _renamed(asdict(self), _JSON_KEYS)
+        data = _renamed(asdict(self), _PLAN_KEYS)
         for name in ("trials", "eval_trials", "cached_trials"):
             data[name] = [t.to_dict() for t in getattr(self, name)]
         data["options"] = [o.to_dict() for o in self.options]
@@ -534,7 +535,7 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
         """The inverse of `to_dict` (plan.json back to a Plan); unknown keys are ignored."""
-        values = _fields_of(data, _JSON_KEYS, cls)
+        values = _fields_of(data, _PLAN_KEYS, cls)
         values["trials"] = [Trial.from_dict(t) for t in data.get("trials", [])]
         values["eval_trials"] = [Trial.from_dict(t) for t in data.get("eval_trials", [])]
         values["cached_trials"] = [Trial.from_dict(t, cached=True) for t in data.get("cached_trials", [])]
