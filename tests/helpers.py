@@ -3,10 +3,13 @@ another. Light at import: torch-heavy parts load inside the functions that need 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import io
 import json
 import shutil
+import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -36,6 +39,43 @@ def error_lines(err: str) -> list[str]:
 def listing(path: Path) -> dict[str, int]:
     """Every file under `path` with its mtime (ns): what a refused command must leave exactly as it was."""
     return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
+
+
+def call(argv: list[str]) -> subprocess.CompletedProcess:
+    """`autobatch ARGV` run in this process, reported as a finished subprocess would be (exit code, stdout,
+    stderr). A new interpreter spends ~10 s of CPU importing torch and TRL before it does anything: tests
+    whose point is not the process itself (no signal, no launcher, no import check) call this instead."""
+    from autobatch.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return subprocess.CompletedProcess(["autobatch", *argv], code, out.getvalue(), err.getvalue())
+
+
+def run_script(path: Path, *argv: str) -> subprocess.CompletedProcess:
+    """A benchmark script run as `python PATH ARGV` would run it (`__main__`, its argv, its folder first on
+    sys.path for sibling scripts), in this process: no new interpreter to import torch again. What it sets in
+    os.environ, sys.path and sys.modules (its siblings) is undone after it."""
+    import os
+    import runpy
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    saved = sys.argv, list(sys.path), dict(os.environ), set(sys.modules)
+    sys.argv, sys.path[:0] = [str(path), *argv], [str(path.parent)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv, sys.path[:] = saved[0], saved[1]
+        os.environ.clear()
+        os.environ.update(saved[2])
+        for name in set(sys.modules) - saved[3]:
+            if str(getattr(sys.modules[name], "__file__", "") or "").startswith(str(path.parent)):
+                del sys.modules[name]
+    return subprocess.CompletedProcess([str(path), *argv], code, out.getvalue(), err.getvalue())
 
 
 def plan_json(args: list[str], capsys) -> dict:

@@ -1,19 +1,15 @@
 """Each part of the estimate's cuda emulation moves the figure by what a hand calculation says."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, run_script
 
 from autobatch.allocator import round_size
 from autobatch.estimate import CUBLAS_WORKSPACE_BYTES, AllocatorMode, cuda_step
 
 KiB, MiB = 2**10, 2**20
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _fake():
@@ -119,9 +115,9 @@ def test_estimate_keeps_the_configured_precision(wide_tiny_model, flags, expecte
 
 @pytest.mark.slow
 def test_estimate_vs_gpu_quick_mode_is_within_3_percent_of_the_h200():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "estimate_vs_gpu.py"), "--quick", "--json"],
-                         capture_output=True, text=True, env=env, timeout=600, check=True).stdout
+    done = run_script(ROOT / "benchmarks" / "estimate_vs_gpu.py", "--quick", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
     row = json.loads(out)["rows"][0]
     assert row["precision"] == "bf16"
     assert abs(row["ratio"] - 1) <= 0.03, row

@@ -73,7 +73,9 @@ def test_estimate_with_lora_in_bf16_on_a_7b_llama_config(tmp_path, capsys):
     LlamaConfig().save_pretrained(tmp_path)  # the defaults are Llama-2-7B's shape: 6.7e9 parameters
     plan = plan_json(["--model", str(tmp_path), "--device", "estimate", "--memory-budget", "80GB",
                       "--use-peft", "true", "--dtype", "bfloat16", "--max-length", "64",
-                      "--max-micro-batch-size", "2"], capsys)
+                      "--micro-batch-size", "1", "--gradient-checkpointing", "true"], capsys)
+    # one trial (micro-batch and checkpointing given: nothing searched or compared), each of 32 traced layers
+    assert len(plan["trials"]) == 1
     peak = plan["trials"][0]["peak_memory_bytes"]
     assert plan["trials"][0]["fits"] and 13.4e9 < peak < 15e9  # bf16 frozen weights (13.5 GB) + adapters
 

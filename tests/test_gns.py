@@ -228,47 +228,45 @@ def test_gns_every_measures_one_step_in_n_and_the_hooks_idle_on_the_others(tiny_
     assert not (tmp_path / "none").exists()
 
 
-_DDP_STEP = '''
-import json, sys
+_DDP_STEPS = '''
+import sys
 import torch
 from autobatch import gns
 from autobatch.config import build_config
 from autobatch.workload import build_trainer, load_train_dataset, sft_config
 
-model_dir, data, out, accumulation, mode = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-config = build_config(overrides={
-    "model_name_or_path": model_dir, "dataset_name": data, "device": "cpu", "max_length": 48, "learning_rate": 0.0,
-    "max_steps": 1, "gradient_checkpointing": False, "train_sampling_strategy": "sequential", "report_to": "none",
-    "disable_tqdm": True, "save_strategy": "no", "max_grad_norm": 1e-3})
-args, _ = sft_config(config, "cpu", out, per_device_train_batch_size=2, gradient_accumulation_steps=accumulation)
-trainer = build_trainer(config, args, train_dataset=load_train_dataset(config))
-if mode == "divide":
-    trainer.model_accepts_loss_kwargs = False
-callback = gns.gns_callback().attach(trainer)
-trainer.add_callback(callback)
-trainer.train()
-model, rank = trainer.model, trainer.accelerator.process_index
-grads, tokens = [], []
-for _, batch in zip(range(accumulation), trainer.get_train_dataloader()):  # this rank's micro-batches, in order
-    model.zero_grad(set_to_none=True)
-    model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}).loss.backward()
-    grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]).double())
-    tokens.append(float((batch["labels"][..., 1:] != -100).sum()))
-(step,) = callback.raw
-torch.save({"grads": grads, "tokens": tokens, "small_sq": step.small_sq, "big_sq": step.big_sq,
-            "inv_big": step.inv_big, "pairs": len(callback.recorder.tokens)}, f"{out}/rank{rank}.pt")
+model_dir, data, out = sys.argv[1:4]
+for case in sys.argv[4:]:  # one launch, every case: each rank starts torch and TRL once, not once a case
+    accumulation, mode = int(case.split("-")[0]), case.split("-")[1]
+    config = build_config(overrides={
+        "model_name_or_path": model_dir, "dataset_name": data, "device": "cpu", "max_length": 48,
+        "learning_rate": 0.0, "max_steps": 1, "gradient_checkpointing": False, "train_sampling_strategy": "sequential",
+        "report_to": "none", "disable_tqdm": True, "save_strategy": "no", "max_grad_norm": 1e-3})
+    args, _ = sft_config(config, "cpu", f"{out}/{case}", per_device_train_batch_size=2,
+                         gradient_accumulation_steps=accumulation)
+    trainer = build_trainer(config, args, train_dataset=load_train_dataset(config))
+    if mode == "divide":
+        trainer.model_accepts_loss_kwargs = False
+    callback = gns.gns_callback().attach(trainer)
+    trainer.add_callback(callback)
+    trainer.train()
+    model, rank = trainer.model, trainer.accelerator.process_index
+    grads, tokens = [], []
+    for _, batch in zip(range(accumulation), trainer.get_train_dataloader()):  # this rank's micro-batches, in order
+        model.zero_grad(set_to_none=True)
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]).double())
+        tokens.append(float((batch["labels"][..., 1:] != -100).sum()))
+    (step,) = callback.raw
+    torch.save({"grads": grads, "tokens": tokens, "small_sq": step.small_sq, "big_sq": step.big_sq,
+                "inv_big": step.inv_big, "pairs": len(callback.recorder.tokens)}, f"{out}/{case}-rank{rank}.pt")
 '''
+_DDP_CASES = [(accumulation, mode) for accumulation in (1, 2) for mode in ("num_items", "divide")]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["num_items", "divide"])
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_under_ddp_the_small_batch_is_a_ranks_micro_batch_and_the_big_one_the_global_batch(
-    tiny_model_dir, tiny_dataset_file, tmp_path, accumulation, mode
-):
-    """Two gloo ranks, one step at learning rate 0: every micro-batch of both ranks (gathered) against its
-    explicit gradient, and the step's norm against the global batch's gradient, weighted as the Trainer
-    weights it (tokens over both ranks with num_items_in_batch, equal shares when it divides)."""
+@pytest.fixture(scope="module")
+def ddp_steps(tiny_model_dir, tiny_dataset_file, tmp_path_factory):
+    """Every case's two rank reports from one `torchrun --nproc_per_node 2` launch: {(accumulation, mode): [r0, r1]}."""
     import os
     import subprocess
 
@@ -276,16 +274,29 @@ def test_under_ddp_the_small_batch_is_a_ranks_micro_batch_and_the_big_one_the_gl
 
     if TORCHRUN is None:
         pytest.skip("torchrun not found")
-    script = tmp_path / "ddp_step.py"
-    script.write_text(_DDP_STEP)
-    out = subprocess.run(
-        [TORCHRUN, "--nproc_per_node", "2", "--standalone", str(script), str(tiny_model_dir()),
-         str(tiny_dataset_file), str(tmp_path), str(accumulation), mode],
-        check=False, capture_output=True, text=True, timeout=300,
+    out = tmp_path_factory.mktemp("ddp-gns")
+    script = out / "ddp_steps.py"
+    script.write_text(_DDP_STEPS)
+    cases = [f"{accumulation}-{mode}" for accumulation, mode in _DDP_CASES]
+    done = subprocess.run(
+        [TORCHRUN, "--nproc_per_node", "2", "--standalone", str(script), str(tiny_model_dir()), str(tiny_dataset_file),
+         str(out), *cases],
+        check=False, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"},
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {case: [torch.load(out / f"{name}-rank{r}.pt") for r in (0, 1)] for case, name in zip(_DDP_CASES, cases)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation, mode", _DDP_CASES)
+def test_under_ddp_the_small_batch_is_a_ranks_micro_batch_and_the_big_one_the_global_batch(
+    ddp_steps, accumulation, mode
+):
+    """Two gloo ranks, one step at learning rate 0: every micro-batch of both ranks (gathered) against its
+    explicit gradient, and the step's norm against the global batch's gradient, weighted as the Trainer
+    weights it (tokens over both ranks with num_items_in_batch, equal shares when it divides)."""
+    ranks = ddp_steps[accumulation, mode]
     grads = [g for r in ranks for g in r["grads"]]
     tokens = [n for r in ranks for n in r["tokens"]]
     assert len(set(tokens)) > 1  # unequal micro-batches, so the weighting matters
@@ -300,12 +311,9 @@ def test_under_ddp_the_small_batch_is_a_ranks_micro_batch_and_the_big_one_the_gl
 
 def test_the_overhead_benchmark_times_steps_with_and_without_the_hooks():
     """benchmarks/gns_overhead.py keeps working: its quick cpu run gives both figures for the built-in size."""
-    import subprocess
-    import sys
+    from helpers import ROOT, run_script
 
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gns_overhead.py"
-    out = subprocess.run([sys.executable, str(script), "--quick", "--cycles", "3", "--json"], check=False,
-                         capture_output=True, text=True, timeout=600)
+    out = run_script(ROOT / "benchmarks" / "gns_overhead.py", "--quick", "--cycles", "3", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     [row] = json.loads(out.stdout)["rows"]
     assert row["cycles"] == 3 and row["tokens_per_micro_batch"] == 4 * 256

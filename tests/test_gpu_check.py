@@ -1,19 +1,16 @@
 """benchmarks/gpu_check.py keeps working: its cpu mode (tiny sizes) runs every check a CPU can run."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, run_script
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
 @pytest.mark.slow
 def test_gpu_check_passes_on_cpu(tmp_path):
-    out = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(tmp_path)],
-                         check=False, capture_output=True, text=True, timeout=900)
+    out = run_script(SCRIPT, "--device", "cpu", "--out", str(tmp_path))  # its checks start their own processes
     assert out.returncode == 0, out.stderr[-3000:]
     [result] = tmp_path.glob("gpu_check-cpu-*.json")
     checks = {c["check"]: c["passed"] for c in json.loads(result.read_text())["checks"]}

@@ -4,11 +4,10 @@ built-in model accepted (issue 23.7, 23.8)."""
 import hashlib
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import error_lines
+from helpers import call, error_lines
 
 from autobatch.builtin import save_tiny_model
 
@@ -17,8 +16,10 @@ COMMON = ["--device", "cpu", "--memory-budget", "200MiB", "--max-length", "32"]
 
 
 def autobatch(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autobatch", *argv], check=False, capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+    """`autobatch ARGV` in this process, its relative paths under `cwd`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        return call(list(argv))
 
 
 def digest(path: Path) -> str:

@@ -201,8 +201,10 @@ def test_estimate_backend_plans_a_1b_llama_from_its_config_alone(tmp_path, capsy
         num_key_value_heads=4, max_position_embeddings=2048,
     ).save_pretrained(tmp_path)
     assert not list(tmp_path.glob("*.safetensors"))
+    # checkpointing given (TRL's default, on): the plan does not also try 32 without it (test_checkpointing.py)
     plan = plan_json(["--model", str(tmp_path), "--device", "estimate", "--memory-budget", "40GiB",
-                      "--max-length", "1024", "--effective-batch-size", "32"], capsys)
+                      "--max-length", "1024", "--effective-batch-size", "32", "--gradient-checkpointing", "true"],
+                     capsys)
     trials = {t["micro_batch_size"]: t for t in plan["trials"]}
     # 32 per device fits 40 GiB (bf16 autocast, emulated allocator): the search stops at what the plan needs.
     assert plan["stopped_at_need"] and plan["max_micro_batch_size"] == 32 and trials[32]["fits"]

@@ -2,24 +2,19 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import error_lines
+from helpers import call, error_lines
 
 MAX_STEPS = 2
 
 
-def run_argv(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "autobatch", "run", "--device", "cpu", "--memory-budget", "2GiB", "--max-length",
-            "32", "--micro-batch-size", "1", "--effective-batch-size", "2", "--max-steps", str(MAX_STEPS),
-            "--logging-steps", "1", "--save-steps", "1", "--output-dir", str(out), *extra]
-
-
 def autobatch(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(run_argv(out, *extra), check=False, capture_output=True, text=True, timeout=600,
-                          cwd=out.parent)
+    """`autobatch run` of the built-in tiny model into `out`, in this process."""
+    return call(["run", "--device", "cpu", "--memory-budget", "2GiB", "--max-length", "32", "--micro-batch-size", "1",
+                 "--effective-batch-size", "2", "--max-steps", str(MAX_STEPS), "--logging-steps", "1",
+                 "--save-steps", "1", "--output-dir", str(out), *extra])
 
 
 def global_step(path: Path) -> int:

@@ -12,16 +12,14 @@ largest divisor that fits, 4, is planned on any machine under any load (issue 24
 1,416 bytes when timing picked micro-batch 1); the fallback tests pin micro-batch 4 themselves.
 """
 
-import contextlib
 import dataclasses
-import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import error_lines, peaks
+from helpers import call, error_lines, peaks
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers import TrainerCallback
@@ -55,14 +53,6 @@ def cli_args(model_dir, data, out, budget, *extra):
             "--memory-budget", str(budget), "--headroom", "0", "--max-length", str(MAX_LENGTH),
             "--gradient-checkpointing", "false", "--effective-batch-size", str(EFFECTIVE),
             "--max-steps", str(MAX_STEPS), "--output-dir", str(out), *extra]
-
-
-def call(argv) -> tuple[int, str, str]:
-    """main(argv) -> (exit code, stdout, stderr), for module-scoped fixtures where capsys is not available."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 def state(out) -> dict:
@@ -137,9 +127,9 @@ def planned_run(llama, tiny_dataset_file, budget_for_4, tmp_path_factory):
     out = tmp_path_factory.mktemp("planned") / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(planner, "TIMING_NOISE", 1.0)  # step times never decide: the largest divisor that fits
-        code, stdout, stderr = call(cli_args(llama, tiny_dataset_file, out, budget, "--logging-steps", "1", "--json"))
-    assert code == 0, stderr
-    return SimpleNamespace(out=out, report=json.loads(stdout), err=stderr, budget=budget)
+        done = call(cli_args(llama, tiny_dataset_file, out, budget, "--logging-steps", "1", "--json"))
+    assert done.returncode == 0, done.stderr
+    return SimpleNamespace(out=out, report=json.loads(done.stdout), err=done.stderr, budget=budget)
 
 
 def test_run_trains_the_plan_under_the_budget(planned_run):
@@ -241,12 +231,13 @@ def reused_plan(llama, tiny_dataset_file, budget_for_4, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reuse")
     plan_file = tmp / "plan.yaml"
     args = cli_args(llama, tiny_dataset_file, tmp / "unused", budget)
-    code, _, err = call(["plan", *args[1:], "--output", str(plan_file)])
-    assert code == 0, err
+    done = call(["plan", *args[1:], "--output", str(plan_file)])
+    assert done.returncode == 0, done.stderr
     out = tmp / "out"
-    code, stdout, err = call(["run", "--plan", str(plan_file), "--max-steps", "2", "--output-dir", str(out), "--json"])
-    assert code == 0, err
-    return SimpleNamespace(plan_file=plan_file, out=out, err=err, report=json.loads(stdout), budget=budget)
+    done = call(["run", "--plan", str(plan_file), "--max-steps", "2", "--output-dir", str(out), "--json"])
+    assert done.returncode == 0, done.stderr
+    return SimpleNamespace(plan_file=plan_file, out=out, err=done.stderr, report=json.loads(done.stdout),
+                           budget=budget)
 
 
 def test_saved_plan_is_reused_without_probing(reused_plan):
@@ -274,12 +265,12 @@ def test_estimate_plan_trains_on_the_real_device_under_its_budget(llama, tiny_da
     budget, _ = budget_for_4
     plan_file = tmp_path / "plan.yaml"
     args = cli_args(llama, tiny_dataset_file, tmp_path / "unused", budget, "--device", "estimate")
-    code, _, err = call(["plan", *args[1:], "--output", str(plan_file)])
-    assert code == 0, err
+    done = call(["plan", *args[1:], "--output", str(plan_file)])
+    assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
-    code, stdout, err = call(["run", "--plan", str(plan_file), "--max-steps", "2", "--output-dir", str(out), "--json"])
-    assert code == 0, err
-    report = json.loads(stdout)
+    done = call(["run", "--plan", str(plan_file), "--max-steps", "2", "--output-dir", str(out), "--json"])
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
     assert report["plan"]["device"] == "estimate"
     body = plan_file.read_text().splitlines()
     assert "bf16: true" in body and "optim: adamw_torch_fused" in body  # what the estimate emulated, for the GPU
@@ -303,13 +294,13 @@ def resumed(llama, tiny_dataset_file, budget_for_4, tmp_path_factory):
     budget, _ = budget_for_4
     out = tmp_path_factory.mktemp("resume") / "out"
     common = ["--micro-batch-size", str(MICRO), "--save-strategy", "steps", "--save-steps", "2", "--logging-steps", "1"]
-    code, _, err = call(cli_args(llama, tiny_dataset_file, out, budget, *common, "--max-steps", "4"))
-    assert code == 0, err
+    done = call(cli_args(llama, tiny_dataset_file, out, budget, *common, "--max-steps", "4"))
+    assert done.returncode == 0, done.stderr
     first = state(out)
     checkpoint = state(out / "checkpoint-4")
-    code, _, err = call(cli_args(llama, tiny_dataset_file, out, budget, *common, "--max-steps", "6", "--resume"))
-    assert code == 0, err
-    return SimpleNamespace(out=out, first=first, checkpoint=checkpoint, final=state(out), err=err)
+    done = call(cli_args(llama, tiny_dataset_file, out, budget, *common, "--max-steps", "6", "--resume"))
+    assert done.returncode == 0, done.stderr
+    return SimpleNamespace(out=out, first=first, checkpoint=checkpoint, final=state(out), err=done.stderr)
 
 
 def test_resume_continues_from_the_last_checkpoint(resumed):

@@ -68,21 +68,23 @@ def test_estimate_of_a_7b_llama_on_8_ranks_matches_the_hand_calculation(tmp_path
     assert plan.peak_memory_bytes > 16 * parameters // 8  # the sharded state alone is a floor
 
 
-def _group_plan(model, micro: int, budget: str):
-    return make_plan(_config(model, device="cpu", memory_budget=budget, nproc_per_node=2,
-                             per_device_train_batch_size=micro))
+@pytest.fixture(scope="module")
+def group_plan_at_2(tiny_model_dir):
+    """The tiny Llama's plan at micro-batch 2 on two real gloo ranks (one trial, one group of two processes), for
+    the tests that compare its per-rank peaks with another measurement."""
+    return make_plan(_config(tiny_model_dir("llama"), device="cpu", memory_budget="1GiB", nproc_per_node=2,
+                             per_device_train_batch_size=2))
 
 
 @pytest.mark.slow
-def test_two_rank_estimate_traces_the_real_two_rank_peak(tiny_model_dir, monkeypatch):
+def test_two_rank_estimate_traces_the_real_two_rank_peak(tiny_model_dir, group_plan_at_2, monkeypatch):
     """The traced rank (fake group, fake tensors, DTensor shards, FSDP2's resized all-gather buffers) holds what a
     real rank of two gloo ranks holds, compared like for like: both counted by the cpu backend's live bytes, both
     on cpu kernels. What the estimate adds for the card (allocator blocks, cuBLAS workspaces, cuda kernels) is
     checked against the H200 in test_estimate.py."""
     from autobatch import estimate, memory
 
-    model = tiny_model_dir("llama")
-    real = _group_plan(model, 2, "1GiB")
+    model, real = tiny_model_dir("llama"), group_plan_at_2
     monkeypatch.setattr(memory.EstimateBackend, "measure", memory.CpuBackend.measure)
     monkeypatch.setattr(estimate, "cuda_step", contextlib.nullcontext)
     traced = make_plan(_config(model, device="estimate", memory_budget="1GiB", nproc_per_node=2,
@@ -126,7 +128,7 @@ _PLAIN_RUN = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_plan_peak_per_rank_matches_a_plain_two_rank_fsdp_run(tiny_model_dir, tmp_path):
+def test_plan_peak_per_rank_matches_a_plain_two_rank_fsdp_run(tiny_model_dir, group_plan_at_2, tmp_path):
     model = tiny_model_dir("llama")
     script = tmp_path / "plain.py"
     script.write_text(_PLAIN_RUN)
@@ -138,7 +140,7 @@ def test_plan_peak_per_rank_matches_a_plain_two_rank_fsdp_run(tiny_model_dir, tm
     assert runs[0]["lengths"] == [63, 64]
     for run in runs:  # really sharded: accelerate kept the FSDP plugin on cpu (sharding.fsdp_on_cpu)
         assert run["type"] == "DistributedType.FSDP" and run["dtensor"] and run["local"] * 2 == run["global"]
-    plan = _group_plan(model, 2, "1GiB")
+    plan = group_plan_at_2
     assert plan.rank_peak_bytes is not None
     for run, planned in zip(runs, plan.rank_peak_bytes):
         assert abs(planned / run["peak"] - 1) < 0.01, (planned, run["peak"])
@@ -162,13 +164,24 @@ def test_rank_1_out_of_memory_ends_the_trial_on_both_ranks(tiny_model_dir, caplo
     assert prober.run_trial(1).fits  # the next trial is a fresh group: nothing of the last one is left
 
 
-def _fsdp_plan_yaml(model, dataset, path, budget: str) -> None:
-    from autobatch.cli import main
+def _fsdp_flags(model, dataset, budget: str = "24MiB") -> list[str]:
+    """`autobatch plan` of an FSDP2 job of the tiny Llama on two ranks, searching (no micro-batch given)."""
+    return ["--model", str(model), "--dataset", str(dataset), "--device", "cpu", "--memory-budget", budget,
+            "--headroom", "0", "--max-length", "64", "--fsdp", "full_shard auto_wrap", "--fsdp-config",
+            "{fsdp_version: 2}", "--gradient-checkpointing", "false", "--effective-batch-size", "8", "--no-cache"]
 
-    assert main(["plan", "--model", str(model), "--dataset", str(dataset), "--device", "cpu", "--memory-budget",
-                 budget, "--headroom", "0", "--nproc-per-node", "2", "--max-length", "64", "--fsdp",
-                 "full_shard auto_wrap", "--fsdp-config", "{fsdp_version: 2}", "--gradient-checkpointing", "false",
-                 "--micro-batch-size", "2", "--effective-batch-size", "8", "--no-cache", "--output", str(path)]) == 0
+
+@pytest.fixture(scope="module")
+def fsdp_plan(tiny_model_dir, tiny_dataset_file, tmp_path_factory):
+    """`autobatch plan --nproc-per-node 2` of that job at micro-batch 2, from a shell: (its --json, its plan.yaml).
+    One group trial, shared by the tests that run the plan and that compare it with a launcher's."""
+    from helpers import call
+
+    path = tmp_path_factory.mktemp("fsdp-plan") / "plan.yaml"
+    done = call(["plan", *_fsdp_flags(tiny_model_dir("llama"), tiny_dataset_file), "--nproc-per-node", "2",
+                 "--micro-batch-size", "2", "--output", str(path), "--json"])
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout), path
 
 
 _SMALLER_RANK = textwrap.dedent("""
@@ -200,14 +213,13 @@ def _torchrun_run(plan, out_dir, script=None):
         check=False, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
     )
+
+
 @pytest.mark.slow
-def test_plan_yaml_carries_fsdp_and_torchrun_trains_it_then_a_mid_run_oom_stops_every_rank(
-    tiny_model_dir, tiny_dataset_file, tmp_path
-):
+def test_plan_yaml_carries_fsdp_and_torchrun_trains_it_then_a_mid_run_oom_stops_every_rank(fsdp_plan, tmp_path):
     import yaml
 
-    plan = tmp_path / "plan.yaml"
-    _fsdp_plan_yaml(tiny_model_dir("llama"), tiny_dataset_file, plan, "24MiB")
+    _, plan = fsdp_plan
     body = yaml.safe_load(plan.read_text())
     assert (body["fsdp"], body["fsdp_config"]) == ("full_shard auto_wrap", {"fsdp_version": 2})
     assert body["per_device_train_batch_size"] * body["gradient_accumulation_steps"] * 2 == 8
@@ -229,22 +241,23 @@ def test_plan_yaml_carries_fsdp_and_torchrun_trains_it_then_a_mid_run_oom_stops_
 
 @pytest.mark.slow
 def test_under_torchrun_rank_0_plans_as_a_shell_would_and_every_rank_gets_the_plan(
-    tiny_model_dir, tiny_dataset_file, capsys
+    tiny_model_dir, tiny_dataset_file, fsdp_plan
 ):
     """`torchrun --nproc_per_node 2 autobatch plan` with fsdp: rank 0 launches the trial groups (the launcher's ranks
-    cannot share one group's trials), the other rank waits, and the plan is the one `--nproc-per-node 2` makes."""
-    from helpers import AUTOBATCH, TORCHRUN, error_lines, plan_json
+    cannot share one group's trials), the other rank waits, and the plan is the one `--nproc-per-node 2` makes.
 
-    flags = ["--model", str(tiny_model_dir("llama")), "--dataset", str(tiny_dataset_file), "--device", "cpu",
-             "--memory-budget", "24MiB", "--headroom", "0", "--max-length", "64", "--fsdp", "full_shard auto_wrap",
-             "--fsdp-config", "{fsdp_version: 2}", "--gradient-checkpointing", "false", "--effective-batch-size", "8",
-             "--no-cache"]
-    launched = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--standalone", str(AUTOBATCH), "plan", *flags, "--json"],
+    The micro-batch is given: one trial, one group of two processes (each ~10 s of CPU to start torch and TRL).
+    Choosing the next size to try is the planner's, the same under a launcher as from a shell (test_probe.py)."""
+    from helpers import AUTOBATCH, TORCHRUN, error_lines
+
+    flags = _fsdp_flags(tiny_model_dir("llama"), tiny_dataset_file)
+    launched = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--standalone", str(AUTOBATCH), "plan", *flags,
+                               "--micro-batch-size", "2", "--json"],
                               check=False, capture_output=True, text=True, timeout=900,
                               env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert launched.returncode == 0, launched.stderr[-3000:]
     under_launcher = json.loads(launched.stdout)  # rank 0 alone prints
-    from_shell = plan_json(["--nproc-per-node", "2", *flags], capsys)
+    from_shell, _ = fsdp_plan
     # what the measurements decide (which split is fastest among sizes that fit is timing, and noise on a busy machine)
     def measured(plan: dict) -> tuple:
         trials = {t["micro_batch_size"]: t["fits"] for t in plan["trials"]}
@@ -258,7 +271,8 @@ def test_under_torchrun_rank_0_plans_as_a_shell_would_and_every_rank_gets_the_pl
     for micro, launched_peaks in peaks(under_launcher).items():
         assert launched_peaks == pytest.approx(peaks(from_shell)[micro], abs=1024), micro
     assert under_launcher["max_micro_batch_size"] == 2 and len(under_launcher["rank_peak_bytes"]) == 2
-    small = [f if f != "24MiB" else "4MiB" for f in flags]  # micro-batch 1 does not fit: rank 0's refusal is every rank's
+    small = _fsdp_flags(tiny_model_dir("llama"), tiny_dataset_file, "4MiB")  # micro-batch 1 does not fit: rank 0's
+    # refusal is every rank's
     refused = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--standalone", str(AUTOBATCH), "plan", *small],
                              check=False, capture_output=True, text=True, timeout=900,
                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})

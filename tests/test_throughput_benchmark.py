@@ -1,18 +1,14 @@
 """benchmarks/throughput.py keeps working: its quick cpu run gives a consistent report (structure, not timings)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, run_script
 
 
 @pytest.mark.slow
 def test_the_throughput_benchmark_compares_the_seed_with_the_plan():
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
-    out = subprocess.run([sys.executable, str(script), "--quick", "--json"], check=False, capture_output=True,
-                         text=True, timeout=1200)
+    out = run_script(ROOT / "benchmarks" / "throughput.py", "--quick", "--json")  # each case in its own process
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
     job, choice, rows = result["job"], result["checkpointing_choice"], result["rows"]
