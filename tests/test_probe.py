@@ -124,7 +124,7 @@ def test_trial_peak_equals_the_real_train_peak_to_the_byte(tiny_model_dir, tmp_p
 
 def test_gradient_checkpointing_changes_the_peak_and_the_plan(tiny_model_dir):
     model = tiny_model_dir("llama")
-    settings = {"max_length": 1024, "effective_batch_size": None}
+    settings = {"max_length": 512, "effective_batch_size": None}
     plain = peaks(config_for(model, **settings), [1, 2, 3, 4])
     saved = peaks(config_for(model, gradient_checkpointing=True, **settings), [1, 2, 4])
     assert saved[2] - saved[1] < plain[2] - plain[1], "checkpointing keeps fewer activations per sample"
