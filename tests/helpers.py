@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -57,11 +58,10 @@ def run_script(path: Path, *argv: str) -> subprocess.CompletedProcess:
     """A benchmark script run as `python PATH ARGV` would run it (`__main__`, its argv, its folder first on
     sys.path for sibling scripts), in this process: no new interpreter to import torch again. What it sets in
     os.environ, sys.path and sys.modules (its siblings) is undone after it."""
-    import os
     import runpy
 
     out, err, code = io.StringIO(), io.StringIO(), 0
-    saved = sys.argv, list(sys.path), dict(os.environ), set(sys.modules)
+    argv_before, path_before, environment, modules = sys.argv, list(sys.path), dict(os.environ), set(sys.modules)
     sys.argv, sys.path[:0] = [str(path), *argv], [str(path.parent)]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -69,10 +69,10 @@ def run_script(path: Path, *argv: str) -> subprocess.CompletedProcess:
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
-        sys.argv, sys.path[:] = saved[0], saved[1]
+        sys.argv, sys.path[:] = argv_before, path_before
         os.environ.clear()
-        os.environ.update(saved[2])
-        for name in set(sys.modules) - saved[3]:
+        os.environ.update(environment)
+        for name in set(sys.modules) - modules:
             if str(getattr(sys.modules[name], "__file__", "") or "").startswith(str(path.parent)):
                 del sys.modules[name]
     return subprocess.CompletedProcess([str(path), *argv], code, out.getvalue(), err.getvalue())
