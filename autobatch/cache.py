@@ -196,9 +196,9 @@ class ProbeCache:
             return action()
         except (sqlite3.Error, OSError) as exc:
             self.broken = f"{type(exc).__name__}: {exc}"
-            fix = "pass another --cache" if isinstance(exc, NotACache) else "`autobatch cache clear`"
-            logger.warning("probe cache %s ignored (%s): trials run as without a cache; %s or --no-cache",
-                           self.path, self.broken, fix)
+            fix = "pass another `cache`" if isinstance(exc, NotACache) else "`autobatch cache clear`"
+            logger.warning("probe cache %s ignored (%s): trials run as without a cache; %s or `no_cache`",
+                           self.path, self.broken, fix, extra={"keys": ("cache", "no_cache")})
             self.close()
             return None
 

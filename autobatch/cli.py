@@ -6,8 +6,8 @@ does (`--gradient-checkpointing false`, `--learning-rate 1e-5`). Only stdlib and
 are imported here at module level so `autobatch --help` is instant; torch comes with the command.
 
 Past 600 lines on purpose: about half is the parser (every flag with its help, the one place a user reads
-them); the rest is each command's parse, call, print, with every decision in `api` and every line in `report`.
-"""
+them); the rest is each command's parse, call, print, with every decision in `api` and every line in `report`,
+and the keys the library's messages name said in the user's words (`_say`)."""
 
 from __future__ import annotations
 
@@ -559,12 +559,27 @@ def _err(text: str, every_rank: bool = False) -> None:
         sys.stderr.flush()
 
 
+class _SaidAsTyped(logging.Filter):
+    """A warning from below that names keys (`extra={"keys": ...}`) is said in the user's words, as errors are."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.args = args  # its `names` are known once the config is built, after logging starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        keys = getattr(record, "keys", ())
+        if keys:
+            record.msg, record.args = _say(record.getMessage(), keys, getattr(self.args, "names", {})), None
+        return True
+
+
 @contextlib.contextmanager
-def _logging_to_stderr(verbose: bool, debug: bool):
+def _logging_to_stderr(verbose: bool, debug: bool, args: argparse.Namespace):
     """autobatch's loggers to stderr while a command runs: INFO with -v, DEBUG with --debug, else WARNING."""
     logger = logging.getLogger("autobatch")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_SaidAsTyped(args))
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
@@ -630,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             raise ConfigError("choose a command: plan, run, sweep or cache (see autobatch --help)")
         args.argv = argv
-        with _logging_to_stderr("-v" in argv or "--verbose" in argv, debug), stop_on_signals() as args.stop, \
+        with _logging_to_stderr("-v" in argv or "--verbose" in argv, debug, args), stop_on_signals() as args.stop, \
                 contextlib.ExitStack() as quiet:
             if not is_main():  # rank 0 reports; the other ranks' stdout goes nowhere
                 quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
@@ -654,21 +669,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def _said_as(config_path: str | None, names: dict[str, str]) -> dict[str, str]:
     """How each key is named to this user: the flag they typed, else the key as their --config file has it,
-    else the command line's flag for it (a person at the command line is told flags)."""
+    else the command line's flag for it (a person at the command line is told flags; see `_as_typed`)."""
     said = {key: flag for flag, key, _ in (*_VALUE_FLAGS, *_SWITCH_FLAGS)}
     for key in read_yaml(config_path) if config_path else ():
-        said.pop(key, None)
+        said[key] = key
     return {**said, **names}
 
 
+#: Names below the CLI that are keyword arguments of the Python API, not config keys, and their flags.
+_CALL_FLAGS = {"plan": "--plan", "resume": "--resume", "overwrite": "--overwrite-output-dir", "config": "--config"}
+
+
 def _as_typed(exc: AutobatchError, names: dict[str, str]) -> str:
-    """The message with each config key it names (`ConfigError.keys`) as the user typed it: the flag where one
-    was given, else the key (a YAML key or keyword argument is spelled so)."""
-    text = str(exc)
-    for key in getattr(exc, "keys", ()):
-        if key in names:
-            # a key inside a path or file name (/mnt/storage/sweep.db, resume.yaml) is not the key
-            text = re.sub(rf"(?<![\w/.-]){re.escape(key)}(?![\w/-]|\.\w)", names[key], text)
+    """The error's message with each key it names (`AutobatchError.keys`) as the user typed it (`_say`)."""
+    return _say(str(exc), getattr(exc, "keys", ()), names)
+
+
+def _say(text: str, keys: tuple[str, ...], names: dict[str, str]) -> str:
+    """`text` with each of `keys` as the user typed it: the flag where one was given, the key where their config
+    file has it, else the flag for it (any config key is `--key-name` here).
+
+    A key that is also a plain word (plan, resume) is named in backticks, and only that form is replaced."""
+    for key in keys:
+        said = names.get(key) or _CALL_FLAGS.get(key) or "--" + key.replace("_", "-")
+        if f"`{key}`" in text:
+            text = text.replace(f"`{key}`", said)
+        else:  # a key inside a path or file name (/mnt/storage/sweep.db, resume.yaml) is not the key
+            text = re.sub(rf"(?<![\w/.-]){re.escape(key)}(?![\w/-]|\.\w)", said, text)
     return text
 
 

@@ -155,17 +155,21 @@ def parse_value(text: str) -> Any:
         return text
 
 
+#: Keys that validation's advice names (what to set instead), not as the user gave them: the CLI says them as flags.
+ADVICE_KEYS = ("eval_fraction", "eval_strategy", "eval_steps")
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     """The top-level mapping of a config file; missing, unreadable or not a mapping: one ConfigError."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"--config {path}: file not found") from None
+        raise ConfigError(f"`config` {path}: file not found", keys=("config",)) from None
     except IsADirectoryError:
-        raise ConfigError(f"--config {path}: is a directory, expected a YAML file") from None
+        raise ConfigError(f"`config` {path}: is a directory, expected a YAML file", keys=("config",)) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path}: cannot read it ({exc})") from None
+        raise ConfigError(f"`config` {path}: cannot read it ({exc})", keys=("config",)) from None
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
@@ -175,13 +179,13 @@ def read_yaml(path: str | os.PathLike) -> dict:
         context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
         if context and start:
             problem += f" ({context} started at line {start.line + 1})"
-        raise ConfigError(f"--config {path}: not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"`config` {path}: not valid YAML{where}: {problem}", keys=("config",)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"--config {path}: the top level must be a mapping of keys (e.g. `max_length: 256`), "
-            f"got a {type(data).__name__}"
+            f"`config` {path}: the top level must be a mapping of keys (e.g. `max_length: 256`), "
+            f"got a {type(data).__name__}", keys=("config",)
         )
     return data
 
@@ -499,9 +503,8 @@ def _validate(config: Config, names: Mapping[str, str], problems: list[str], eva
         problems.extend(_lora_problems(out.lora, names))
 
     if problems:
-        if len(problems) == 1:
-            raise ConfigError(problems[0])
-        raise ConfigError(f"{len(problems)} problems: " + "; ".join(problems))
+        text = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+        raise ConfigError(text, keys=ADVICE_KEYS)  # the subjects are named as given already (`name`)
     return out
 
 
@@ -520,7 +523,7 @@ def _model_problems(model: Any, name: str) -> list[str]:
     return []
 
 
-def check_model_available(config: Config, flag: str = "--model") -> None:
+def check_model_available(config: Config, flag: str = "model_name_or_path") -> None:
     """Offline (HF_HUB_OFFLINE=1), a hub name that is not in the local hub cache cannot load: said before torch
     loads. Not part of validation, so a config file validates the same on any machine."""
     model = config.model_name_or_path
@@ -534,7 +537,7 @@ def check_model_available(config: Config, flag: str = "--model") -> None:
         raise AutobatchError(f"{flag}: could not load {model!r}: not a local directory, and it could not be "
                              f"downloaded from the hub (HF_HUB_OFFLINE=1, not in the hub cache "
                              f"{constants.HF_HUB_CACHE}): download it where the hub is reachable, or pass "
-                             "--model /path/to/local/copy")
+                             f"{flag} /path/to/local/copy", keys=("model_name_or_path",))
 
 
 def _ignored_input_problems(config: Config, name, local_file: bool, evaluates: bool = False) -> list[str]:
@@ -547,14 +550,14 @@ def _ignored_input_problems(config: Config, name, local_file: bool, evaluates: b
                             f"give a folder with a {config.dataset_train_split}.jsonl file, or a hub dataset")
         if config.dataset_test_split is not None:
             problems.append(f"{name('dataset_test_split')} {config.dataset_test_split!r}: {where}; hold out part "
-                            "of it with --eval-fraction 0.1 instead, or give a folder with a test file")
+                            "of it with eval_fraction 0.1 instead, or give a folder with a test file")
         if config.dataset_config is not None:
             problems.append(f"{name('dataset_config')} {config.dataset_config!r}: {where} and no configs; drop it")
     if eval_strategy(config) == "no" and not evaluates:
         for key in ("eval_fraction", "dataset_test_split"):
             if getattr(config, key) is not None:
-                problems.append(f"{name(key)} {getattr(config, key)!r} is never used: eval_strategy is no; add "
-                                "--eval-strategy steps --eval-steps N (or epoch) to evaluate, or drop it")
+                problems.append(f"{name(key)} {getattr(config, key)!r} is never used: eval_strategy is no; set "
+                                "eval_strategy steps and eval_steps N (or epoch) to evaluate, or drop it")
     return problems
 
 

@@ -5,7 +5,8 @@ class AutobatchError(Exception):
     """A runtime problem the user can fix (exit 1): message is one line naming the fix.
 
     Below the CLI a message names config keys (`max_length`, as `autobatch.plan(max_length=...)` and YAML
-    spell them); `keys` lists those it names, which the CLI rewrites as the flags the user typed (`--max-length`).
+    spell them) and the API's keyword arguments in backticks where they are also plain words (`plan`, `resume`,
+    `overwrite`); `keys` lists those it names, which the CLI rewrites as the flags the user typed (`--max-length`).
     """
 
     exit_code = 1
@@ -32,8 +33,8 @@ class BudgetTooSmallError(AutobatchError):
 class Interrupted(AutobatchError):
     """Stopped by SIGTERM or SIGINT: exit 128 + the signal's number (143, 130), as a shell reports it."""
 
-    def __init__(self, message: str, signum: int, checkpoint: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, signum: int, checkpoint: str | None = None, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message, keys)
         self.exit_code = 128 + signum
         self.signum = signum
         self.checkpoint = checkpoint

@@ -41,8 +41,8 @@ class SignalStop:
         raise Interrupted(
             f"stopped by {name} before training started: nothing was trained" if first and not self.training
             else f"stopped at once by a second {name}: a checkpoint being written is incomplete "
-                 "(--resume skips it and takes the newest complete one)",
-            signum,
+                 "(`resume` skips it and takes the newest complete one)",
+            signum, keys=("resume",),
         )
 
     @property

@@ -237,8 +237,10 @@ def read_plan_meta(path: str | os.PathLike) -> dict[str, Any]:
                 if line.startswith(PLAN_META_PREFIX):
                     return json.loads(line[len(PLAN_META_PREFIX):])
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--plan {path}: cannot read it ({exc}); write one with autobatch plan --output") from None
-    raise ConfigError(f"--plan {path}: not a plan written by `autobatch plan --output`; write one with it")
+        raise ConfigError(f"`plan` {path}: cannot read it ({exc}); write one with autobatch plan --output "
+                          "(autobatch.save_plan)", keys=("plan",)) from None
+    raise ConfigError(f"`plan` {path}: not a plan written by autobatch plan --output (autobatch.save_plan); write "
+                      "one with it", keys=("plan",))
 
 
 def hidden_keys(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -260,8 +262,8 @@ def load_plan(path: str, config: Config) -> Plan:
     differences = plan_differences(meta, config, path)
     if differences:
         raise ConfigError(
-            f"--plan {path} was made for other memory settings ({'; '.join(differences)}): "
-            "plan again without --plan, or run with the settings it was made for"
+            f"`plan` {path} was made for other memory settings ({'; '.join(differences)}): "
+            "plan again without `plan`, or run with the settings it was made for", keys=("plan",)
         )
     micro, accumulation = check_planned_batch(path, meta, config, saved)
     _warn_alloc_conf(path, meta)
@@ -308,8 +310,9 @@ def plan_differences(meta: dict, config: Config, path: str) -> list[str]:
                 if meta["model_content"][part] != now[part]:
                     saved[f"model {part}"], current[f"model {part}"] = meta["model_content"][part], now[part]
     else:
-        logger.warning("--plan %s was written before plans were bound to the model's content: the model at %s is "
-                       "taken to be the one it was made for (plan again to bind it)", path, model)
+        logger.warning("`plan` %s was written before plans were bound to the model's content: the model at %s is "
+                       "taken to be the one it was made for (plan again to bind it)", path, model,
+                       extra={"keys": ("plan",)})
     differences = fingerprint_differences(saved, current)
     if config.memory_budget_bytes is not None and config.memory_budget_bytes != meta["memory_budget_bytes"]:
         differences.append(f"memory_budget: {meta['memory_budget_bytes']} -> {config.memory_budget_bytes}")
@@ -334,16 +337,17 @@ def check_planned_batch(path: str, meta: dict, config: Config, saved: Config) ->
     micro = micro if isinstance(micro, int) else saved.per_device_train_batch_size
     accumulation = accumulation if isinstance(accumulation, int) else saved.gradient_accumulation_steps
     if not (isinstance(micro, int) and isinstance(accumulation, int)):
-        raise ConfigError(f"--plan {path}: per_device_train_batch_size and gradient_accumulation_steps must be set")
+        raise ConfigError(f"`plan` {path}: per_device_train_batch_size and gradient_accumulation_steps must be set",
+                          keys=("plan",))
     planned = (meta.get("per_device_train_batch_size", micro), meta.get("gradient_accumulation_steps", accumulation))
     effective = micro * accumulation * config.world_size
     wanted = config.effective_batch_size
     if (micro, accumulation) != planned or effective != meta["effective_batch_size"] or wanted not in (None, effective):
         raise ConfigError(
-            f"--plan {path}: per_device_train_batch_size {micro} × gradient_accumulation_steps {accumulation} is not "
+            f"`plan` {path}: per_device_train_batch_size {micro} × gradient_accumulation_steps {accumulation} is not "
             f"what it planned ({planned[0]} × {planned[1]}, effective {meta['effective_batch_size']}; the peak it "
-            f"states is for micro-batch {planned[0]}): restore those values, or plan "
-            f"--micro-batch-size {micro} --output {path} to check the new size"
+            f"states is for micro-batch {planned[0]}): restore those values, or plan micro-batch {micro} again "
+            f"into {path} to check the new size", keys=("plan",)
         )
     return micro, accumulation
 
@@ -357,9 +361,9 @@ def _warn_alloc_conf(path: str, meta: dict) -> None:
 
     planned, now = meta["pytorch_cuda_alloc_conf"], alloc_conf()
     if planned != now:
-        logger.warning("--plan %s was measured with PYTORCH_CUDA_ALLOC_CONF=%s but this run has %s: the largest "
+        logger.warning("`plan` %s was measured with PYTORCH_CUDA_ALLOC_CONF=%s but this run has %s: the largest "
                        "micro-batch may differ; run with the plan's setting or plan again", path,
-                       planned or "(unset)", now or "(unset)")
+                       planned or "(unset)", now or "(unset)", extra={"keys": ("plan",)})
 
 
 # --------------------------------------------------------------------------- plan.json: a run's plan, resumed
@@ -382,8 +386,8 @@ def saved_plan(config: Config) -> Plan | None:
         plan = Plan.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
         # The checkpoint holds the micro-batch too: resuming stays possible (advising a plain run was a dead end)
-        logger.warning("--resume: %s is unreadable (%s): the batch comes from the checkpoint instead", path,
-                       type(exc).__name__)
+        logger.warning("`resume`: %s is unreadable (%s): the batch comes from the checkpoint instead", path,
+                       type(exc).__name__, extra={"keys": ("resume",)})
         return None
     differences = fingerprint_differences(plan.memory_fingerprint, fingerprint(config))
     for key, wanted in (
@@ -397,8 +401,8 @@ def saved_plan(config: Config) -> Plan | None:
             differences.append(f"{key}: {getattr(plan, key)!r} -> {wanted!r}")
     if differences:
         raise ConfigError(
-            f"--resume: {path} was planned for other settings ({'; '.join(differences)}): "
-            "resume with the settings it was made for, or train into a new --output-dir"
+            f"`resume`: {path} was planned for other settings ({'; '.join(differences)}): "
+            "resume with the settings it was made for, or train into a new output_dir", keys=("resume", "output_dir")
         )
     note = f"reused {path} to resume: no probing"
     return dataclasses.replace(plan, notes=[*plan.notes, *([] if note in plan.notes else [note])])  # said once
@@ -417,10 +421,10 @@ def check_resume_batch(config: Config, plan: Plan, plan_file: str) -> None:
         trained = (state.get("train_batch_size"), plan.gradient_accumulation_steps)
     if trained != (plan.per_device_train_batch_size, plan.gradient_accumulation_steps):
         raise ConfigError(
-            f"--resume --plan {plan_file}: it states micro-batch {plan.per_device_train_batch_size} × accumulation "
+            f"`resume` `plan` {plan_file}: it states micro-batch {plan.per_device_train_batch_size} × accumulation "
             f"{plan.gradient_accumulation_steps}, but the run in {path.parent} trained with {trained[0]} × "
-            f"{trained[1]}: resume without --plan (the run's own {PLAN_FILE} is used), or train the new plan into "
-            "another --output-dir"
+            f"{trained[1]}: resume without `plan` (the run's own {PLAN_FILE} is used), or train the new plan into "
+            "another output_dir", keys=("resume", "plan", "output_dir")
         )
 
 
@@ -436,7 +440,7 @@ def plan_from_checkpoint(config: Config, checkpoint: Path) -> Plan:
     try:
         micro = json.loads((checkpoint / STATE_FILE).read_text()).get("train_batch_size")
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume: cannot read {checkpoint / STATE_FILE} ({exc})") from None
+        raise ConfigError(f"`resume`: cannot read {checkpoint / STATE_FILE} ({exc})", keys=("resume",)) from None
     world = config.world_size
     accumulation = config.gradient_accumulation_steps
     effective = config.effective_batch_size
@@ -446,9 +450,9 @@ def plan_from_checkpoint(config: Config, checkpoint: Path) -> Plan:
     wanted = config.per_device_train_batch_size
     if not isinstance(micro, int) or not isinstance(accumulation, int) or wanted not in ("auto", None, micro):
         raise ConfigError(
-            f"--resume: {checkpoint.parent} has no readable {PLAN_FILE} and {checkpoint / STATE_FILE} gives "
-            f"micro-batch {micro}; pass the --effective-batch-size (or --gradient-accumulation-steps) the run used, "
-            "so the data position stays exact"
+            f"`resume`: {checkpoint.parent} has no readable {PLAN_FILE} and {checkpoint / STATE_FILE} gives "
+            f"micro-batch {micro}; pass the effective_batch_size (or gradient_accumulation_steps) the run used, "
+            "so the data position stays exact", keys=("resume", "effective_batch_size", "gradient_accumulation_steps")
         )
     return Plan(
         per_device_train_batch_size=micro,

@@ -72,19 +72,20 @@ def check_output_dir_state(config: Config, resume: bool, overwrite: bool) -> Non
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         model = config.model_name_or_path
-        whose = (" (it is the --model folder: the final save would overwrite the model)"
+        whose = (" (it is the model_name_or_path folder: the final save would overwrite the model)"
                  if model and os.path.isdir(os.path.expanduser(model)) and path.resolve() ==
                  Path(model).expanduser().resolve() else "")
         raise ConfigError(
             f"output_dir {path} holds files autobatch did not write ({shown}){whose}: choose a new or empty "
-            f"--output-dir; nothing was changed"
+            f"output_dir; nothing was changed", keys=("output_dir", "model_name_or_path")
         )
     found = earlier_run_files(path)
     if found and not (resume or overwrite):
         shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
         raise ConfigError(
-            f"output_dir {path} holds an earlier run ({shown}): pass --resume to continue it, "
-            "--overwrite-output-dir to train over it, or choose another --output-dir; nothing was changed"
+            f"output_dir {path} holds an earlier run ({shown}): pass `resume` to continue it, "
+            "`overwrite` to train over it, or choose another output_dir; nothing was changed",
+            keys=("output_dir", "resume", "overwrite"),
         )
 
 
@@ -159,14 +160,15 @@ def resume_checkpoint(config: Config, warn: bool = False) -> Path:
             return folder
         broken.append(folder.name)
         if warn:
-            logger.warning("--resume: skipping %s: %s", folder, problem)
+            logger.warning("`resume`: skipping %s: %s", folder, problem, extra={"keys": ("resume",)})
     if broken:
         raise ConfigError(
-            f"--resume: no complete checkpoint in {path}, only incomplete ones ({', '.join(reversed(broken))}): "
-            "pass --overwrite-output-dir instead of --resume to start over (they are removed), or choose another "
-            "--output-dir"
+            f"`resume`: no complete checkpoint in {path}, only incomplete ones ({', '.join(reversed(broken))}): "
+            "pass `overwrite` instead of `resume` to start over (they are removed), or choose another output_dir",
+            keys=("resume", "overwrite", "output_dir"),
         )
-    raise ConfigError(f"--resume: no complete checkpoint in {path} (none); run without --resume to start training")
+    raise ConfigError(f"`resume`: no complete checkpoint in {path} (none); run without `resume` to start training",
+                      keys=("resume",))
 
 
 def check_can_run(config: Config, resume: bool = False, overwrite: bool = False) -> None:
@@ -175,8 +177,9 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
     --resume, and the eval split evaluation needs."""
     if config.device == "estimate":
         raise ConfigError(
-            "--device estimate only plans (fake tensors cannot train): plan with it and --output plan.yaml, "
-            "then autobatch run --plan plan.yaml --device cuda"
+            "device estimate only plans (fake tensors cannot train): plan with it and save the plan (autobatch "
+            "plan --output plan.yaml), then train that on cuda (autobatch run --plan plan.yaml --device cuda)",
+            keys=("device",),
         )
     if config.training_args.get("auto_find_batch_size"):
         raise ConfigError(
@@ -187,10 +190,10 @@ def check_can_run(config: Config, resume: bool = False, overwrite: bool = False)
     sharding.check_shardable(config.training_args)
     if (config.nproc_per_node or 1) > 1 and not ranks.current().launched:
         raise ConfigError(
-            f"--nproc-per-node {config.nproc_per_node}: autobatch run trains under your launcher: plan with "
+            f"nproc_per_node {config.nproc_per_node}: autobatch run trains under your launcher: plan with "
             f"autobatch plan --nproc-per-node {config.nproc_per_node} --output plan.yaml, then torchrun "
             f"--nproc-per-node {config.nproc_per_node} -m autobatch run --plan plan.yaml (or accelerate launch "
-            "with trl sft --config plan.yaml)"
+            "with trl sft --config plan.yaml)", keys=("nproc_per_node",)
         )
     check_output_dir_state(config, resume, overwrite)
     if resume:

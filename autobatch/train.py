@@ -92,7 +92,7 @@ def split_batch(inputs: dict, parts: int) -> list[dict]:
     if "cu_seq_lens_q" in inputs or ("position_ids" in inputs and "attention_mask" not in inputs):
         raise AutobatchError(
             f"out of memory at micro-batch {size} and a padding-free/packed batch cannot be split: "
-            "lower --max-length or use a larger budget"
+            "lower max_length or use a larger budget", keys=("max_length",)
         )
     parts = min(parts, size)  # a short last batch: single examples are already below the new micro-batch
     bounds = [round(i * size / parts) for i in range(parts + 1)]
@@ -159,7 +159,7 @@ class OomSafeTrainer:
         if size <= 1:
             raise AutobatchError(
                 f"out of memory in evaluation at step {self.state.global_step} even at eval batch 1: "
-                "use a larger budget, a shorter max_length, or --eval-strategy no"
+                "use a larger budget, a shorter max_length, or eval_strategy no", keys=("max_length", "eval_strategy")
             )
         self.args.per_device_eval_batch_size = size // 2
         if hasattr(self, "_eval_dataloaders"):
@@ -180,7 +180,8 @@ class OomSafeTrainer:
         raise AutobatchError(
             f"out of memory in gradient clipping at step {self.state.global_step + 1} (a smaller "
             f"micro-batch does not help there): saved the complete checkpoint {path} from before "
-            "the step; use a larger budget, LoRA or --max-grad-norm 0, and continue with --resume"
+            "the step; use a larger budget, LoRA or max_grad_norm 0, and continue with `resume`",
+            keys=("max_grad_norm", "resume"),
         )
 
     def create_optimizer(self, *args, **kwargs):
@@ -196,13 +197,13 @@ class OomSafeTrainer:
             if not failed:
                 return result
             newest = complete_checkpoints(self.args.output_dir)
-            last = (f"the newest complete checkpoint is {newest[0]} (--resume continues from it)"
-                    if newest else "no checkpoint was saved before it (set --save-steps)")
+            last = (f"the newest complete checkpoint is {newest[0]} (`resume` continues from it)"
+                    if newest else "no checkpoint was saved before it (set save_steps)")
             raise AutobatchError(
                 f"out of memory in the optimizer step at step {self.state.global_step + 1}: weights, "
                 "gradients and optimizer state do not fit; the update may be partly applied, so this "
-                f"step is not saved and {last}; use a larger budget, LoRA, or a lighter --optim "
-                "(adafactor, adamw_8bit)"
+                f"step is not saved and {last}; use a larger budget, LoRA, or a lighter optim "
+                "(adafactor, adamw_8bit)", keys=("resume", "save_steps", "optim")
             )
         return guarded
 
@@ -219,15 +220,17 @@ class OomSafeTrainer:
             if _write_failed(exc):
                 raise AutobatchError(
                     f"cannot write {path}: {_write_failure(exc)}; free space on that disk or pass another "
-                    "--output-dir, then continue with --resume (it skips this incomplete checkpoint)"
+                    "output_dir, then continue with `resume` (it skips this incomplete checkpoint)",
+                    keys=("output_dir", "resume"),
                 ) from exc
 
         failed, result = self._out_of_memory(save, *args, check=write_failed)
         if not failed:
             return result
         raise AutobatchError(
-            f"out of memory while saving {path}: what it holds is incomplete (--resume skips a "
-            "checkpoint without trainer_state.json); use a larger budget or --save-only-model true"
+            f"out of memory while saving {path}: what it holds is incomplete (`resume` skips a "
+            "checkpoint without trainer_state.json); use a larger budget or save_only_model true",
+            keys=("resume", "save_only_model"),
         )
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -340,7 +343,8 @@ def _stop_if_ranks(world_size: int, step: int, inputs: dict) -> None:
     raise AutobatchError(
         f"out of memory at step {step} on rank {ranks.current().rank} of {world_size} (micro-batch {size}): "
         "the ranks cannot split one step together inside DDP or FSDP, so the run stops; resume from the last "
-        "checkpoint with --resume after planning with a smaller --memory-budget or --micro-batch-size"
+        "checkpoint with `resume` after planning with a smaller memory_budget or per_device_train_batch_size",
+        keys=("resume", "memory_budget", "per_device_train_batch_size"),
     )
 
 

@@ -455,7 +455,7 @@ class GroupProber:
 
         if eval_batch_size:
             raise ConfigError("evaluation batches are not planned under FSDP yet: set per_device_eval_batch_size "
-                              "or --eval-strategy no")
+                              "or eval_strategy no", keys=("per_device_eval_batch_size", "eval_strategy"))
         if self.on_start:
             self.on_start(micro_batch_size, None)
         with tempfile.TemporaryDirectory(prefix="autobatch-fsdp-") as report_dir:

@@ -263,13 +263,13 @@ def test_validate_config_checks_a_python_config():
 # ----------------------------------------------------------------------------------------- files
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"--config .*nope\.yaml: file not found"):
+    with pytest.raises(ConfigError, match=r"`config` .*nope\.yaml: file not found"):
         build_config(tmp_path / "nope.yaml")
 
 
 def test_malformed_yaml_names_the_line(tmp_path):
     path = write(tmp_path, "max_length: 128\neffective_batch_size: [32\nbf16: false\n")
-    with pytest.raises(ConfigError, match=rf"--config {path}: not valid YAML at line \d+"):
+    with pytest.raises(ConfigError, match=rf"`config` {path}: not valid YAML at line \d+"):
         build_config(path)
 
 

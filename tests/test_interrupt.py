@@ -107,7 +107,7 @@ def test_sigterm_mid_training_saves_a_checkpoint_and_resume_finishes(tmp_path):
     (cut / "trainer_state.json").unlink()
     resumed = call([*run_argv(out), "--resume"])  # in this process: no second start of torch and TRL
     assert resumed.returncode == 0, resumed.stderr
-    assert f"skipping {cut}" in resumed.stderr and "micro=" not in resumed.stderr, "no probing on --resume"
+    assert f"--resume: skipping {cut}" in resumed.stderr and "micro=" not in resumed.stderr, "no probing on --resume"
     final = json.loads((out / "trainer_state.json").read_text())
     assert final["global_step"] == final["max_steps"] == MAX_STEPS
     logged = [entry["step"] for entry in final["log_history"] if "loss" in entry]

@@ -66,7 +66,7 @@ def test_a_hand_edited_micro_batch_is_refused_in_one_line(model_plan, tmp_path):
     plan_file.write_text(plan_file.read_text().replace("per_device_train_batch_size: 2", "per_device_train_batch_size: 64"))
     done = autobatch(tmp_path, "run", "--plan", str(plan_file), "--output-dir", "out")
     (line,) = error_lines(done.stderr)
-    assert done.returncode == 2 and "not what it planned (2 × 2" in line and "--micro-batch-size 64" in line
+    assert done.returncode == 2 and "not what it planned (2 × 2" in line and "plan micro-batch 64 again into" in line
     assert not (tmp_path / "out").exists()
 
 

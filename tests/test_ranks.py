@@ -184,7 +184,7 @@ def test_an_oom_mid_run_under_several_ranks_stops_with_one_line_not_a_split():
 
     batch = {"input_ids": torch.zeros(4, 8, dtype=torch.long)}
     assert _stop_if_ranks(1, 5, batch) is None  # one process: the split fallback goes ahead
-    with pytest.raises(AutobatchError, match=r"out of memory at step 5 on rank \d of 2 \(micro-batch 4\): .*--resume"):
+    with pytest.raises(AutobatchError, match=r"out of memory at step 5 on rank \d of 2 \(micro-batch 4\): .*`resume`"):
         _stop_if_ranks(2, 5, batch)
 
 

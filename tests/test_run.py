@@ -373,7 +373,8 @@ def test_seed_config_offline_fails_with_one_line_then_trains_on_local_copies(tin
     err = capsys.readouterr().err
     lines = error_lines(err)
     assert code == 1 and len(lines) == 1 and "Traceback" not in err
-    assert "'facebook/opt-350m'" in lines[0] and "could not be downloaded" in lines[0] and "--model" in lines[0]
+    assert "'facebook/opt-350m'" in lines[0] and "could not be downloaded" in lines[0]
+    assert "pass model_name_or_path /path/to/local/copy" in lines[0]  # the key as the --config file names it
     assert not (tmp_path / "offline").exists()
 
     code = main(["run", "--config", seed, "--model", str(tiny_model_dir("opt")), "--max-steps", "1",

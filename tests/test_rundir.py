@@ -39,8 +39,31 @@ def test_output_dir_of_an_earlier_run_is_refused_and_left_alone(tmp_path, capsys
     assert main(["run", "--device", "cpu", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
     (line,) = error_lines(err)
-    assert str(out) in line and "--resume" in line and "--overwrite-output-dir" in line
+    shown = "checkpoint-2" if earlier == "checkpoint" else earlier
+    assert line == (f"autobatch: error: --output-dir {out} holds an earlier run ({shown}): pass --resume to "
+                    "continue it, --overwrite-output-dir to train over it, or choose another --output-dir; nothing "
+                    "was changed")
     assert "micro=" not in err and listing(out) == before
+
+
+def test_an_earlier_run_is_refused_in_the_words_of_python_of_the_command_line_and_of_a_config_file(tmp_path,
+                                                                                                    capsys):
+    """Below the CLI the message names keys and keyword arguments; the CLI says each as the user gave it."""
+    import autobatch
+
+    out = tmp_path / "out"
+    checkpoint(out, 2)
+    with pytest.raises(ConfigError) as caught:
+        autobatch.run(device="cpu", output_dir=str(out))
+    assert "pass `resume` to continue it, `overwrite` to train over it, or choose another output_dir" in str(
+        caught.value) and "--" not in str(caught.value)
+    config = tmp_path / "job.yaml"
+    config.write_text(f"output_dir: {out}\n")
+    assert main(["run", "--device", "cpu", "--config", str(config)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith(f"autobatch: error: output_dir {out} holds") and line.endswith(
+        "pass --resume to continue it, --overwrite-output-dir to train over it, or choose another output_dir; "
+        "nothing was changed")
 
 
 def test_output_dir_autobatch_did_not_claim_is_refused_whatever_the_flags(tmp_path):
@@ -98,7 +121,7 @@ def test_resume_takes_the_newest_complete_checkpoint_and_warns_of_a_cut_one(tmp_
     with caplog.at_level(logging.WARNING, logger="autobatch"):
         assert rundir.resume_checkpoint(config, warn=True) == newest
     assert [r.getMessage() for r in caplog.records] == [
-        f"--resume: skipping {out / 'checkpoint-12'}: no trainer_state.json, it was cut mid-save"]
+        f"`resume`: skipping {out / 'checkpoint-12'}: no trainer_state.json, it was cut mid-save"]  # --resume at the CLI
     assert [p.name for p in rundir.complete_checkpoints(out)] == ["checkpoint-10", "checkpoint-4", "checkpoint-2"]
 
 
@@ -117,7 +140,7 @@ def test_resume_without_plan_json_takes_the_batch_from_the_checkpoint(tmp_path):
     plan = planfile.resume_plan(build_config(overrides={"output_dir": str(out), "effective_batch_size": 24}))
     assert (plan.per_device_train_batch_size, plan.gradient_accumulation_steps, plan.effective_batch_size) == (4, 6, 24)
     assert plan.trials == [] and "trainer_state.json" in plan.notes[0]
-    with pytest.raises(ConfigError, match="--effective-batch-size"):  # the accumulation is not in the checkpoint
+    with pytest.raises(ConfigError, match="pass the effective_batch_size"):  # the accumulation is not in the checkpoint
         planfile.plan_from_checkpoint(build_config(overrides={"output_dir": str(out), "effective_batch_size": None}),
                                       path)
     with pytest.raises(ConfigError, match="gives micro-batch 4"):  # a different micro-batch would move the data

@@ -233,7 +233,7 @@ def test_plan_yaml_carries_fsdp_and_torchrun_trains_it_then_a_mid_run_oom_stops_
     assert stopped.returncode != 0  # torchrun ended rank 0 once rank 1 exited: no hang
     oom = ("autobatch: error: out of memory at step 0 on rank 1 of 2 (micro-batch 2): the ranks cannot split one "
            "step together inside DDP or FSDP, so the run stops; resume from the last checkpoint with --resume after "
-           "planning with a smaller --memory-budget or --micro-batch-size")
+           "planning with a smaller --memory-budget or per_device_train_batch_size")  # as --config plan.yaml has it
     peer = "autobatch: error: rank 0 of 2 stopped: another rank left the run (its own line says why)"
     # one line a rank: rank 1 names the OOM; rank 0, if it lives to print before torchrun ends it, says why it stopped
     assert errors.count(oom) == 1 and set(errors) <= {oom, peer}, errors

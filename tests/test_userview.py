@@ -226,10 +226,10 @@ def test_a_folder_of_data_files_is_a_dataset_with_its_splits(tmp_path):
         ({"dataset_train_split": "validation"},
          r"--dataset-split 'validation': --dataset .* is one local file, whose only split is train; drop it"),
         ({"dataset_test_split": "test", "eval_strategy": "steps"},
-         r"--dataset-test-split 'test': .* hold out part of it with --eval-fraction 0.1 instead"),
+         r"--dataset-test-split 'test': .* hold out part of it with eval_fraction 0.1 instead"),
         ({"dataset_config": "en"}, r"dataset_config 'en': .* no configs; drop it"),
         ({"eval_fraction": 0.25},
-         r"--eval-fraction 0.25 is never used: eval_strategy is no; add --eval-strategy steps"),
+         r"--eval-fraction 0.25 is never used: eval_strategy is no; set eval_strategy steps and eval_steps N"),
     ],
 )
 def test_inputs_a_local_file_or_no_eval_strategy_would_ignore_are_errors(tiny_dataset_file, overrides, message):
