@@ -123,7 +123,9 @@ def check_own(path: Path) -> None:
     """Raise NotACache unless `path` is absent, empty, or a probe cache: read-only, so nothing changes.
 
     Opening with WAL or creating the tables would alter any other SQLite file (an optuna study's journal
-    mode, its tables); this looks first through a read-only connection.
+    mode, its tables); this looks first through a read-only connection. A database with none of another
+    program's tables is a cache another plan is creating this moment (WAL set, tables not yet all there):
+    its schema is created with IF NOT EXISTS, so joining it is safe.
     """
     if not path.exists() or (path.is_file() and path.stat().st_size == 0):
         return
@@ -134,7 +136,7 @@ def check_own(path: Path) -> None:
         application = connection.execute("PRAGMA application_id").fetchone()[0]
     finally:
         connection.close()
-    if tables != {"workloads", "trials"} or application not in (0, APPLICATION_ID):
+    if not tables <= {"workloads", "trials"} or application not in (0, APPLICATION_ID):
         shown = ", ".join(sorted(tables)[:4]) or "none"
         raise NotACache(f"{path} is not an autobatch probe cache (its tables: {shown})")
 
@@ -196,9 +198,10 @@ class ProbeCache:
             return action()
         except (sqlite3.Error, OSError) as exc:
             self.broken = f"{type(exc).__name__}: {exc}"
-            fix = "pass another `cache`" if isinstance(exc, NotACache) else "`autobatch cache clear`"
+            foreign = isinstance(exc, NotACache)
+            fix = "pass another `cache`" if foreign else "`autobatch cache clear`"
             logger.warning("probe cache %s ignored (%s): trials run as without a cache; %s or `no_cache`",
-                           self.path, self.broken, fix, extra={"keys": ("cache", "no_cache")})
+                           self.path, self.broken, fix, extra={"keys": ("cache", "no_cache") if foreign else ("no_cache",)})
             self.close()
             return None
 

@@ -559,18 +559,18 @@ def _err(text: str, every_rank: bool = False) -> None:
         sys.stderr.flush()
 
 
-class _SaidAsTyped(logging.Filter):
-    """A warning from below that names keys (`extra={"keys": ...}`) is said in the user's words, as errors are."""
+class _SaidAsTyped(logging.Formatter):
+    """A warning from below that names keys (`extra={"keys": ...}`) is said in the user's words, as errors are
+    (on this handler only: the record other handlers see is left as it was)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__()
+        super().__init__("%(levelname)s %(name)s: %(message)s")
         self.args = args  # its `names` are known once the config is built, after logging starts
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
         keys = getattr(record, "keys", ())
-        if keys:
-            record.msg, record.args = _say(record.getMessage(), keys, getattr(self.args, "names", {})), None
-        return True
+        return _say(text, keys, getattr(self.args, "names", {})) if keys else text
 
 
 @contextlib.contextmanager
@@ -578,8 +578,7 @@ def _logging_to_stderr(verbose: bool, debug: bool, args: argparse.Namespace):
     """autobatch's loggers to stderr while a command runs: INFO with -v, DEBUG with --debug, else WARNING."""
     logger = logging.getLogger("autobatch")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_SaidAsTyped(args))
+    handler.setFormatter(_SaidAsTyped(args))
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
