@@ -31,8 +31,9 @@ def config_for(model_dir, **overrides):
     return build_config(overrides=values)
 
 
-#: The true maxima the budget tests set up: 6 × 256 tokens is before TRL's 4096-token kink, 20 × 256 past it.
-TRUE_MAXIMA = (6, 20)
+#: The (architecture, true maximum) cases the budget tests set up: 6 × 256 tokens is before TRL's 4096-token kink,
+#: 20 × 256 past it. Each architecture once (what differs between them is the model's layers), Llama on both sides.
+EXACT_CASES = (("llama", 6), ("llama", 20), ("gpt2", 20), ("opt", 6))
 
 
 @pytest.fixture(scope="session")
@@ -40,14 +41,15 @@ def budget_between(tiny_model_dir):
     """Factory: budget_between(arch, size) -> a budget whose true limit for `config_for(arch)` is `size`,
     halfway between the trial peaks of size and size + 1.
 
-    The peaks at every TRUE_MAXIMA size and the next are measured once a session by one Prober an
+    The peaks at each case's size and the next are measured once a session by one Prober an
     architecture: the tests that need only a budget share that measurement instead of each building a trainer.
     """
     measured: dict[str, dict[int, int]] = {}
 
     def budget(arch: str, size: int) -> int:
         if arch not in measured:
-            measured[arch] = peaks(config_for(tiny_model_dir(arch)), [b for m in TRUE_MAXIMA for b in (m, m + 1)])
+            sizes = [b for name, m in EXACT_CASES if name == arch for b in (m, m + 1)]
+            measured[arch] = peaks(config_for(tiny_model_dir(arch)), sizes)
         low, high = measured[arch][size], measured[arch][size + 1]
         assert low < high
         return (low + high) // 2
@@ -91,8 +93,7 @@ def real_train_fits(config, micro: int, budget: int, tmp_path) -> bool:
     return real_train_peak(config, micro, budget, tmp_path) is not None
 
 
-@pytest.mark.parametrize("true_max", TRUE_MAXIMA)
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize(("arch", "true_max"), EXACT_CASES)
 def test_plan_max_is_exact_under_real_sfttrainer(arch, true_max, tiny_model_dir, budget_between, capsys, tmp_path):
     model_dir = tiny_model_dir(arch)
     config = config_for(model_dir)
@@ -167,11 +168,12 @@ def test_budget_too_small_for_one_names_the_need_and_the_fixes(tiny_model_dir, c
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("true_max", [6, 20])
-def test_estimate_backend_finds_its_own_max(tiny_model_dir, true_max):
+def test_estimate_backend_finds_its_own_max(tiny_model_dir):
     """The estimate emulates the cuda step (bf16 kept, allocator segments), not the cpu one: its search is exact
     against its own trials, and the plan says what it assumed."""
     from autobatch.memory import EstimateBackend
+
+    true_max = 20  # 20 × 256 tokens: past TRL's 4096-token bend, where the peaks stop lying on one line
 
     model = tiny_model_dir("llama")
     prober = Prober(config_for(model, device="estimate", memory_budget=2**40), EstimateBackend(2**40), 2**40,
@@ -201,16 +203,17 @@ def test_estimate_backend_plans_a_1b_llama_from_its_config_alone(tmp_path, capsy
         num_key_value_heads=4, max_position_embeddings=2048,
     ).save_pretrained(tmp_path)
     assert not list(tmp_path.glob("*.safetensors"))
-    # checkpointing given (TRL's default, on): the plan does not also try 32 without it (test_checkpointing.py)
+    # checkpointing given (TRL's default, on): the plan does not also try 32 without it (test_checkpointing.py).
+    # The micro-batch is given: one trace of the 1B step (the search over estimate trials is the opt-350m test's)
     plan = plan_json(["--model", str(tmp_path), "--device", "estimate", "--memory-budget", "40GiB",
-                      "--max-length", "1024", "--effective-batch-size", "32", "--gradient-checkpointing", "true"],
-                     capsys)
-    trials = {t["micro_batch_size"]: t for t in plan["trials"]}
-    # 32 per device fits 40 GiB (bf16 autocast, emulated allocator): the search stops at what the plan needs.
-    assert plan["stopped_at_need"] and plan["max_micro_batch_size"] == 32 and trials[32]["fits"]
-    assert len(plan["trials"]) <= 4
-    assert trials[1]["peak_memory_bytes"] > 16 * 10**9  # weights, gradients and two AdamW moments in fp32
-    assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == 32
+                      "--max-length", "1024", "--effective-batch-size", "32", "--gradient-checkpointing", "true",
+                      "--micro-batch-size", "32"], capsys)
+    [trial] = plan["trials"]
+    # 32 per device fits 40 GiB (bf16 autocast, emulated allocator), over the weights, gradients and two AdamW
+    # moments in fp32 (17.6 GB) by the activations of 32 × 1024 tokens, checkpointed
+    assert plan["max_micro_batch_size"] == 32 and trial["micro_batch_size"] == 32 and trial["fits"]
+    assert 17.6 * 10**9 < trial["peak_memory_bytes"] < plan["usable_memory_bytes"]
+    assert (plan["per_device_train_batch_size"], plan["gradient_accumulation_steps"]) == (32, 1)
 
 
 @pytest.mark.slow
