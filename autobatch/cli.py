@@ -402,8 +402,9 @@ def _check_plan_yaml(path: str) -> None:
     try:
         with open(path, encoding="utf-8") as f:
             is_json = f.read(1) == "{"
-    except OSError:
-        return  # read_yaml names the problem
+    except OSError as exc:  # not as --config: that is not what the user passed
+        raise ConfigError(f"--plan {path}: cannot read it ({exc.strerror or exc}); write one with autobatch plan "
+                          "--output plan.yaml") from None
     if is_json:
         folder = Path(path).parent
         raise ConfigError(f"--plan {path}: this is a plan.json, the record a run keeps in its output dir; --plan "

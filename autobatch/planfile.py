@@ -257,8 +257,8 @@ def hidden_keys(path: str | os.PathLike | None) -> dict[str, Any]:
 def load_plan(path: str, config: Config) -> Plan:
     """A plan saved by `autobatch plan --output`, refused unless it holds for `config`: the same memory
     settings, the same model content (wherever it is saved), and the batch its probe measured."""
+    meta = read_plan_meta(path)  # first: a missing or foreign file is a `plan` problem, not a config one
     saved = build_config(path)
-    meta = read_plan_meta(path)
     differences = plan_differences(meta, config, path)
     if differences:
         raise ConfigError(

@@ -114,6 +114,20 @@ def test_a_plan_json_given_to_plan_says_what_it_is_and_what_to_pass(tmp_path):
                                 rf"output dir; --plan takes a plan\.yaml .* autobatch run --output-dir {out} --resume")
 
 
+def test_a_missing_plan_is_named_as_the_plan_the_user_passed(tmp_path):
+    """It was said as `--config nope.yaml: file not found` (the plan is read as the run's config too)."""
+    import autobatch
+    from autobatch.errors import ConfigError
+
+    missing = tmp_path / "nope.yaml"
+    assert_refused_before_torch(run_cli("run", "--plan", str(missing)),
+                                rf"--plan {missing}: cannot read it \(No such file or directory\); write one with "
+                                r"autobatch plan --output plan\.yaml")
+    with pytest.raises(ConfigError, match=rf"^`plan` {missing}: cannot read it .*autobatch\.save_plan"):
+        autobatch.run(device="cpu", plan=str(missing), output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_sweep_validation_evaluates_on_the_eval_split_without_an_eval_strategy():
     """The README says the sweep evaluates on dataset_test_split / eval_fraction: with --validate-tokens that
     input reaches the validation runs, so it is not refused for want of an eval_strategy (issue 24)."""
