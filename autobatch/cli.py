@@ -222,10 +222,9 @@ def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
     if path is None and "model_name_or_path" not in overrides:
         path = BUILTIN_CONFIG
     # sweep --validate-tokens evaluates on the eval split or fraction whatever eval_strategy says (issue 24)
-    args.names = names  # what the user typed for each key: errors from below are said in those words
+    args.names = _said_as(args.config, names)  # errors from below are said in the user's words, validation's too
     config = build_config(path, overrides, names, evaluates=bool(getattr(args, "validate_tokens", None)),
                           hidden=hidden_keys(path))
-    args.names = _said_as(args.config, names)
     check_model_available(config, names.get("model_name_or_path", "model_name_or_path"))
     return config
 

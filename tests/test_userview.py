@@ -239,6 +239,19 @@ def test_inputs_a_local_file_or_no_eval_strategy_would_ignore_are_errors(tiny_da
         build_config(overrides={"dataset_name": str(tiny_dataset_file), **overrides}, names=names)
 
 
+def test_validation_advice_names_a_key_as_the_config_file_has_it_else_as_a_flag(tmp_path, capsys):
+    from helpers import error_lines
+
+    from autobatch.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text("eval_strategy: 'no'\neval_fraction: 0.25\n")
+    assert main(["plan", "--config", str(job)]) == 2
+    said = (f"autobatch: error: eval_fraction (in {job}) 0.25 is never used: eval_strategy is no; set eval_strategy "
+            "steps and --eval-steps N (or epoch) to evaluate, or drop it")  # eval_strategy is in job.yaml, eval_steps not
+    assert error_lines(capsys.readouterr().err) == [said]
+
+
 def test_a_test_split_without_eval_strategy_is_an_error_and_with_one_is_evaluated():
     with pytest.raises(ConfigError, match="dataset_test_split 'test' is never used"):
         build_config(overrides={"dataset_name": "org/data", "dataset_test_split": "test"})
