@@ -200,8 +200,9 @@ class ProbeCache:
             self.broken = f"{type(exc).__name__}: {exc}"
             foreign = isinstance(exc, NotACache)
             fix = "pass another `cache`" if foreign else "`autobatch cache clear`"
+            keys = ("cache", "no_cache") if foreign else ("no_cache",)
             logger.warning("probe cache %s ignored (%s): trials run as without a cache; %s or `no_cache`",
-                           self.path, self.broken, fix, extra={"keys": ("cache", "no_cache") if foreign else ("no_cache",)})
+                           self.path, self.broken, fix, extra={"keys": keys})
             self.close()
             return None
 

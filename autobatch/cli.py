@@ -225,7 +225,7 @@ def _config_from_args(args: argparse.Namespace, extras: list[str]) -> Config:
     args.names = _said_as(args.config, names)  # errors from below are said in the user's words, validation's too
     config = build_config(path, overrides, names, evaluates=bool(getattr(args, "validate_tokens", None)),
                           hidden=hidden_keys(path))
-    check_model_available(config, names.get("model_name_or_path", "model_name_or_path"))
+    check_model_available(config)  # its key said as the user gave it, like every error's (`_say`)
     return config
 
 
@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _said_as(config_path: str | None, names: dict[str, str]) -> dict[str, str]:
     """How each key is named to this user: the flag they typed, else the key as their --config file has it,
-    else the command line's flag for it (a person at the command line is told flags; see `_as_typed`)."""
+    else the command line's flag for it (a person at the command line is told flags; see `_say`)."""
     said = {key: flag for flag, key, _ in (*_VALUE_FLAGS, *_SWITCH_FLAGS)}
     for key in read_yaml(config_path) if config_path else ():
         said[key] = key

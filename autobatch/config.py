@@ -523,7 +523,7 @@ def _model_problems(model: Any, name: str) -> list[str]:
     return []
 
 
-def check_model_available(config: Config, flag: str = "model_name_or_path") -> None:
+def check_model_available(config: Config) -> None:
     """Offline (HF_HUB_OFFLINE=1), a hub name that is not in the local hub cache cannot load: said before torch
     loads. Not part of validation, so a config file validates the same on any machine."""
     model = config.model_name_or_path
@@ -534,10 +534,10 @@ def check_model_available(config: Config, flag: str = "model_name_or_path") -> N
 
     if not os.path.isdir(os.path.join(constants.HF_HUB_CACHE, "models--" + model.replace("/", "--"))):
         # runtime (exit 1), as when the download itself fails: the name may be right, the machine offline
-        raise AutobatchError(f"{flag}: could not load {model!r}: not a local directory, and it could not be "
-                             f"downloaded from the hub (HF_HUB_OFFLINE=1, not in the hub cache "
+        raise AutobatchError(f"model_name_or_path: could not load {model!r}: not a local directory, and it could "
+                             f"not be downloaded from the hub (HF_HUB_OFFLINE=1, not in the hub cache "
                              f"{constants.HF_HUB_CACHE}): download it where the hub is reachable, or pass "
-                             f"{flag} /path/to/local/copy", keys=("model_name_or_path",))
+                             "model_name_or_path /path/to/local/copy", keys=("model_name_or_path",))
 
 
 def _ignored_input_problems(config: Config, name, local_file: bool, evaluates: bool = False) -> list[str]:

@@ -66,7 +66,7 @@ def probe(monkeypatch):
     monkeypatch.setattr(builtin, "builtin_model_dir", lambda: Path("/cache/autobatch/tiny-model"))
     # The models named here are fakes the fake probe never loads: no path or hub cache to check them against.
     monkeypatch.setattr(config_module, "_model_problems", lambda model, name: [])
-    monkeypatch.setattr(cli, "check_model_available", lambda config, flag: None)
+    monkeypatch.setattr(cli, "check_model_available", lambda config: None)
     return seen
 
 
