@@ -12,28 +12,38 @@ Why a fresh process at all: on an H200, trials run one after another in one proc
 history and read up to ~9% high, while a trial in a fresh process matched plain TRL within 0.7%
 (../shared/gpu/, issue 19).
 
+Why a warm start: a worker given `imports` is forked from an autobatch.warm process that imported them
+once (one per parent, kept while its environment stays the same), not started cold: each trial then skips
+the ~7 s of CPU that importing torch and TRL costs. It falls back to a cold start off Linux, when
+AUTOBATCH_WARM_START=0, or when the warm process cannot start.
+
 API (all of it): `run_worker(module, spec, timeout_s)` → the worker's result dict;
 `run_group(nproc, module, spec, timeout_s)` → one result dict per rank, rank order, with the launcher's
-variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set as torchrun would;
-`worker_main(work)` in the worker's `__main__`. Nothing else in autobatch spawns processes its own way.
+variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) set as torchrun would; both take `env`
+and `imports`; `worker_main(work)` in the worker's `__main__`. Nothing else in autobatch spawns processes its
+own way.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from autobatch.errors import WorkerError
+from autobatch.warm import NVML_CHECK
 
 #: Variables by which torchrun, accelerate launch and MPI tell a process it is one of several.
 LAUNCHER_VARIABLES = (
@@ -53,27 +63,37 @@ FAULT_ENV = "AUTOBATCH_TEST_WORKER_FAULT"
 FAULT_RANK_ENV = "AUTOBATCH_TEST_WORKER_FAULT_RANK"
 #: Exit status of a worker that reported its own error in the result file.
 REPORTED_EXIT = 3
+#: What autobatch's trial workers import before their work: a warm process imports them once.
+WORKER_IMPORTS = ("torch", "transformers", "datasets", "peft", "trl.trainer.sft_trainer", "autobatch.trial")
+#: Set to 0 for a cold `python -m` per worker (the warm start's escape hatch).
+WARM_ENV = "AUTOBATCH_WARM_START"
+#: Read by a worker only as it runs, so they may differ between workers of one warm process.
+RUN_TIME_VARIABLES = frozenset((*LAUNCHER_VARIABLES, *PARENT_GROUP_VARIABLES, FAULT_ENV, FAULT_RANK_ENV,
+                                "PYTEST_CURRENT_TEST"))
 
 
 @dataclass
 class _Child:
     rank: int
-    process: subprocess.Popen
+    process: subprocess.Popen | _Forked
     result: Path
     log: Path
     ended: float | None = None  # when it was seen exiting (monotonic)
 
 
-def run_worker(module: str, spec: dict, timeout_s: float | None, env: dict[str, str] | None = None) -> dict:
+def run_worker(module: str, spec: dict, timeout_s: float | None, env: dict[str, str] | None = None,
+               imports: tuple[str, ...] | None = None) -> dict:
     """Run `python -m module` on `spec` in a fresh process group; its result dict, or WorkerError (one line)."""
-    return run_group(1, module, spec, timeout_s, env)[0]
+    return run_group(1, module, spec, timeout_s, env, imports)[0]
 
 
 def run_group(
-    nproc: int, module: str, spec: dict, timeout_s: float | None, env: dict[str, str] | None = None
+    nproc: int, module: str, spec: dict, timeout_s: float | None, env: dict[str, str] | None = None,
+    imports: tuple[str, ...] | None = None,
 ) -> list[dict]:
     """Run `nproc` ranks of `python -m module` on `spec`; their result dicts in rank order.
 
+    With `imports`, each rank is forked from a warm process that imported them (see the module's docstring).
     With nproc > 1 each rank gets RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE and MASTER_ADDR/MASTER_PORT
     (a free port on this host), as torchrun sets them. When a rank fails or the timeout passes, every rank's
     process group is ended (SIGTERM, then SIGKILL after GRACE_S) and WorkerError names the first rank to fail.
@@ -92,7 +112,7 @@ def run_group(
                 rank_env = dict(base)
                 if nproc > 1:
                     rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank))
-                children.append(_start(rank, module, spec_path, work, rank_env))
+                children.append(_start(rank, module, spec_path, work, rank_env, imports))
             _wait(children, module, timeout_s)
             return [_read_result(child, module, nproc) for child in children]
 
@@ -117,14 +137,153 @@ def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
-def _start(rank: int, module: str, spec_path: Path, work: Path, env: dict[str, str]) -> _Child:
+def _start(rank: int, module: str, spec_path: Path, work: Path, env: dict[str, str],
+           imports: tuple[str, ...] | None) -> _Child:
     result, log = work / f"result-{rank}.json", work / f"log-{rank}.txt"
+    warm = _warm(env, imports)
+    if warm is not None:
+        with contextlib.suppress(_WarmLost):
+            return _Child(rank, warm.fork([module, str(spec_path), str(result)], env, log), result, log)
     with log.open("wb") as out:  # the child holds its own descriptor; ours closes at once
         process = subprocess.Popen(
             [sys.executable, "-m", module, str(spec_path), str(result)],
             env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     return _Child(rank, process, result, log)
+
+
+class _WarmLost(Exception):
+    """The warm process exited (or never started): start the worker cold."""
+
+
+class _Warm:
+    """The parent's end of one autobatch.warm process: requests on its stdin, replies on a pipe of their own."""
+
+    def __init__(self, env: dict[str, str], imports: tuple[str, ...]) -> None:
+        self.key = _warm_key(env, imports)
+        replies, reply_end = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "autobatch.warm", str(reply_end), *imports], env={**env, **NVML_CHECK},
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(reply_end,),
+                start_new_session=True,  # Ctrl-C in the terminal is the parent's to handle, not this process's
+            )
+        finally:
+            os.close(reply_end)
+        self.replies, self.buffer, self.lost = replies, b"", False
+        self.pids: list[int] = []
+        self.exits: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def fork(self, argv: list[str], env: dict[str, str], log: Path) -> _Forked:
+        """Ask for one worker; its pid once forked (after the imports, the first time), or _WarmLost."""
+        request = {"argv": argv, "env": env, "cwd": os.getcwd(), "log": str(log)}
+        with self.lock:
+            try:
+                self.process.stdin.write((json.dumps(request) + "\n").encode())
+                self.process.stdin.flush()
+            except OSError:
+                self.lost = True
+            try:
+                while not self.pids and not self.lost:
+                    self._read(None)
+            except BaseException:  # its pid may still come, to be taken for the next: this process is done
+                self.lost = True
+                raise
+            if not self.pids:
+                raise _WarmLost
+            return _Forked(self, self.pids.pop(0))
+
+    def exit_code(self, pid: int) -> int | None:
+        """The worker's exit status once it has exited (as Popen.returncode gives it), else None."""
+        with self.lock:
+            self._read(0)
+            if pid in self.exits or not self.lost:
+                return self.exits.get(pid)
+        try:
+            os.kill(pid, 0)  # the warm process is gone and cannot say: only whether the worker still runs
+        except ProcessLookupError:
+            return 1
+        return None
+
+    def _read(self, timeout: float | None) -> None:
+        if self.lost:
+            return
+        ready, _, _ = select.select([self.replies], [], [], timeout)
+        if not ready:
+            return
+        chunk = os.read(self.replies, 1 << 16)
+        if not chunk:
+            self.lost = True
+            return
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            message = json.loads(line)
+            if "pid" in message:
+                self.pids.append(message["pid"])
+            else:
+                self.exits[message["exit"]] = message["code"]
+
+    def close(self) -> None:
+        """Close its stdin: it exits, ending any worker still running (none, when launch ended them)."""
+        self.lost = True
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+        try:
+            self.process.wait(GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.replies)
+
+
+class _Forked:
+    """What launch needs of a Popen (pid, poll, wait, returncode) for a worker a warm process forked."""
+
+    def __init__(self, warm: _Warm, pid: int) -> None:
+        self.warm, self.pid, self.returncode = warm, pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.warm.exit_code(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(POLL_S / 5)
+        return self.returncode
+
+
+_WARM: list[_Warm] = []  # this process's warm process, if it has one
+
+
+def _warm(env: dict[str, str], imports: tuple[str, ...] | None) -> _Warm | None:
+    """A warm process for workers of this environment that import `imports`: the one running, or a new one."""
+    if imports is None or sys.platform != "linux" or os.environ.get(WARM_ENV, "1") == "0":
+        return None
+    if _WARM and _WARM[0].key == _warm_key(env, imports) and not _WARM[0].lost:
+        return _WARM[0]
+    _close_warm()
+    try:
+        _WARM.append(_Warm(env, imports))
+    except OSError:
+        return None
+    return _WARM[0]
+
+
+def _warm_key(env: dict[str, str], imports: tuple[str, ...]) -> tuple:
+    """What the warm process was started with that its workers could see: its environment and its imports."""
+    return imports, tuple(sorted((k, v) for k, v in env.items() if k not in RUN_TIME_VARIABLES))
+
+
+@atexit.register
+def _close_warm() -> None:
+    while _WARM:
+        _WARM.pop().close()
 
 
 def _wait(children: list[_Child], module: str, timeout_s: float | None) -> None:

@@ -394,7 +394,7 @@ class FreshTrials:
             prober.on_start(micro_batch_size, eval_batch_size)
         try:
             result = launch.run_worker("autobatch.trial_worker", self.spec(micro_batch_size, eval_batch_size),
-                                       TRIAL_TIMEOUT_S, env=self._device_env())
+                                       TRIAL_TIMEOUT_S, env=self._device_env(), imports=launch.WORKER_IMPORTS)
         except WorkerError as exc:  # which trial, then what happened to it
             what = f"eval batch {eval_batch_size} after micro-batch" if eval_batch_size else "micro-batch"
             raise WorkerError(f"trial of {what} {micro_batch_size}: {exc}", exc.kind, exc.rank) from None
@@ -462,7 +462,7 @@ class GroupProber:
             failed = None
             try:
                 launch.run_group(self.nproc, "autobatch.fsdp_worker", self.spec(micro_batch_size, report_dir),
-                                 self.timeout_s)
+                                 self.timeout_s, imports=launch.WORKER_IMPORTS)
             except WorkerError as exc:
                 if exc.kind != "oom":
                     raise WorkerError(f"FSDP trial of micro-batch {micro_batch_size}: {exc}", exc.kind, exc.rank) from None

@@ -66,6 +66,17 @@ def _module_probe_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_warm_process_across_probe_caches():
+    """Workers of every test share one warm process (autobatch.launch): its key ignores XDG_CACHE_HOME, which each
+    test sets below. Only the probe cache (the parent's) and the hub's cache dir (offline here) are read from it."""
+    from autobatch import launch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launch, "RUN_TIME_VARIABLES", launch.RUN_TIME_VARIABLES | {"XDG_CACHE_HOME"})
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _fresh_probe_cache(tmp_path_factory, monkeypatch):
     """Each test its own probe cache (XDG_CACHE_HOME), so no test answers another's trials from it."""

@@ -9,6 +9,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,21 +77,26 @@ def test_trial_process_typo_is_a_config_error(capsys):
     assert "--trial-process must be one of auto, fresh, same, got 'fersh'" in capsys.readouterr().err
 
 
-@pytest.fixture
-def token(monkeypatch: pytest.MonkeyPatch) -> str:
-    """An environment variable every worker inherits: any process still carrying it is left running."""
+@pytest.fixture(scope="module")
+def token() -> Iterator[str]:
+    """An environment variable every worker inherits: any process still carrying it is left running. One for the
+    module, so its tests share one warm process (a new environment would start another)."""
     value = uuid.uuid4().hex
-    monkeypatch.setenv("AUTOBATCH_TEST_TOKEN", value)
-    monkeypatch.setattr(launch, "GRACE_S", 1.0)
-    return value
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTOBATCH_TEST_TOKEN", value)
+        patch.setattr(launch, "GRACE_S", 1.0)
+        yield value
 
 
 def left_running(token: str) -> list[int]:
+    """Processes with the token in their environment, but for the warm process workers are forked from (it lives
+    as long as this process, to fork the next)."""
+    warm = {w.process.pid for w in launch._WARM}
     found = []
     for _ in range(100):  # orphans are reaped by init asynchronously
         found = []
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) != os.getpid():
+            if entry.isdigit() and int(entry) != os.getpid() and int(entry) not in warm:
                 try:
                     if token.encode() in Path(f"/proc/{entry}/environ").read_bytes():
                         status = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -123,10 +129,10 @@ def test_worker_crash_is_one_line_exit_1(tiny_model_dir, token, monkeypatch, cap
 
 def test_worker_hang_is_ended_with_everything_it_started(tiny_model_dir, token, monkeypatch):
     monkeypatch.setenv(launch.FAULT_ENV, "hang")
-    # long enough for the worker to import torch and reach its hang (it starts a grandchild there), even on a busy
-    # machine; this test waits all of it, a worker of the suite left idle meanwhile
-    monkeypatch.setattr(trial, "TRIAL_TIMEOUT_S", 20.0)
-    with pytest.raises(WorkerError, match=r"^trial of micro-batch 2: worker autobatch.trial_worker did not finish within 20 s") as info:
+    # long enough for the worker to reach its hang (it starts a grandchild there), even on a busy machine: it is
+    # forked once the warm process has imported torch, so the clock runs from there; this test waits all of it
+    monkeypatch.setattr(trial, "TRIAL_TIMEOUT_S", 8.0)
+    with pytest.raises(WorkerError, match=r"^trial of micro-batch 2: worker autobatch.trial_worker did not finish within 8 s") as info:
         make_plan(fixed_micro_config(tiny_model_dir("llama")))
     assert info.value.kind == "timeout"
     assert left_running(token) == []
