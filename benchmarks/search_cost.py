@@ -18,8 +18,9 @@ trials themselves (it fits, the next size does not); with --exhaustive every siz
 `--design cpu|cuda` measures instead what judging the edge in fresh processes costs (issue 19): the same plans
 (gpu_check's workload: a tiny Llama at 64 tokens on cpu, the ~100M Llama at 1024 tokens, 6 GiB on cuda) with every
 trial in the planning process (`trial_process: same`) and with the edge confirmed in fresh worker processes
-(`fresh`, the cuda default): trials in each kind of process, model loads, seconds per plan, and what a design
-with every trial fresh would cost at the measured price of one fresh trial.
+(`fresh`, the cuda default; `fresh, cold` is the same with AUTOBATCH_WARM_START=0, each worker importing torch and
+TRL itself): trials in each kind of process, model loads, seconds per plan, and what a design with every trial
+fresh would cost at the measured price of one fresh trial.
 
     python benchmarks/search_cost.py --design cpu > benchmarks/results/search_cost-design-cpu.md
 """
@@ -104,6 +105,7 @@ def design_rows(device: str) -> list[dict]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from gpu_check import SIZES, write_long_texts
 
+    from autobatch import launch
     from autobatch.builtin import save_tiny_model
     from autobatch.config import build_config
     from autobatch.probe import make_plan
@@ -114,12 +116,14 @@ def design_rows(device: str) -> list[dict]:
         model = str(save_tiny_model(os.path.join(tmp, "model"), "llama", **overrides))
         data = str(write_long_texts(Path(tmp, "long.jsonl"), max_length, 64))
         for target in (None, 8):
-            for process in ("same", "fresh"):
+            for process in ("same", "fresh", "fresh, cold"):
                 config = build_config(overrides={
                     "model_name_or_path": model, "dataset_name": data, "device": device, "memory_budget": budget,
-                    "max_length": max_length, "no_cache": True, "trial_process": process,
+                    "max_length": max_length, "no_cache": True, "trial_process": process.split(",")[0],
                     "effective_batch_size": target,
                 })
+                launch._close_warm()  # each plan starts its own warm process, as one `autobatch plan` does
+                os.environ[launch.WARM_ENV] = "0" if process.endswith("cold") else "1"
                 started = time.perf_counter()
                 plan = make_plan(config)
                 seconds = time.perf_counter() - started
@@ -142,13 +146,15 @@ def print_design(rows: list[dict]) -> None:
     for r in rows:
         print(f"| {r['case']} | {r['process']} | {r['same']} | {r['fresh']} | {r['loads']} | {r['seconds']:.1f} | "
               f"{r['max']} | {r['plan']} | {r['peak']} | {' '.join(r['sizes'])} |")
-    pairs = [(a, b) for a, b in zip(rows[::2], rows[1::2], strict=True) if b["fresh"]]
-    for same, fresh in pairs:
-        per_fresh = (fresh["seconds"] - same["seconds"]) / fresh["fresh"]
+    for same, fresh, cold in zip(rows[::3], rows[1::3], rows[2::3], strict=True):
+        if not fresh["fresh"]:
+            continue
+        per_fresh, per_cold = ((r["seconds"] - same["seconds"]) / r["fresh"] for r in (fresh, cold))
         every = per_fresh * same["same"]  # each of the search's trials in a worker of its own
-        print(f"\n{fresh['case']}: one fresh trial costs {per_fresh:.1f} s more than an in-process one; every trial "
-              f"fresh would be about {every:.0f} s per plan ({same['same']} trials) against {fresh['seconds']:.0f} s "
-              f"for the search in-process + {fresh['fresh']} fresh")
+        print(f"\n{fresh['case']}: one fresh trial costs {per_fresh:.1f} s more than an in-process one "
+              f"({per_cold:.1f} s started cold); every trial fresh would be about {every:.0f} s per plan "
+              f"({same['same']} trials) against {fresh['seconds']:.0f} s for the search in-process + "
+              f"{fresh['fresh']} fresh")
 
 
 def main() -> int:
