@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from autobatch import __version__, report
 from autobatch.config import (
+    AUTOBATCH_KEYS,
     BUILTIN_CONFIG,
     Config,
     build_config,
@@ -36,6 +37,7 @@ from autobatch.config import (
     read_yaml,
 )
 from autobatch.errors import AutobatchError, ConfigError, Interrupted
+from autobatch.fields import sft_fields
 from autobatch.interrupt import stop_on_signals
 from autobatch.ranks import is_main
 from autobatch.units import format_bytes
@@ -319,7 +321,7 @@ def _cmd_plan(args: argparse.Namespace, extras: list[str]) -> int:
         _print_setup(config, "plan")
     _quiet_third_party(args.verbose)
     plan = _probe(config, _progress_wanted(args))
-    print(_plan_json(plan) if args.json else report.format_plan(plan), flush=True)
+    print(_plan_json(plan) if args.json else report.format_plan(plan, _sayer(args.names)), flush=True)
     _plot_memory(plots, plan)
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
@@ -366,7 +368,7 @@ def _cmd_run(args: argparse.Namespace, extras: list[str]) -> int:
                             on_trial=_trial_printer(config.memory_budget_bytes),
                             **_progress_callbacks(config, _progress_wanted(args)))
     if not args.json:
-        print(report.format_plan(plan), flush=True)
+        print(report.format_plan(plan, _sayer(args.names)), flush=True)
     _refuse_unfit(plan, args.output)
     _write_output(config, plan, args.output)
     _show_training_progress(config, _progress_wanted(args))
@@ -512,7 +514,7 @@ def _cmd_sweep(args: argparse.Namespace, extras: list[str]) -> int:
         print(json.dumps(_json_safe(result.to_dict()), allow_nan=False), flush=True)
     else:
         print(report.format_sweep(result.rungs, result.ladder, result.gradient_noise_scale, result.recommended,
-                                  result.reason, result.notes, result.results), flush=True)
+                                  result.reason, result.notes, result.results, _sayer(args.names)), flush=True)
         _err(report.study_line(result.study_name, result.storage))
     for path in result.plots.values():
         _err(f"wrote {path}" if path is not None else report.time_to_target_skipped_line())
@@ -696,6 +698,16 @@ def _say(text: str, keys: tuple[str, ...], names: dict[str, str]) -> str:
         else:  # a key inside a path or file name (/mnt/storage/sweep.db, resume.yaml) is not the key
             text = re.sub(rf"(?<![\w/.-]){re.escape(key)}(?![\w/-]|\.\w)", said, text)
     return text
+
+
+_SNAKE_CASE = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b")
+
+
+def _sayer(names: dict[str, str]) -> Callable[[str], str]:
+    """`_say` for notes, which name keys without listing them: each snake_case word that is a key (the user's,
+    autobatch's or SFTConfig's) is said as the user typed it."""
+    known = names.keys() | AUTOBATCH_KEYS | set(sft_fields() or ())
+    return lambda text: _say(text, tuple(dict.fromkeys(w for w in _SNAKE_CASE.findall(text) if w in known)), names)
 
 
 def _one_line(text: str) -> str:

@@ -25,8 +25,8 @@ class ConfigError(AutobatchError):
 class BudgetTooSmallError(AutobatchError):
     """Even micro-batch 1 does not fit the memory budget; `trial` is the failed trial."""
 
-    def __init__(self, message: str, trial: object = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, trial: object = None, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message, keys)
         self.trial = trial
 
 

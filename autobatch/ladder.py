@@ -153,7 +153,7 @@ def recommend(rungs: list[Rung], b_noise: float | None, lora: bool = False) -> t
     best = max(pool, key=lambda r: (round(r.tokens_per_s, 6), -r.effective_batch_size))
     return best.effective_batch_size, (
         "most tokens/s measured; no gradient noise scale, so nothing is predicted about loss "
-        "(pass --gns-file from `autobatch run --gns`, or --validate-tokens)"
+        "(pass gns_file from `autobatch run --gns`, or validate_tokens)"
     )
 
 
@@ -624,15 +624,15 @@ def verdict_text(verdict: Verdict, tokens_per_example: float, seen: str) -> tupl
             more = verdict.examples_needed / max(verdict.eval_examples, 1)
             notes.append(f"to tell them apart: about {verdict.examples_needed} eval examples "
                          f"(≈{verdict.examples_needed * tokens_per_example:,.0f} tokens, {more:.1f}× the "
-                         f"{verdict.eval_examples} used; a larger --dataset-test-split or --eval-fraction), or more "
-                         "--validate-tokens if the runs keep drifting apart")
+                         f"{verdict.eval_examples} used; a larger dataset_test_split or eval_fraction), or more "
+                         "validate_tokens if the runs keep drifting apart")
         else:
             notes.append("no difference measured at all between the tied rungs: a larger eval set or more "
-                         "--validate-tokens may separate them")
+                         "validate_tokens may separate them")
     for batch, edge in verdict.unresolved.items():
         side = "raise" if edge == "highest" else "lower"
         notes.append(f"B={batch}: its best learning rate {verdict.per_rung[batch].learning_rate:.3g} is the {edge} "
-                     f"tried, so B={batch} is unresolved (its best may lie past the grid): {side} --lr-multipliers "
+                     f"tried, so B={batch} is unresolved (its best may lie past the grid): {side} lr_multipliers "
                      "past the edge to compare it at its own best rate")
     return reason, notes
 

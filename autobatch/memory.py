@@ -165,7 +165,7 @@ class LiveBytesMode(sharding.ResizesSeen, TorchDispatchMode):
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory. Tried to allocate {format_bytes(added)}. Virtual device of "
                 f"{format_bytes(self.budget_bytes)} would hold {format_bytes(self.live_bytes)} "
-                f"(autobatch cpu backend, --memory-budget)."
+                f"(autobatch cpu backend, memory_budget)."
             )
         self.held_peak_bytes = max(self.held_peak_bytes, self.live_bytes)
 
@@ -174,7 +174,7 @@ class MemoryBackend:
     """Interface shared by the three backends."""
 
     device: str = ""
-    #: what the budget came from, for the report ("--memory-budget", "available RAM", "free GPU memory")
+    #: what the budget came from, for the plan's notes ("memory_budget", "available RAM", "free GPU memory")
     budget_source: str = ""
 
     def __init__(self, budget_bytes: int) -> None:
@@ -495,7 +495,7 @@ def _coordinator_backend(memory_budget_bytes: int | None) -> MemoryBackend:
                           "available here: pass memory_budget (e.g. memory_budget 80GB)", keys=("memory_budget",))
     budget = min(b for b in (free, memory_budget_bytes) if b is not None)
     backend = CudaBackend(budget, device_index=0, total_bytes=None)
-    backend.budget_source = "--memory-budget" if memory_budget_bytes and budget == memory_budget_bytes else \
+    backend.budget_source = "memory_budget" if memory_budget_bytes and budget == memory_budget_bytes else \
         "free GPU memory (NVML, the least over the visible GPUs)"
     return backend
 
@@ -516,7 +516,7 @@ def make_backend(device: str | None, memory_budget_bytes: int | None, coordinato
         capacity = cuda_capacity_bytes(index)
         total = torch.cuda.mem_get_info(index)[1]
         backend: MemoryBackend = CudaBackend(min(capacity, memory_budget_bytes or capacity), index, total)
-        backend.budget_source = "--memory-budget" if memory_budget_bytes else "free GPU memory"
+        backend.budget_source = "memory_budget" if memory_budget_bytes else "free GPU memory"
         return backend
     cls = CpuBackend if device == "cpu" else EstimateBackend
     if device == "estimate" and memory_budget_bytes is None:
@@ -530,5 +530,5 @@ def make_backend(device: str | None, memory_budget_bytes: int | None, coordinato
         backend.budget_source = source
     else:
         backend = cls(memory_budget_bytes)
-        backend.budget_source = "--memory-budget"
+        backend.budget_source = "memory_budget"
     return backend

@@ -384,7 +384,7 @@ def nearby_note(target: int, chosen: Option, nearby: list[Nearby]) -> str | None
     offers = ", ".join(f"{n.effective_batch_size} would allow {n.micro_batch_size} ({n.speedup:.1f}× the samples/s, "
                        f"{'measured' if n.measured else 'interpolated'})" for n in nearby)
     return (f"effective batch {target} divides into micro-batches of at most {chosen.micro_batch_size} here; "
-            f"{offers}: --effective-batch-size {nearby[0].effective_batch_size} trains faster")
+            f"{offers}: effective_batch_size {nearby[0].effective_batch_size} trains faster")
 
 
 @dataclass

@@ -67,16 +67,16 @@ def resolve_headroom(config: Config, device: str) -> float:
 
 def _budget_error(trial: Trial, usable_bytes: int, config: Config) -> BudgetTooSmallError:
     needs = "more than " + format_bytes(trial.peak_memory_bytes) if trial.oom else format_bytes(trial.peak_memory_bytes)
-    hints = ["a larger --memory-budget"]
+    hints = ["a larger memory_budget"]
     if modern_names(config.training_args).get("activation_checkpointing") is False:  # either name
-        hints.append("--gradient-checkpointing true")
+        hints.append("gradient_checkpointing true")
     if not config.lora:
         hints.append("LoRA (a lora: section)")
-    hints += ["a shorter --max-length", "bf16 on a GPU"]
+    hints += ["a shorter max_length", "bf16 on a GPU"]
     return BudgetTooSmallError(
         f"micro-batch 1 needs {needs} but the usable budget is {format_bytes(usable_bytes)}: "
         f"try {', '.join(hints)}",
-        trial,
+        trial, keys=("memory_budget", "gradient_checkpointing", "max_length"),
     )
 
 
@@ -251,12 +251,12 @@ class _Session:
         elif cache is not None and (hits := sum(c.hits for c in self.caches)):
             run = "no trial run" if not self.run else f"{len(self.run)} trial(s) run"
             notes.append(f"{hits} answer(s) from the probe cache {cache.path}, {run} "
-                         "(--no-cache measures again)")
+                         "(no_cache measures again)")
         if backend.budget_source:
             notes.append(f"budget: {format_bytes(backend.budget_bytes)} from {backend.budget_source}")
         if capped:
             notes.append(
-                f"stopped at --max-micro-batch-size {self.config.max_micro_batch_size}: a larger micro-batch may fit"
+                f"stopped at max_micro_batch_size {self.config.max_micro_batch_size}: a larger micro-batch may fit"
             )
         if backend.device == "estimate":
             notes.append("estimate backend: the cuda step emulated under fake tensors, reserved bytes of an "
@@ -478,7 +478,8 @@ def _plan_eval(
     except BudgetTooSmallError:
         raise AutobatchError(
             f"evaluation at batch 1 does not fit beside training at micro-batch {micro}: "
-            "set a smaller --effective-batch-size split (--micro-batch-size) or a larger --memory-budget"
+            "set a smaller effective_batch_size split (per_device_train_batch_size) or a larger memory_budget",
+            keys=("effective_batch_size", "per_device_train_batch_size", "memory_budget"),
         ) from None
     return _eval_fields(result.max_micro_batch_size, trials)
 
@@ -601,7 +602,8 @@ def plan_ladder(
     """
     if sharding.fsdp_requested(config.training_args):
         raise ConfigError("sweep does not plan FSDP jobs yet: plan each effective batch with autobatch plan "
-                          "--nproc-per-node N --effective-batch-size B with the same fsdp settings", keys=("fsdp",))
+                          "instead (nproc_per_node N, effective_batch_size B, the same fsdp settings)",
+                          keys=("fsdp", "nproc_per_node", "effective_batch_size"))
     started = time.perf_counter()
     world = config.world_size
     for size in effective_batch_sizes or []:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from autobatch.config import eval_strategy
@@ -91,8 +92,10 @@ def rank_peaks(peaks: list[int] | None) -> str:
 
 
 
-def format_plan(plan: Plan) -> str:
-    """The readable report: chosen row, memory, search cost, alternatives, notes and the flags to use."""
+def format_plan(plan: Plan, say: Callable[[str], str] = str) -> str:
+    """The readable report: chosen row, memory, search cost, alternatives, notes and the flags to use.
+
+    `say` words a note for its reader (notes name config keys; the CLI says them as the user typed them)."""
     micro, accumulation = plan.per_device_train_batch_size, plan.gradient_accumulation_steps
     budget, usable, peak = plan.memory_budget_bytes, plan.usable_memory_bytes, plan.peak_memory_bytes
     tried = {t.micro_batch_size: t for t in plan.cached_trials + plan.trials}
@@ -151,7 +154,7 @@ def format_plan(plan: Plan) -> str:
             lines.append("  (options timed with checkpointing on, as searched; the plan trains without it)")
     if plan.notes:
         lines.append("")
-        lines += [f"note: {note}" for note in plan.notes]
+        lines += [f"note: {say(note)}" for note in plan.notes]
     use = f"use: --per_device_train_batch_size {micro} --gradient_accumulation_steps {accumulation}"
     if plan.per_device_eval_batch_size:
         use += f" --per_device_eval_batch_size {plan.per_device_eval_batch_size}"
@@ -174,8 +177,9 @@ def _pct(part: float, whole: float) -> str:
 
 
 def format_sweep(rungs: list, ladder, gns_report: dict | None, recommended: int, reason: str,
-                 notes: list[str], results: list = ()) -> str:
-    """The sweep table: measured cost per rung, then the model's predictions when B_noise is known."""
+                 notes: list[str], results: list = (), say: Callable[[str], str] = str) -> str:
+    """The sweep table: measured cost per rung, then the model's predictions when B_noise is known; `say` words
+    the reason and the notes, as in `format_plan`."""
     predicted = any(r.sample_efficiency is not None for r in rungs)
     head = (f"  {'B':>5}  {'micro×acc×W':>12}  {'peak':>9}  {'tokens/s':>9}  {'s/step':>7}  {'epoch s':>8}  "
             f"{'lr':>9}")
@@ -206,8 +210,8 @@ def format_sweep(rungs: list, ladder, gns_report: dict | None, recommended: int,
         for r in sorted(results, key=lambda r: (r.effective_batch_size, r.learning_rate)):
             lines.append(f"  {r.effective_batch_size:>5}  {r.learning_rate:>9.3g}  {r.mean:>9.4f}  {r.sem:>7.4f}  "
                          f"{len(r.losses):>8}")
-    lines += ["", f"recommended effective batch {recommended}: {reason}"]
-    lines += [f"note: {note}" for note in notes]
+    lines += ["", f"recommended effective batch {recommended}: {say(reason)}"]
+    lines += [f"note: {say(note)}" for note in notes]
     return "\n".join(lines)
 
 

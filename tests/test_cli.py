@@ -264,6 +264,22 @@ def test_runtime_errors_are_one_line(probe, capsys, error, code, message):
     assert capsys.readouterr().err.strip().splitlines()[-1] == message
 
 
+def test_a_budget_too_small_names_keys_and_the_cli_says_them_as_typed(request, capsys):
+    """issue 18.4: the advice names keys for Python (`autobatch.plan()` raises it); the CLI says the flags."""
+    from autobatch.probe import _budget_error
+
+    config = build_config(overrides={"gradient_checkpointing": False})
+    error = _budget_error(Trial(1, 400 * MiB, False, 0.0, oom=True), 300 * MiB, config)
+    assert str(error).endswith("try a larger memory_budget, gradient_checkpointing true, LoRA (a lora: section), "
+                               "a shorter max_length, bf16 on a GPU")
+    probe = request.getfixturevalue("probe")  # the CLI's probe faked from here on
+    probe["raise"] = error
+    assert cli.main(["plan", "--memory-budget", "300MiB"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "autobatch: error: micro-batch 1 needs more than 400.0MiB but the usable budget is 300.0MiB: try a larger "
+        "--memory-budget, --gradient-checkpointing true, LoRA (a lora: section), a shorter --max-length, bf16 on a GPU")
+
+
 def test_debug_reraises_unexpected_errors(probe):
     probe["raise"] = RuntimeError("weird")
     with pytest.raises(RuntimeError, match="weird"):

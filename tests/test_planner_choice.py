@@ -31,7 +31,7 @@ def test_an_awkward_target_names_the_nearby_ones_that_allow_a_larger_micro_batch
     assert nearby[0].speedup == pytest.approx((5 / 0.15) / (1 / 0.11)) and nearby[0].measured
     note = nearby_note(37, chosen, nearby)
     assert note.startswith("effective batch 37 divides into micro-batches of at most 1 here; 35 would allow 5 (3.7×")
-    assert note.endswith("--effective-batch-size 35 trains faster")
+    assert note.endswith("effective_batch_size 35 trains faster")  # a key: the CLI says it as typed
 
 
 def test_nothing_is_said_when_the_target_divides_well_or_times_are_unknown():

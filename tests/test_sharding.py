@@ -304,6 +304,6 @@ def test_a_sweep_of_an_fsdp_job_is_refused_with_one_line(tiny_model_dir, tiny_da
                  "--output-dir", str(tmp_path / "sweep")])
     lines = error_lines(capsys.readouterr().err)
     said = ("autobatch: error: sweep does not plan FSDP jobs yet: plan each effective batch with autobatch plan "
-            "--nproc-per-node N --effective-batch-size B with the same --fsdp settings")
+            "instead (--nproc-per-node N, --effective-batch-size B, the same --fsdp settings)")
     assert code == 2 and lines == [said]
     assert not (tmp_path / "sweep").exists()

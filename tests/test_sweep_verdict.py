@@ -106,7 +106,7 @@ def test_a_best_learning_rate_at_the_grid_edge_is_said_and_the_rung_unresolved()
     assert verdict.per_rung[16].learning_rate == 4e-4 and verdict.per_rung[64].learning_rate == 4e-4
     _, notes = ladder.verdict_text(verdict, 50, "the same 40 examples")
     assert any("B=16: its best learning rate 0.0004 is the highest tried, so B=16 is unresolved" in n
-               and "raise --lr-multipliers" in n for n in notes)
+               and "raise lr_multipliers" in n for n in notes)
 
 
 def test_a_single_validated_rung_claims_no_comparison():
