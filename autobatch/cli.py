@@ -700,14 +700,14 @@ def _say(text: str, keys: tuple[str, ...], names: dict[str, str]) -> str:
     return text
 
 
-_SNAKE_CASE = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b")
+_NAMED = re.compile(r"\b[a-z][a-z0-9]*(?:_[a-z0-9]+)+\b|(?<=`)[a-z]+(?=`)")
 
 
 def _sayer(names: dict[str, str]) -> Callable[[str], str]:
     """`_say` for notes, which name keys without listing them: each snake_case word that is a key (the user's,
-    autobatch's or SFTConfig's) is said as the user typed it."""
-    known = names.keys() | AUTOBATCH_KEYS | set(sft_fields() or ())
-    return lambda text: _say(text, tuple(dict.fromkeys(w for w in _SNAKE_CASE.findall(text) if w in known)), names)
+    autobatch's or SFTConfig's), and each keyword in backticks (`resume`), is said as the user typed it."""
+    known = names.keys() | AUTOBATCH_KEYS | set(sft_fields() or ()) | _CALL_FLAGS.keys()
+    return lambda text: _say(text, tuple(dict.fromkeys(w for w in _NAMED.findall(text) if w in known)), names)
 
 
 def _one_line(text: str) -> str:

@@ -467,6 +467,6 @@ def plan_from_checkpoint(config: Config, checkpoint: Path) -> Plan:
         device=config.device or "",
         max_length=config.training_args.get("max_length") or 0,
         trials=[],
-        notes=[f"--resume without {PLAN_FILE}: micro-batch from {checkpoint / STATE_FILE}, no probing"],
+        notes=[f"`resume` without {PLAN_FILE}: micro-batch from {checkpoint / STATE_FILE}, no probing"],
         memory_fingerprint=fingerprint(config),
     )

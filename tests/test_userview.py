@@ -372,13 +372,15 @@ def test_notes_name_keys_and_the_cli_says_them_as_the_user_typed_them():
     as the user gave it: the flag they typed or would type, or the key as their --config file has it."""
     plan = small_plan(notes=["budget: 300 MiB from memory_budget",
                              "stopped at max_micro_batch_size 2: a larger micro-batch may fit",
-                             "effective batch 3 ...: effective_batch_size 4 trains faster (see max_length_note.txt)"])
+                             "effective batch 3 ...: effective_batch_size 4 trains faster (see max_length_note.txt)",
+                             "`resume` without plan.json: micro-batch from out/checkpoint-2/trainer_state.json"])
     python = report.format_plan(plan)
     assert "note: budget: 300 MiB from memory_budget" in python and "stopped at max_micro_batch_size 2" in python
     flags = report.format_plan(plan, cli._sayer(cli._said_as(None, {})))
     assert "note: budget: 300 MiB from --memory-budget" in flags
     assert "note: stopped at --max-micro-batch-size 2: a larger" in flags
     assert "--effective-batch-size 4 trains faster (see max_length_note.txt)" in flags  # a file name is not a key
+    assert "note: --resume without plan.json: micro-batch from out/checkpoint-2/trainer_state.json" in flags
     in_file = report.format_plan(plan, cli._sayer(cli._said_as(None, {"memory_budget": "memory_budget"})))
     assert "from memory_budget" in in_file and "--max-micro-batch-size 2" in in_file
     assert "use: --per_device_train_batch_size 2" in flags  # the TRL flags to use are not notes: left as they are
