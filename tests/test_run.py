@@ -431,7 +431,8 @@ def test_eval_batch_is_planned_beside_training_and_formatting_func_is_imported(
                  "--max-steps", "4", "--output-dir", "out"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "evaluation_strategy is the old name of eval_strategy" in captured.out
+    # the note names keys; the CLI says them as typed (--evaluation-strategy) or as their flags
+    assert "note: --evaluation-strategy is the old name of --eval-strategy: read as --eval-strategy" in captured.out
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     evals = {t["micro_batch_size"]: t for t in plan["eval_trials"]}
     best = plan["per_device_eval_batch_size"]
