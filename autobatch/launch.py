@@ -63,8 +63,6 @@ FAULT_ENV = "AUTOBATCH_TEST_WORKER_FAULT"
 FAULT_RANK_ENV = "AUTOBATCH_TEST_WORKER_FAULT_RANK"
 #: Exit status of a worker that reported its own error in the result file.
 REPORTED_EXIT = 3
-#: What autobatch's trial workers import before their work: a warm process imports them once.
-WORKER_IMPORTS = ("torch", "transformers", "datasets", "peft", "trl.trainer.sft_trainer", "autobatch.trial")
 #: Set to 0 for a cold `python -m` per worker (the warm start's escape hatch).
 WARM_ENV = "AUTOBATCH_WARM_START"
 #: Read by a worker only as it runs, so they may differ between workers of one warm process.

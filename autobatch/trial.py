@@ -40,6 +40,8 @@ MEMORY_TRIAL_STEPS = 2
 #: A trial worker still running after this long is hung: the whole process group is ended (autobatch.launch).
 #: A trial is a model load and two steps; an hour covers a large model read from a slow disk.
 TRIAL_TIMEOUT_S = 3600.0
+#: What a trial worker (trial_worker, fsdp_worker) imports before its work: launch's warm process imports it once.
+WORKER_IMPORTS = ("torch", "transformers", "datasets", "peft", "trl.trainer.sft_trainer", "autobatch.trial")
 
 
 class _StepTimer:
@@ -394,7 +396,7 @@ class FreshTrials:
             prober.on_start(micro_batch_size, eval_batch_size)
         try:
             result = launch.run_worker("autobatch.trial_worker", self.spec(micro_batch_size, eval_batch_size),
-                                       TRIAL_TIMEOUT_S, env=self._device_env(), imports=launch.WORKER_IMPORTS)
+                                       TRIAL_TIMEOUT_S, env=self._device_env(), imports=WORKER_IMPORTS)
         except WorkerError as exc:  # which trial, then what happened to it
             what = f"eval batch {eval_batch_size} after micro-batch" if eval_batch_size else "micro-batch"
             raise WorkerError(f"trial of {what} {micro_batch_size}: {exc}", exc.kind, exc.rank) from None
@@ -462,7 +464,7 @@ class GroupProber:
             failed = None
             try:
                 launch.run_group(self.nproc, "autobatch.fsdp_worker", self.spec(micro_batch_size, report_dir),
-                                 self.timeout_s, imports=launch.WORKER_IMPORTS)
+                                 self.timeout_s, imports=WORKER_IMPORTS)
             except WorkerError as exc:
                 if exc.kind != "oom":
                     raise WorkerError(f"FSDP trial of micro-batch {micro_batch_size}: {exc}", exc.kind, exc.rank) from None
